@@ -1,0 +1,37 @@
+"""cbtasks: a circuit breaker for Celery tasks that call ML model endpoints.
+
+The state of each breaker is shared by every worker process on every host
+through Redis; a task base class defers or falls back while a circuit is open.
+"""
+
+from ._breaker import CircuitBreaker
+from ._errors import (
+    CBTasksError,
+    CircuitOpenError,
+    PolicyError,
+    StoreError,
+    StoreUnavailableError,
+)
+from ._policy import BreakerPolicy, CountWindow, TimeWindow
+from ._state import Outcome, State, StateChange
+from .stores import BreakerStatus, MemoryStore, OnError, RedisStore, Store
+
+__all__ = [
+    "BreakerPolicy",
+    "BreakerStatus",
+    "CBTasksError",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CountWindow",
+    "MemoryStore",
+    "OnError",
+    "Outcome",
+    "PolicyError",
+    "RedisStore",
+    "State",
+    "StateChange",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
+    "TimeWindow",
+]

@@ -1,0 +1,307 @@
+"""CircuitBreaker: admit a call, make it, record how it went."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import itertools
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from time import perf_counter
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, cast
+
+from ._errors import CircuitOpenError, PolicyError
+from ._machine import CLOSED, HALF_OPEN
+from ._policy import BreakerPolicy
+from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
+from .stores import MemoryStore, RedisStore
+from .stores._base import BreakerStatus, Reply, Store, validate_name
+
+__all__ = ["CircuitBreaker"]
+
+log = logging.getLogger("cbtasks")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Listener = Callable[[StateChange], object]
+
+_unnamed = itertools.count(1)
+
+
+class CircuitBreaker:
+    """A circuit breaker around calls to one endpoint.
+
+    The small form: ``CircuitBreaker(fail_max=5, reset_timeout=10)`` decorates
+    a function; after ``fail_max`` consecutive failures calls raise
+    :class:`CircuitOpenError` (or return ``fallback(*args, **kwargs)``) without
+    running it, and after ``reset_timeout`` seconds a probe call decides
+    whether it closes again.
+
+    The full form: ``CircuitBreaker(name, policy=BreakerPolicy(...),
+    store=RedisStore(...))``: every process using the same name and store
+    shares one circuit. ``listeners`` are called with a :class:`StateChange`
+    for each transition this process makes.
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        policy: BreakerPolicy | None = None,
+        store: Store | None = None,
+        fail_max: int | None = None,
+        reset_timeout: float | None = None,
+        fallback: Callable[..., Any] | None = None,
+        listeners: Iterable[Listener] = (),
+    ) -> None:
+        policy = _shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
+        if name is None:
+            if isinstance(store, RedisStore):
+                raise PolicyError(
+                    "a breaker that shares its state through Redis needs a name: "
+                    "CircuitBreaker('model-a', store=...)"
+                )
+            name = f"breaker-{next(_unnamed)}"
+        if fallback is not None and not callable(fallback):
+            raise PolicyError(f"fallback must be callable, got {fallback!r}")
+        self.name = validate_name(name)
+        self.policy = policy
+        self.store: Store = store if store is not None else MemoryStore()
+        self.fallback = fallback
+        self._listeners: list[Listener] = list(listeners)
+        self._wire = policy.wire()
+        self._view = self.store.view(self.name)
+        self._slow_ms = (
+            None if policy.slow_call_seconds is None else policy.slow_call_seconds * 1000
+        )
+        self._failures = policy.failure_exceptions
+        self._ignored = policy.ignored_exceptions
+        self._open_calls = threading.local()
+
+    def __repr__(self) -> str:
+        return f"CircuitBreaker({self.name!r}, policy={self.policy!r}, store={self.store!r})"
+
+    # -- guarding calls --------------------------------------------------------
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Call ``fn(*args, **kwargs)`` through the breaker."""
+        if self._view.closed:
+            probe = None
+        else:
+            try:
+                probe = self.admit()
+            except CircuitOpenError:
+                if self.fallback is None:
+                    raise
+                return cast(R, self.fallback(*args, **kwargs))
+        start = perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.record_exception(probe, exc, (perf_counter() - start) * 1000)
+            raise
+        elapsed_ms = (perf_counter() - start) * 1000
+        self.record(probe, Outcome.SUCCESS, elapsed_ms)
+        return result
+
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``fn`` (a plain or an async function) so each call is guarded."""
+        if inspect.iscoroutinefunction(fn):
+            return cast(Callable[P, R], self._wrap_async(fn))
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            return self.call(fn, *args, **kwargs)
+
+        guarded.breaker = self  # type: ignore[attr-defined]
+        return guarded
+
+    def _wrap_async(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        @functools.wraps(fn)
+        async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            try:
+                probe = self.admit()
+            except CircuitOpenError:
+                if self.fallback is None:
+                    raise
+                result = self.fallback(*args, **kwargs)
+                return await result if inspect.isawaitable(result) else result
+            start = perf_counter()
+            try:
+                result = await fn(*args, **kwargs)
+            except BaseException as exc:
+                self.record_exception(probe, exc, (perf_counter() - start) * 1000)
+                raise
+            self.record(probe, Outcome.SUCCESS, (perf_counter() - start) * 1000)
+            return result
+
+        guarded.breaker = self  # type: ignore[attr-defined]
+        return guarded
+
+    def __enter__(self) -> CircuitBreaker:
+        probe = self.admit()
+        stack = self._open_calls.__dict__.setdefault("stack", [])
+        stack.append((probe, perf_counter()))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        probe, start = self._open_calls.stack.pop()
+        elapsed_ms = (perf_counter() - start) * 1000
+        if exc is None:
+            self.record(probe, Outcome.SUCCESS, elapsed_ms)
+        else:
+            self.record_exception(probe, exc, elapsed_ms)
+
+    # -- the two steps, for callers that cannot wrap the call (Celery tasks) -----
+
+    def admit(self) -> str | None:
+        """Ask to make a call: returns its probe id (None for a plain call).
+
+        Raises :class:`CircuitOpenError` when the call must not be made. Every
+        admitted call must be followed by :meth:`record` or
+        :meth:`record_exception` with the id returned here.
+        """
+        view = self._view
+        if view.closed:
+            return None
+        store = self.store
+        now = store.local_clock()
+        if now < view.reject_until:
+            if view.mode == Mode.DISABLED:
+                return None
+            raise CircuitOpenError(self.name, view.reject_until - now)
+        reply = store.admit(self.name, self._wire, os.urandom(8).hex())
+        self._learn(reply)
+        if reply.admitted:
+            return reply.probe_id
+        retry_after = reply.retry_after_ms / 1000
+        if reply.cacheable and reply.state == HALF_OPEN:
+            # Every probe slot is taken: wait locally, a close is news we will hear.
+            view.hold_off(store.local_clock() + retry_after)
+        reason = "half-open, probes in progress" if reply.state == HALF_OPEN else "circuit is open"
+        if reply.mode == Mode.FORCED_OPEN:
+            reason = "forced open by an operator"
+        raise CircuitOpenError(self.name, retry_after, reason)
+
+    def record(
+        self,
+        probe: str | None,
+        outcome: Outcome,
+        elapsed_ms: float = 0.0,
+        retry_after: float | None = None,
+    ) -> None:
+        """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned."""
+        slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
+        retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
+        reply = self.store.record(self.name, self._wire, probe, outcome, slow, retry_after_ms)
+        if reply.transitions or reply.version != self._view.version:
+            self._learn(reply)
+
+    def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
+        """Count a call that raised ``exc``, classified by the policy."""
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(exc, CircuitOpenError) or not isinstance(retry_after, int | float):
+            retry_after = None
+        self.record(probe, self.classify(exc), elapsed_ms, retry_after)
+
+    def classify(self, exc: BaseException) -> Outcome:
+        """Failure, ignored (the caller's fault), or success (the endpoint answered)."""
+        if isinstance(exc, self._ignored):
+            return Outcome.IGNORED
+        if isinstance(exc, self._failures):
+            return Outcome.FAILURE
+        return Outcome.SUCCESS if isinstance(exc, Exception) else Outcome.IGNORED
+
+    # -- state and operations ----------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        """The circuit's state now, as every process sharing it sees it."""
+        status = self.status()
+        return State.CLOSED if status is None else status.state
+
+    def status(self) -> BreakerStatus | None:
+        """Counters and state for operators; None before the first call."""
+        return self.store.status(self.name, self._wire)
+
+    def force_open(self) -> None:
+        """Open the circuit until :meth:`force_close` or :meth:`reset`, everywhere."""
+        self._control("force_open")
+
+    def force_close(self) -> None:
+        """Close the circuit now, everywhere; it may trip again."""
+        self._control("force_close")
+
+    def reset(self) -> None:
+        """Forget all state: closed, no counts, no backoff, not disabled."""
+        self._control("reset")
+
+    def disable(self) -> None:
+        """Shadow mode: admit every call but keep counting, everywhere."""
+        self._control("disable")
+
+    def enable(self) -> None:
+        """Leave shadow mode (or a forced open): the policy decides again."""
+        self._control("enable")
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(StateChange)`` on every transition this process makes."""
+        self._listeners.append(listener)
+
+    def _control(self, op: str) -> None:
+        self._learn(self.store.control(self.name, self._wire, op))
+
+    def _learn(self, reply: Reply) -> None:
+        if reply.cacheable:
+            self._view.apply(
+                reply.state,
+                reply.remaining_ms,
+                reply.mode,
+                reply.version,
+                self.store.local_clock(),
+            )
+        for from_code, to_code, reason in reply.transitions:
+            event = StateChange(
+                self.name,
+                STATE_BY_CODE[from_code],
+                STATE_BY_CODE[to_code],
+                reason,
+                reply.now_ms / 1000,
+            )
+            if to_code == CLOSED or from_code == CLOSED:
+                log.info("breaker %r: %s -> %s (%s)", self.name, event.from_state, event.to_state, reason)
+            for listener in self._listeners:
+                try:
+                    listener(event)
+                except Exception:
+                    log.exception("breaker %r: state-change listener %r failed", self.name, listener)
+
+
+def _shorthand(
+    policy: BreakerPolicy, fail_max: int | None, reset_timeout: float | None
+) -> BreakerPolicy:
+    """Apply the original API's ``fail_max``/``reset_timeout`` to a policy."""
+    if not isinstance(policy, BreakerPolicy):
+        raise PolicyError(f"policy must be a BreakerPolicy, got {policy!r}")
+    changes: dict[str, Any] = {}
+    if fail_max is not None:
+        changes["failure_threshold"] = fail_max
+    if reset_timeout is not None:
+        changes["open_seconds"] = reset_timeout
+        if isinstance(reset_timeout, int | float) and reset_timeout > policy.max_open_seconds:
+            changes["max_open_seconds"] = reset_timeout
+    try:
+        return dataclasses.replace(policy, **changes) if changes else policy
+    except PolicyError as exc:
+        message = re.sub(r"\bfailure_threshold\b", "fail_max", str(exc))
+        raise PolicyError(re.sub(r"\bopen_seconds\b", "reset_timeout", message)) from None

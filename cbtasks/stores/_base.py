@@ -1,0 +1,151 @@
+"""What every store offers a breaker, and the replies it gives."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from .._errors import PolicyError
+from .._machine import CLOSED, OPEN, Transition
+from .._policy import PolicyWire
+from .._state import Mode, Outcome, State
+
+__all__ = ["BreakerStatus", "LocalView", "Reply", "Store", "validate_name"]
+
+MAX_NAME_LENGTH = 200
+# Braces would break the Redis Cluster hash tag, whitespace and control
+# characters the CLI and the news channel's line format.
+_NAME_RE = re.compile(r"[^\s{}]+")
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it can name a breaker, else raise PolicyError saying why."""
+    if not isinstance(name, str) or not name:
+        raise PolicyError(f"a breaker name must be a non-empty string, got {name!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise PolicyError(
+            f"breaker name is {len(name)} characters long; use at most {MAX_NAME_LENGTH}"
+        )
+    if not _NAME_RE.fullmatch(name):
+        raise PolicyError(
+            f"breaker name {name!r} may not contain whitespace or braces; "
+            "use letters, digits and punctuation such as '-', '.', ':' or '/'"
+        )
+    return name
+
+
+class Reply(NamedTuple):
+    """A store's answer to an admission, a record or a command.
+
+    ``state``/``remaining_ms``/``mode``/``version`` describe the breaker after
+    the operation; ``cacheable`` is false when the answer did not come from the
+    shared state (the store is unreachable and ``on_error`` decided).
+    """
+
+    admitted: bool
+    probe_id: str | None
+    retry_after_ms: int
+    state: int
+    remaining_ms: int
+    mode: int
+    version: int
+    now_ms: int
+    transitions: tuple[Transition, ...]
+    cacheable: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStatus:
+    """One breaker as an operator sees it."""
+
+    name: str
+    state: State
+    mode: Mode
+    open_until: float | None
+    trips: int
+    consecutive_failures: int
+    window_calls: int
+    window_failures: int
+    window_slow: int
+    probes_in_use: int
+
+
+class LocalView:
+    """What one process last heard of a breaker, so most calls skip the store.
+
+    ``closed`` means admit without asking; ``reject_until`` (on the store's
+    local clock) means reject without asking until then. Anything else asks.
+    News carries the breaker's version so older news never overwrites newer.
+    """
+
+    __slots__ = ("_lock", "closed", "mode", "reject_until", "version")
+
+    def __init__(self) -> None:
+        self.closed = False
+        self.reject_until = 0.0
+        self.mode = Mode.NORMAL
+        self.version = -1
+        self._lock = threading.Lock()
+
+    def apply(self, state: int, remaining_ms: int, mode: int, version: int, now: float) -> None:
+        """Take news of the breaker's state, unless newer news came first."""
+        with self._lock:
+            if version < self.version:
+                return
+            self.version = version
+            self.mode = Mode(mode)
+            self.closed = state == CLOSED and mode != Mode.FORCED_OPEN
+            self.reject_until = now + remaining_ms / 1000 if state == OPEN else 0.0
+
+    def hold_off(self, until: float) -> None:
+        """Reject locally until ``until``: every probe slot is taken."""
+        self.reject_until = until
+
+    def forget(self) -> None:
+        """Ask the store next time: the news may have been missed."""
+        with self._lock:
+            self.closed = False
+            self.reject_until = 0.0
+            self.version = -1
+
+
+class Store(Protocol):
+    """Where breakers keep their state. Each method is one atomic step."""
+
+    #: The clock, in seconds, that a LocalView's ``reject_until`` is read on.
+    local_clock: Callable[[], float]
+
+    def view(self, name: str) -> LocalView:
+        """This process's shared cache of the breaker ``name``."""
+        ...
+
+    def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
+        """May a call go through? ``probe_id`` names it if it becomes a probe."""
+        ...
+
+    def record(
+        self,
+        name: str,
+        policy: PolicyWire,
+        probe_id: str | None,
+        outcome: Outcome,
+        slow: bool,
+        retry_after_ms: int,
+    ) -> Reply:
+        """Count the outcome of an admitted call."""
+        ...
+
+    def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
+        """An operator's command: force_open, force_close, reset, disable, enable."""
+        ...
+
+    def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
+        """The breaker as an operator sees it, or None if it has no state yet."""
+        ...
+
+    def names(self) -> list[str]:
+        """The names of every breaker with state in this store."""
+        ...

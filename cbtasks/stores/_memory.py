@@ -1,0 +1,148 @@
+"""MemoryStore: breaker state for the threads of one process."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+
+from .. import _machine as machine
+from .._policy import PolicyWire
+from .._state import STATE_BY_CODE, Mode, Outcome
+from ._base import BreakerStatus, LocalView, Reply
+
+__all__ = ["MemoryStore"]
+
+
+class MemoryStore:
+    """Keeps breaker state in this process; thread-safe.
+
+    ``clock`` returns seconds since the epoch (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.local_clock = clock
+        self._rand = rand
+        self._lock = threading.Lock()
+        self._snapshots: dict[str, machine.Snapshot] = {}
+        self._views: dict[str, LocalView] = {}
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(breakers={len(self._snapshots)})"
+
+    def view(self, name: str) -> LocalView:
+        with self._lock:
+            view = self._views.get(name)
+            if view is None:
+                view = self._views[name] = LocalView()
+            return view
+
+    def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
+        with self._lock:
+            now = self._now_ms()
+            snap = self._snapshot(name)
+            decision = machine.admit(snap, policy, now, probe_id)
+            return self._reply(
+                name,
+                snap,
+                policy,
+                now,
+                decision.transitions,
+                decision.admitted,
+                decision.probe_id,
+                decision.retry_after_ms,
+            )
+
+    def record(
+        self,
+        name: str,
+        policy: PolicyWire,
+        probe_id: str | None,
+        outcome: Outcome,
+        slow: bool,
+        retry_after_ms: int,
+    ) -> Reply:
+        with self._lock:
+            now = self._now_ms()
+            snap = self._snapshot(name)
+            rand = self._rand() if policy.jitter else 0.0
+            transitions = machine.record(
+                snap, policy, now, probe_id, outcome, slow, retry_after_ms, rand
+            )
+            return self._reply(name, snap, policy, now, tuple(transitions))
+
+    def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
+        with self._lock:
+            now = self._now_ms()
+            snap = self._snapshot(name)
+            transitions = machine.control(snap, policy, now, op)
+            return self._reply(name, snap, policy, now, tuple(transitions))
+
+    def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
+        with self._lock:
+            snap = self._snapshots.get(name)
+            if snap is None:
+                return None
+            now = self._now_ms()
+            state, _ = machine.observe(snap, now, policy)
+            return BreakerStatus(
+                name=name,
+                state=STATE_BY_CODE[state],
+                mode=Mode(snap.mode),
+                open_until=snap.open_until / 1000 if state == machine.OPEN else None,
+                trips=snap.trips,
+                consecutive_failures=snap.consecutive,
+                window_calls=snap.calls,
+                window_failures=snap.failures,
+                window_slow=snap.slow,
+                probes_in_use=sum(1 for end in snap.probes.values() if end > now)
+                if state == machine.HALF_OPEN
+                else 0,
+            )
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._snapshots)
+
+    def _now_ms(self) -> int:
+        return int(self.local_clock() * 1000)
+
+    def _snapshot(self, name: str) -> machine.Snapshot:
+        snap = self._snapshots.get(name)
+        if snap is None:
+            snap = self._snapshots[name] = machine.Snapshot()
+        return snap
+
+    def _reply(
+        self,
+        name: str,
+        snap: machine.Snapshot,
+        policy: PolicyWire,
+        now: int,
+        transitions: tuple[machine.Transition, ...],
+        admitted: bool = True,
+        probe_id: str | None = None,
+        retry_after_ms: int = 0,
+    ) -> Reply:
+        state, remaining = machine.observe(snap, now, policy)
+        view = self._views.get(name)
+        if view is not None and view.version != snap.version:
+            # Every breaker object of this name in the process learns at once.
+            view.apply(state, remaining, snap.mode, snap.version, now / 1000)
+        return Reply(
+            admitted,
+            probe_id,
+            retry_after_ms,
+            state,
+            remaining,
+            snap.mode,
+            snap.version,
+            now,
+            transitions,
+        )

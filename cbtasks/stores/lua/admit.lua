@@ -1,0 +1,26 @@
+-- ARGV[5] the id this call gets if it becomes a probe.
+-- Returns {admitted, is_probe, retry_after_ms, <finish>}.
+local function admit()
+  if S.md == FORCED_OPEN then return {0, 0, W.open_ms} end
+  local disabled = 0
+  if S.md == DISABLED then disabled = 1 end
+  if S.st == OPEN then
+    if now < S.ou then return {disabled, 0, S.ou - now} end
+    set('st', HALF_OPEN)
+    redis.call('DEL', PROBES)
+    set('ps', 0)
+    set('vn', S.vn + 1)
+    transitions[#transitions + 1] = {OPEN, HALF_OPEN, 'open period elapsed'}
+  end
+  if S.st == HALF_OPEN then
+    redis.call('ZREMRANGEBYSCORE', PROBES, '-inf', now)
+    if redis.call('ZCARD', PROBES) < W.half_open_probes then
+      redis.call('ZADD', PROBES, now + W.lease_ms, ARGV[5])
+      return {1, 1, 0}
+    end
+    local first = redis.call('ZRANGE', PROBES, 0, 0, 'WITHSCORES')
+    return {disabled, 0, math.min(tonumber(first[2]) - now, W.open_ms)}
+  end
+  return {1, 0, 0}
+end
+return finish(admit())

@@ -1,0 +1,151 @@
+-- Shared by every cbtasks script: the breaker's state machine in Lua.
+-- It mirrors cbtasks/_machine.py line for line; the contract and property
+-- tests hold the two to identical behaviour.
+--
+-- KEYS[1] hash of the breaker's fields, KEYS[2] its count-window ring
+-- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms).
+-- ARGV[1] policy (PolicyWire.encode), ARGV[2] now in ms or '' for Redis TIME,
+-- ARGV[3] channel for state news, ARGV[4] breaker name.
+
+local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+local NORMAL, FORCED_OPEN, DISABLED = 0, 1, 2
+local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn'}
+local H, RING, PROBES = KEYS[1], KEYS[2], KEYS[3]
+
+local P = {}
+for v in string.gmatch(ARGV[1], '[^:]+') do P[#P + 1] = tonumber(v) end
+local W = {
+  failure_threshold = P[1], window_kind = P[2], window_size = P[3], bucket_ms = P[4],
+  min_calls = P[5], failure_rate = P[6], slow_rate = P[7], open_ms = P[8],
+  backoff_factor = P[9], max_open_ms = P[10], jitter = P[11], half_open_probes = P[12],
+  half_open_successes = P[13], lease_ms = P[14], honor_retry_after = P[15],
+}
+local window_signature = P[2] .. ':' .. P[3] .. ':' .. P[4]
+
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local raw = redis.call('HMGET', H, unpack(FIELDS))
+local S, dirty = {}, {}
+for i, name in ipairs(FIELDS) do
+  if name == 'ws' then S[name] = raw[i] or '' else S[name] = tonumber(raw[i]) or 0 end
+end
+local original_version = S.vn
+local transitions = {}
+-- The random number that stretches an open period (record.lua sets it).
+local rand = 0
+
+local function set(name, value)
+  if S[name] ~= value then S[name] = value; dirty[name] = true end
+end
+
+local function clear_window()
+  set('nc', 0); set('nf', 0); set('ns', 0); set('rp', 0); set('le', 0)
+  redis.call('DEL', RING)
+  if W.window_kind == 2 then
+    for i = 0, W.window_size - 1 do
+      redis.call('HDEL', H, 'b' .. i .. 'c', 'b' .. i .. 'f', 'b' .. i .. 's')
+    end
+  end
+end
+
+local function open_duration_ms(trips)
+  local exponent = math.min(math.max(trips - 1, 0), 64)
+  local base = math.min(W.open_ms * W.backoff_factor ^ exponent, W.max_open_ms)
+  return math.floor(base * (1.0 + W.jitter * rand))
+end
+
+local function trip(reason, retry_after_ms)
+  local before = S.st
+  set('tr', S.tr + 1)
+  set('st', OPEN)
+  set('ou', now + math.max(open_duration_ms(S.tr), retry_after_ms))
+  redis.call('DEL', PROBES)
+  set('ps', 0); set('cf', 0)
+  clear_window()
+  set('vn', S.vn + 1)
+  transitions[#transitions + 1] = {before, OPEN, reason}
+end
+
+local function close(reason)
+  local before = S.st
+  set('st', CLOSED); set('tr', 0); set('ou', 0)
+  redis.call('DEL', PROBES)
+  set('ps', 0); set('cf', 0)
+  clear_window()
+  set('vn', S.vn + 1)
+  if reason ~= '' then transitions[#transitions + 1] = {before, CLOSED, reason} end
+end
+
+local function add_to_window(failed, slow)
+  if S.ws ~= window_signature then
+    clear_window()
+    set('ws', window_signature)
+  end
+  local f, s = 0, 0
+  if failed then f = 1 end
+  if slow then s = 1 end
+  if W.window_kind == 1 then
+    local old = string.byte(redis.call('GETRANGE', RING, S.rp, S.rp)) or 0
+    if old > 0 then
+      set('nc', S.nc - 1)
+      set('nf', S.nf - math.floor(old / 2) % 2)
+      set('ns', S.ns - math.floor(old / 4) % 2)
+    end
+    redis.call('SETRANGE', RING, S.rp, string.char(1 + 2 * f + 4 * s))
+    set('rp', (S.rp + 1) % W.window_size)
+  else
+    local epoch = math.max(math.floor(now / W.bucket_ms), S.le)
+    for passed = math.max(S.le + 1, epoch - W.window_size + 1), epoch do
+      local b = 'b' .. (passed % W.window_size)
+      local old = redis.call('HMGET', H, b .. 'c', b .. 'f', b .. 's')
+      set('nc', S.nc - (tonumber(old[1]) or 0))
+      set('nf', S.nf - (tonumber(old[2]) or 0))
+      set('ns', S.ns - (tonumber(old[3]) or 0))
+      redis.call('HDEL', H, b .. 'c', b .. 'f', b .. 's')
+    end
+    set('le', epoch)
+    local b = 'b' .. (epoch % W.window_size)
+    redis.call('HINCRBY', H, b .. 'c', 1)
+    if f == 1 then redis.call('HINCRBY', H, b .. 'f', 1) end
+    if s == 1 then redis.call('HINCRBY', H, b .. 's', 1) end
+  end
+  set('nc', S.nc + 1); set('nf', S.nf + f); set('ns', S.ns + s)
+end
+
+local function observe()
+  if S.st == OPEN then
+    if S.md == FORCED_OPEN then return OPEN, W.open_ms end
+    if now < S.ou then return OPEN, S.ou - now end
+    return HALF_OPEN, 0
+  end
+  return S.st, 0
+end
+
+-- Writes what changed, tells other processes of a new state, and returns
+-- {state, ms until it may change, mode, version, now, from, to, reason, ...}
+-- after `head` (the op's own leading values).
+local function finish(head)
+  local changes = {}
+  for name in pairs(dirty) do
+    changes[#changes + 1] = name
+    changes[#changes + 1] = S[name]
+  end
+  if #changes > 0 then redis.call('HSET', H, unpack(changes)) end
+  local state, remaining = observe()
+  if S.vn ~= original_version then
+    redis.call('PUBLISH', ARGV[3], table.concat(
+      {ARGV[4], S.vn, state, remaining, S.md}, '\n'))
+  end
+  local reply = head
+  for _, v in ipairs({state, remaining, S.md, S.vn, now}) do reply[#reply + 1] = v end
+  for _, t in ipairs(transitions) do
+    reply[#reply + 1] = t[1]; reply[#reply + 1] = t[2]; reply[#reply + 1] = t[3]
+  end
+  return reply
+end

@@ -1,0 +1,27 @@
+-- ARGV[5] the command: force_open, force_close, reset, disable, enable.
+local op = ARGV[5]
+local before = S.st
+set('vn', S.vn + 1)
+if op == 'force_open' then
+  set('md', FORCED_OPEN); set('st', OPEN); set('ou', now)
+  redis.call('DEL', PROBES)
+  if before ~= OPEN then transitions[#transitions + 1] = {before, OPEN, 'forced open'} end
+elseif op == 'disable' or op == 'enable' then
+  if S.md == FORCED_OPEN then set('ou', now) end
+  if op == 'disable' then set('md', DISABLED) else set('md', NORMAL) end
+elseif op == 'force_close' then
+  set('md', NORMAL)
+  close('')
+  if before ~= CLOSED then transitions[#transitions + 1] = {before, CLOSED, 'forced closed'} end
+elseif op == 'reset' then
+  local version = S.vn
+  redis.call('DEL', H, RING, PROBES)
+  for _, name in ipairs(FIELDS) do S[name] = 0 end
+  S.ws = ''
+  dirty = {}
+  set('vn', version)
+  if before ~= CLOSED then transitions[#transitions + 1] = {before, CLOSED, 'reset'} end
+else
+  return redis.error_reply('unknown breaker command ' .. op)
+end
+return finish({})

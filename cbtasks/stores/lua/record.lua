@@ -1,0 +1,48 @@
+-- ARGV[5] probe id or '', ARGV[6] outcome (0 success, 1 failure, 2 ignored),
+-- ARGV[7] slow (0/1), ARGV[8] retry-after ms, ARGV[9] a random number in [0, 1).
+local function record()
+  local probe_id, outcome = ARGV[5], tonumber(ARGV[6])
+  local slow, retry_after_ms = ARGV[7] == '1', tonumber(ARGV[8])
+  rand = tonumber(ARGV[9])
+  if probe_id ~= '' and S.st == HALF_OPEN and redis.call('ZREM', PROBES, probe_id) == 1 then
+    if outcome == 2 then return end
+    if outcome == 1 or slow then
+      local reason = 'probe was slow'
+      if outcome == 1 then reason = 'probe failed' end
+      return trip(reason, retry_after_ms)
+    end
+    set('ps', S.ps + 1)
+    if S.ps >= W.half_open_successes then
+      return close(S.ps .. ' probe(s) succeeded')
+    end
+    return
+  end
+  if S.st ~= CLOSED or outcome == 2 then return end
+  local failed = outcome == 1
+  if failed then
+    set('cf', S.cf + 1)
+    if W.honor_retry_after == 1 and retry_after_ms > 0 then
+      return trip(string.format('endpoint asked to retry after %d ms', retry_after_ms), retry_after_ms)
+    end
+  elseif S.cf ~= 0 then
+    set('cf', 0)
+  end
+  if S.cf >= W.failure_threshold then
+    return trip(S.cf .. ' consecutive failures', retry_after_ms)
+  end
+  if W.window_kind ~= 0 then
+    add_to_window(failed, slow)
+    if S.nc >= W.min_calls then
+      if W.failure_rate >= 0 and S.nf / S.nc >= W.failure_rate then
+        return trip(string.format('failure rate %d%% over %d calls',
+          math.floor(S.nf * 100 / S.nc), S.nc), retry_after_ms)
+      end
+      if W.slow_rate >= 0 and S.ns / S.nc >= W.slow_rate then
+        return trip(string.format('slow-call rate %d%% over %d calls',
+          math.floor(S.ns * 100 / S.nc), S.nc), retry_after_ms)
+      end
+    end
+  end
+end
+record()
+return finish({})
