@@ -118,8 +118,10 @@ def record(
     rand: float,
 ) -> list[Transition]:
     """Count the outcome of a call admitted earlier (as a probe if ``probe_id``)."""
-    if probe_id is not None and snap.state == HALF_OPEN and probe_id in snap.probes:
-        del snap.probes[probe_id]
+    if probe_id is not None:
+        lease_end = snap.probes.pop(probe_id, None) if snap.state == HALF_OPEN else None
+        if lease_end is None or lease_end <= now:
+            return []  # the probe's lease ran out, or other probes decided first
         if outcome == Outcome.IGNORED:
             return []
         if outcome == Outcome.FAILURE or slow:
@@ -129,7 +131,7 @@ def record(
         if snap.probe_successes >= w.half_open_successes:
             return [_close(snap, f"{snap.probe_successes} probe(s) succeeded")]
         return []
-    # Outcomes of calls admitted before a trip, or shadow calls while
+    # Outcomes of calls admitted before a trip, or of shadow calls while
     # disabled, say nothing about the endpoint's recovery: not counted.
     if snap.state != CLOSED or outcome == Outcome.IGNORED:
         return []

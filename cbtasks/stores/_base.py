@@ -78,7 +78,8 @@ class LocalView:
 
     ``closed`` means admit without asking; ``reject_until`` (on the store's
     local clock) means reject without asking until then. Anything else asks.
-    News carries the breaker's version so older news never overwrites newer.
+    News carries the breaker's version, so older news never overwrites newer
+    and a late echo of news we already have does not restart a countdown.
     """
 
     __slots__ = ("_lock", "closed", "mode", "reject_until", "version")
@@ -93,8 +94,8 @@ class LocalView:
     def apply(self, state: int, remaining_ms: int, mode: int, version: int, now: float) -> None:
         """Take news of the breaker's state, unless newer news came first."""
         with self._lock:
-            if version < self.version:
-                return
+            if version <= self.version:
+                return  # old news, or news we already have (a late echo of our own)
             self.version = version
             self.mode = Mode(mode)
             self.closed = state == CLOSED and mode != Mode.FORCED_OPEN

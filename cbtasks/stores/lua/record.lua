@@ -4,7 +4,13 @@ local function record()
   local probe_id, outcome = ARGV[5], tonumber(ARGV[6])
   local slow, retry_after_ms = ARGV[7] == '1', tonumber(ARGV[8])
   rand = tonumber(ARGV[9])
-  if probe_id ~= '' and S.st == HALF_OPEN and redis.call('ZREM', PROBES, probe_id) == 1 then
+  if probe_id ~= '' then
+    -- Ignored when the probe's lease ran out or other probes decided first.
+    if S.st ~= HALF_OPEN then return end
+    local lease_end = tonumber(redis.call('ZSCORE', PROBES, probe_id))
+    if not lease_end then return end
+    redis.call('ZREM', PROBES, probe_id)
+    if lease_end <= now then return end
     if outcome == 2 then return end
     if outcome == 1 or slow then
       local reason = 'probe was slow'

@@ -1,0 +1,77 @@
+"""Shared fixtures: a real redis-server per session, fake clocks, both stores."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from cbtasks import MemoryStore, RedisStore, Store
+from cbtasks._testing.redis_server import RedisServer
+
+_names = itertools.count()
+
+
+class FakeClock:
+    """Seconds since the epoch that only move when a test moves them."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        # Whole milliseconds, as the stores count, so steps add up exactly.
+        self.now_ms = round(start * 1000)
+
+    @property
+    def now(self) -> float:
+        return self.now_ms / 1000
+
+    def __call__(self) -> float:
+        return self.now_ms / 1000
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += round(seconds * 1000)
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    yield redis_server.url
+    # Our own server, started above: safe to empty after each test.
+    redis.Redis.from_url(redis_server.url).flushall()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def name() -> str:
+    return f"model-{next(_names)}"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[Store]:
+    """Each store in turn, both on the test's fake clock."""
+    if request.param == "memory":
+        yield MemoryStore(clock=clock)
+        return
+    url = request.getfixturevalue("redis_url")
+    redis_store = RedisStore(url, clock=clock)
+    yield redis_store
+    redis_store.close()

@@ -1,0 +1,467 @@
+"""The breaker's contract, run on every store (MemoryStore and RedisStore)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbtasks import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CountWindow,
+    Outcome,
+    State,
+    StateChange,
+    Store,
+    TimeWindow,
+)
+from tests.conftest import FakeClock
+
+
+class EndpointDown(Exception):
+    """What the fake endpoint raises."""
+
+
+class BadInput(Exception):
+    """The caller's own mistake."""
+
+
+def ok() -> str:
+    return "ok"
+
+
+def down() -> str:
+    raise EndpointDown("503")
+
+
+def fail(breaker: CircuitBreaker, times: int = 1) -> None:
+    for _ in range(times):
+        with pytest.raises(EndpointDown):
+            breaker.call(down)
+
+
+def make(name: str, store: Store, **policy: object) -> CircuitBreaker:
+    return CircuitBreaker(name, policy=BreakerPolicy(**policy), store=store)  # type: ignore[arg-type]
+
+
+def test_closed_breaker_passes_calls_through(name: str, store: Store) -> None:
+    """No error, no problem."""
+    breaker = make(name, store)
+    assert breaker.call(ok) == "ok"
+    assert breaker.state is State.CLOSED
+
+
+def test_consecutive_failures_open_it(name: str, store: Store) -> None:
+    """failure_threshold failures in a row open the circuit."""
+    breaker = make(name, store, failure_threshold=3)
+    fail(breaker, 2)
+    assert breaker.state is State.CLOSED
+    fail(breaker)
+    assert breaker.state is State.OPEN
+
+
+def test_a_success_resets_the_consecutive_count(name: str, store: Store) -> None:
+    """Failures must be consecutive to trip it."""
+    breaker = make(name, store, failure_threshold=3)
+    fail(breaker, 2)
+    breaker.call(ok)
+    fail(breaker, 2)
+    assert breaker.state is State.CLOSED
+
+
+def test_open_circuit_rejects_without_calling(name: str, store: Store, clock: FakeClock) -> None:
+    """While open, calls raise CircuitOpenError with name and retry_after."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=10)
+    fail(breaker)
+    calls = []
+    clock.advance(4)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(calls.append, 1)
+    assert calls == []
+    assert info.value.name == name
+    assert info.value.retry_after == pytest.approx(6, abs=0.01)
+
+
+def test_fallback_answers_while_open(name: str, store: Store) -> None:
+    """A fallback gets the call's arguments and its result is returned."""
+    breaker = CircuitBreaker(
+        name, store=store, fail_max=1, reset_timeout=10, fallback=lambda x: f"cached {x}"
+    )
+    with pytest.raises(EndpointDown):
+        breaker.call(lambda x: down(), 1)
+    assert breaker.call(lambda x: "fresh", 7) == "cached 7"
+
+
+def test_probe_after_open_period_closes_on_success(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """After open_seconds one probe goes through; its success closes the circuit."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=5)
+    fail(breaker)
+    clock.advance(4.999)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+    clock.advance(0.001)
+    assert breaker.state is State.HALF_OPEN
+    assert breaker.call(ok) == "ok"
+    assert breaker.state is State.CLOSED
+
+
+def test_failed_probe_reopens(name: str, store: Store, clock: FakeClock) -> None:
+    """A failed probe opens the circuit for another open period."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=5)
+    fail(breaker)
+    clock.advance(5)
+    fail(breaker)
+    assert breaker.state is State.OPEN
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert info.value.retry_after == pytest.approx(5, abs=0.01)
+
+
+def test_only_half_open_probes_go_through_at_once(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """half_open_probes calls probe concurrently; the rest are rejected."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=1, half_open_probes=2)
+    fail(breaker)
+    clock.advance(1)
+    first, second = breaker.admit(), breaker.admit()
+    assert first and second and first != second
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.admit()
+    assert "probes" in info.value.reason
+    breaker.record(first, Outcome.SUCCESS)
+    assert breaker.state is State.CLOSED
+    assert breaker.admit() is None
+
+
+def test_half_open_successes_needed_to_close(name: str, store: Store, clock: FakeClock) -> None:
+    """With half_open_successes=3 it takes three good probes to close."""
+    breaker = make(
+        name, store, failure_threshold=1, open_seconds=1, half_open_probes=1, half_open_successes=3
+    )
+    fail(breaker)
+    clock.advance(1)
+    for expected in (State.HALF_OPEN, State.HALF_OPEN, State.CLOSED):
+        breaker.call(ok)
+        assert breaker.state is expected
+
+
+def test_probe_lease_gives_the_slot_back(name: str, store: Store, clock: FakeClock) -> None:
+    """A probe never reported (its worker died) frees its slot after the lease."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=1, probe_lease_seconds=30)
+    fail(breaker)
+    clock.advance(1)
+    lost_probe = breaker.admit()
+    assert lost_probe is not None
+    clock.advance(29.9)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+    clock.advance(0.1)
+    assert breaker.call(ok) == "ok"
+    assert breaker.state is State.CLOSED
+    # The dead worker's late report changes nothing.
+    breaker.record(lost_probe, Outcome.FAILURE)
+    assert breaker.state is State.CLOSED
+
+
+def test_open_period_grows_by_backoff_up_to_the_cap(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """Each trip in a row multiplies the open period by backoff_factor, up to the cap."""
+    breaker = make(
+        name, store, failure_threshold=1, open_seconds=2, backoff_factor=3, max_open_seconds=10
+    )
+    fail(breaker)
+    periods = []
+    for _ in range(4):
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.call(ok)
+        periods.append(round(info.value.retry_after, 3))
+        clock.advance(info.value.retry_after)
+        fail(breaker)  # the probe fails
+    assert periods == [2, 6, 10, 10]
+
+
+def test_backoff_starts_over_after_a_close(name: str, store: Store, clock: FakeClock) -> None:
+    """A closed circuit forgets earlier trips."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=2, backoff_factor=2)
+    fail(breaker)
+    clock.advance(2)
+    fail(breaker)
+    clock.advance(4)
+    breaker.call(ok)
+    fail(breaker)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert info.value.retry_after == pytest.approx(2, abs=0.01)
+
+
+def test_jitter_stretches_the_open_period(name: str, store: Store) -> None:
+    """With jitter 0.5 the period lies between 1 and 1.5 times the base."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=10, jitter=0.5)
+    fail(breaker)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert 10 <= info.value.retry_after <= 15
+
+
+def test_failure_rate_over_count_window_trips(name: str, store: Store) -> None:
+    """A partial outage (50% errors) trips a rate policy, never the consecutive count."""
+    breaker = make(
+        name,
+        store,
+        failure_threshold=100,
+        failure_rate=0.5,
+        window=CountWindow(calls=10),
+        min_calls=10,
+    )
+    for _ in range(4):
+        breaker.call(ok)
+        fail(breaker)
+    breaker.call(ok)
+    assert breaker.state is State.CLOSED  # 4 of 9: not enough calls yet
+    fail(breaker)
+    assert breaker.state is State.OPEN  # 5 of 10
+
+
+def test_count_window_forgets_old_calls(name: str, store: Store) -> None:
+    """Only the last window.calls calls count."""
+    breaker = make(
+        name, store, failure_threshold=100, failure_rate=0.5, window=CountWindow(calls=4), min_calls=4
+    )
+    fail(breaker)
+    for _ in range(5):
+        breaker.call(ok)
+    fail(breaker)
+    assert breaker.state is State.CLOSED  # window holds ok, ok, ok, fail
+    fail(breaker)
+    assert breaker.state is State.OPEN  # ok, ok, fail, fail
+
+
+def test_time_window_forgets_old_calls(name: str, store: Store, clock: FakeClock) -> None:
+    """Calls older than window.seconds no longer count."""
+    breaker = make(
+        name,
+        store,
+        failure_threshold=100,
+        failure_rate=0.5,
+        window=TimeWindow(seconds=10),
+        min_calls=4,
+    )
+    fail(breaker, 3)
+    clock.advance(11)
+    breaker.call(ok)
+    breaker.call(ok)
+    fail(breaker)
+    breaker.call(ok)
+    assert breaker.state is State.CLOSED  # 1 of 4 in the window
+    fail(breaker)
+    assert breaker.state is State.CLOSED  # 2 of 5
+    fail(breaker)
+    assert breaker.state is State.OPEN  # 3 of 6
+    status = breaker.status()
+    assert status is not None and status.trips == 1
+
+
+def test_time_window_counts_within_window(name: str, store: Store, clock: FakeClock) -> None:
+    """Failures spread over the window still add up."""
+    breaker = make(
+        name, store, failure_threshold=100, failure_rate=0.6, window=TimeWindow(seconds=10), min_calls=5
+    )
+    for _ in range(3):
+        fail(breaker)
+        clock.advance(2)
+    breaker.call(ok)
+    fail(breaker)
+    assert breaker.state is State.OPEN  # 4 failures of 5 within 10 s
+
+
+def test_slow_call_rate_trips(name: str, store: Store) -> None:
+    """Successful but slow calls trip the breaker by their rate."""
+    breaker = make(
+        name,
+        store,
+        slow_call_seconds=1.0,
+        slow_call_rate=0.5,
+        window=CountWindow(calls=4),
+        min_calls=4,
+    )
+    for elapsed_ms in (100, 1500, 200, 2000):
+        breaker.record(breaker.admit(), Outcome.SUCCESS, elapsed_ms)
+    assert breaker.state is State.OPEN
+
+
+def test_slow_probe_reopens(name: str, store: Store, clock: FakeClock) -> None:
+    """A probe slower than slow_call_seconds counts as failed."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=1, slow_call_seconds=0.5)
+    fail(breaker)
+    clock.advance(1)
+    breaker.record(breaker.admit(), Outcome.SUCCESS, 900)
+    assert breaker.state is State.OPEN
+
+
+def test_ignored_exceptions_do_not_count(name: str, store: Store, clock: FakeClock) -> None:
+    """The caller's own errors neither trip nor close the circuit."""
+    breaker = make(
+        name, store, failure_threshold=2, open_seconds=1, ignored_exceptions=(BadInput,)
+    )
+
+    def bad() -> None:
+        raise BadInput("missing field")
+
+    for _ in range(5):
+        with pytest.raises(BadInput):
+            breaker.call(bad)
+    assert breaker.state is State.CLOSED
+    fail(breaker, 2)
+    clock.advance(1)
+    with pytest.raises(BadInput):
+        breaker.call(bad)  # the probe's slot is given back, nothing decided
+    assert breaker.state is State.HALF_OPEN
+    breaker.call(ok)
+    assert breaker.state is State.CLOSED
+
+
+def test_exceptions_outside_failure_exceptions_are_successes(name: str, store: Store) -> None:
+    """Only the listed exceptions count as endpoint failures."""
+    breaker = make(name, store, failure_threshold=1, failure_exceptions=(EndpointDown,))
+    with pytest.raises(KeyError):
+        breaker.call(lambda: {}["x"])
+    assert breaker.state is State.CLOSED
+    fail(breaker)
+    assert breaker.state is State.OPEN
+
+
+def test_retry_after_keeps_it_open_at_least_that_long(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """A failure carrying retry_after (429/503) opens at once for at least that long."""
+    breaker = make(name, store, failure_threshold=5, open_seconds=2)
+
+    class TooMany(Exception):
+        retry_after = 30.0
+
+    def rate_limited() -> None:
+        raise TooMany
+
+    with pytest.raises(TooMany):
+        breaker.call(rate_limited)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert info.value.retry_after == pytest.approx(30, abs=0.01)
+
+
+def test_late_outcomes_do_not_move_an_open_circuit(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """A call admitted before the trip that ends after it is not counted."""
+    breaker = make(name, store, failure_threshold=2, open_seconds=1)
+    slow_call = breaker.admit()
+    fail(breaker, 2)
+    clock.advance(1)
+    breaker.record(slow_call, Outcome.SUCCESS)
+    assert breaker.state is State.HALF_OPEN
+
+
+def test_force_open_and_force_close(name: str, store: Store, clock: FakeClock) -> None:
+    """An operator can open the circuit until told otherwise, and close it."""
+    breaker = make(name, store, open_seconds=1)
+    breaker.force_open()
+    clock.advance(1000)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert "forced open" in info.value.reason
+    breaker.force_close()
+    assert breaker.call(ok) == "ok"
+    assert breaker.state is State.CLOSED
+
+
+def test_reset_forgets_everything(name: str, store: Store) -> None:
+    """reset() closes the circuit and clears counts and backoff."""
+    breaker = make(name, store, failure_threshold=2)
+    fail(breaker)
+    breaker.reset()
+    fail(breaker)
+    assert breaker.state is State.CLOSED
+    breaker.force_open()
+    breaker.reset()
+    assert breaker.call(ok) == "ok"
+
+
+def test_disabled_breaker_admits_but_keeps_counting(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """Shadow mode: calls always go through; the state still follows the policy."""
+    breaker = make(name, store, failure_threshold=2, open_seconds=1)
+    breaker.disable()
+    fail(breaker, 2)
+    assert breaker.state is State.OPEN
+    assert breaker.call(ok) == "ok"
+    clock.advance(1)
+    breaker.call(ok)  # the shadow probe succeeds
+    assert breaker.state is State.CLOSED
+    breaker.enable()
+    fail(breaker, 2)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+
+
+def test_listeners_get_every_transition(name: str, store: Store, clock: FakeClock) -> None:
+    """State-change listeners receive breaker, from, to, reason and time."""
+    events: list[StateChange] = []
+    breaker = CircuitBreaker(
+        name,
+        policy=BreakerPolicy(failure_threshold=2, open_seconds=1),
+        store=store,
+        listeners=[events.append],
+    )
+    fail(breaker, 2)
+    clock.advance(1)
+    breaker.call(ok)
+    assert [(e.from_state, e.to_state) for e in events] == [
+        (State.CLOSED, State.OPEN),
+        (State.OPEN, State.HALF_OPEN),
+        (State.HALF_OPEN, State.CLOSED),
+    ]
+    assert events[0].breaker == name
+    assert events[0].reason == "2 consecutive failures"
+    assert events[0].at == pytest.approx(clock.now - 1, abs=0.002)
+
+
+def test_breakers_with_one_name_share_a_circuit(name: str, store: Store) -> None:
+    """Two breaker objects with the same name and store see one state."""
+    first = make(name, store, failure_threshold=2)
+    second = make(name, store, failure_threshold=2)
+    fail(first)
+    fail(second)
+    assert first.state is State.OPEN
+    with pytest.raises(CircuitOpenError):
+        second.call(ok)
+
+
+def test_context_manager_guards_a_block(name: str, store: Store) -> None:
+    """`with breaker:` records the block's outcome and refuses entry while open."""
+    breaker = make(name, store, failure_threshold=1)
+    with breaker:
+        pass
+    with pytest.raises(EndpointDown), breaker:
+        down()
+    with pytest.raises(CircuitOpenError), breaker:
+        pytest.fail("the block must not run")
+
+
+def test_status_reports_counts(name: str, store: Store, clock: FakeClock) -> None:
+    """status() shows state, counts and probes for operators."""
+    breaker = make(
+        name, store, failure_threshold=3, failure_rate=0.9, window=CountWindow(calls=10), min_calls=5
+    )
+    assert breaker.status() is None
+    fail(breaker, 2)
+    breaker.call(ok)
+    fail(breaker)
+    status = breaker.status()
+    assert status is not None
+    assert (status.state, status.consecutive_failures, status.window_calls) == (State.CLOSED, 1, 4)
+    assert status.window_failures == 3
