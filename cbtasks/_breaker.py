@@ -279,12 +279,16 @@ class CircuitBreaker:
                 reply.now_ms / 1000,
             )
             if to_code == CLOSED or from_code == CLOSED:
-                log.info("breaker %r: %s -> %s (%s)", self.name, event.from_state, event.to_state, reason)
+                log.info(
+                    "breaker %r: %s -> %s (%s)", self.name, event.from_state, event.to_state, reason
+                )
             for listener in self._listeners:
                 try:
                     listener(event)
                 except Exception:
-                    log.exception("breaker %r: state-change listener %r failed", self.name, listener)
+                    log.exception(
+                        "breaker %r: state-change listener %r failed", self.name, listener
+                    )
 
 
 def _shorthand(

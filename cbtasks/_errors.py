@@ -1,10 +1,10 @@
 """The exceptions cbtasks raises.
 
-    CBTasksError
-    ├── CircuitOpenError        a call was not made: the circuit is open
-    ├── PolicyError (ValueError) a BreakerPolicy or breaker option is invalid
-    └── StoreError              the state store failed
-        └── StoreUnavailableError   the store cannot be reached (Redis down, bad host)
+CBTasksError
+├── CircuitOpenError        a call was not made: the circuit is open
+├── PolicyError (ValueError) a BreakerPolicy or breaker option is invalid
+└── StoreError              the state store failed
+    └── StoreUnavailableError   the store cannot be reached (Redis down, bad host)
 """
 
 from __future__ import annotations

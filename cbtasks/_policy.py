@@ -127,7 +127,9 @@ class BreakerPolicy:
         _check_int("half_open_successes", self.half_open_successes, 1, 10_000)
         _check_number("probe_lease_seconds", self.probe_lease_seconds, 0.01, _MAX_SECONDS)
         if not isinstance(self.honor_retry_after, bool):
-            raise PolicyError(f"honor_retry_after must be True or False, got {self.honor_retry_after!r}")
+            raise PolicyError(
+                f"honor_retry_after must be True or False, got {self.honor_retry_after!r}"
+            )
         _check_exceptions("failure_exceptions", self.failure_exceptions)
         _check_exceptions("ignored_exceptions", self.ignored_exceptions)
 

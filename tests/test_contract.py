@@ -229,7 +229,12 @@ def test_failure_rate_over_count_window_trips(name: str, store: Store) -> None:
 def test_count_window_forgets_old_calls(name: str, store: Store) -> None:
     """Only the last window.calls calls count."""
     breaker = make(
-        name, store, failure_threshold=100, failure_rate=0.5, window=CountWindow(calls=4), min_calls=4
+        name,
+        store,
+        failure_threshold=100,
+        failure_rate=0.5,
+        window=CountWindow(calls=4),
+        min_calls=4,
     )
     fail(breaker)
     for _ in range(5):
@@ -268,7 +273,12 @@ def test_time_window_forgets_old_calls(name: str, store: Store, clock: FakeClock
 def test_time_window_counts_within_window(name: str, store: Store, clock: FakeClock) -> None:
     """Failures spread over the window still add up."""
     breaker = make(
-        name, store, failure_threshold=100, failure_rate=0.6, window=TimeWindow(seconds=10), min_calls=5
+        name,
+        store,
+        failure_threshold=100,
+        failure_rate=0.6,
+        window=TimeWindow(seconds=10),
+        min_calls=5,
     )
     for _ in range(3):
         fail(breaker)
@@ -304,9 +314,7 @@ def test_slow_probe_reopens(name: str, store: Store, clock: FakeClock) -> None:
 
 def test_ignored_exceptions_do_not_count(name: str, store: Store, clock: FakeClock) -> None:
     """The caller's own errors neither trip nor close the circuit."""
-    breaker = make(
-        name, store, failure_threshold=2, open_seconds=1, ignored_exceptions=(BadInput,)
-    )
+    breaker = make(name, store, failure_threshold=2, open_seconds=1, ignored_exceptions=(BadInput,))
 
     def bad() -> None:
         raise BadInput("missing field")
@@ -455,7 +463,12 @@ def test_context_manager_guards_a_block(name: str, store: Store) -> None:
 def test_status_reports_counts(name: str, store: Store, clock: FakeClock) -> None:
     """status() shows state, counts and probes for operators."""
     breaker = make(
-        name, store, failure_threshold=3, failure_rate=0.9, window=CountWindow(calls=10), min_calls=5
+        name,
+        store,
+        failure_threshold=3,
+        failure_rate=0.9,
+        window=CountWindow(calls=10),
+        min_calls=5,
     )
     assert breaker.status() is None
     fail(breaker, 2)

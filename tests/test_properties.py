@@ -82,15 +82,17 @@ class Reference:
             window = self.calls[-self.p.window_size :]
         else:
             latest = max(t // self.p.bucket_ms for t, _, _ in self.calls)
-            window = [c for c in self.calls if c[0] // self.p.bucket_ms > latest - TIME_WINDOW_BUCKETS]
+            window = [
+                c for c in self.calls if c[0] // self.p.bucket_ms > latest - TIME_WINDOW_BUCKETS
+            ]
         n = len(window)
         if n < self.p.min_calls:
             return
         failures = sum(1 for c in window if c[1])
         slows = sum(1 for c in window if c[2])
-        if self.p.failure_rate >= 0 and failures / n >= self.p.failure_rate:
-            self.trip(now, retry_ms)
-        elif self.p.slow_rate >= 0 and slows / n >= self.p.slow_rate:
+        if (self.p.failure_rate >= 0 and failures / n >= self.p.failure_rate) or (
+            self.p.slow_rate >= 0 and slows / n >= self.p.slow_rate
+        ):
             self.trip(now, retry_ms)
 
     def trip(self, now: int, retry_ms: int) -> None:
@@ -178,7 +180,9 @@ def run(policy: BreakerPolicy, script: list[tuple[object, ...]], stores: list[ob
             for store in stores:
                 reply: Reply = store.admit(name, wire, probe_id)  # type: ignore[attr-defined]
                 got = (reply.admitted, reply.probe_id is not None, reply.retry_after_ms)
-                assert got == expected, f"{type(store).__name__} admit at {now}: {got} != {expected}"
+                assert got == expected, (
+                    f"{type(store).__name__} admit at {now}: {got} != {expected}"
+                )
             if expected[0]:
                 outstanding.append((probe_id if expected[1] else None,))
         elif step[0] == "record" and outstanding:

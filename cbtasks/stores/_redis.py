@@ -92,7 +92,9 @@ class RedisStore:
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise PolicyError(f"prefix must be a non-empty string without braces, got {prefix!r}")
         if not 0 < timeout <= 60:
-            raise PolicyError(f"timeout must be a number of seconds above 0 and at most 60, got {timeout!r}")
+            raise PolicyError(
+                f"timeout must be a number of seconds above 0 and at most 60, got {timeout!r}"
+            )
         if not 0 < retry_interval <= 3600:
             raise PolicyError(
                 f"retry_interval must be a number of seconds above 0 and at most 3600, "
@@ -218,7 +220,9 @@ class RedisStore:
         except _OUTAGE_ERRORS as exc:
             raise StoreUnavailableError(self._unreachable(exc)) from exc
         except redis.RedisError as exc:
-            raise StoreError(f"Redis at {describe_client(self.client)} refused PING: {exc}") from exc
+            raise StoreError(
+                f"Redis at {describe_client(self.client)} refused PING: {exc}"
+            ) from exc
 
     @property
     def available(self) -> bool:
@@ -248,10 +252,14 @@ class RedisStore:
         argv = (policy.encoded, now, self.channel, name, *args)
         try:
             try:
-                reply = self.client.execute_command("EVALSHA", self._sha(op), 3, *keys, *argv)
+                reply = self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._sha(op), 3, *keys, *argv
+                )
             except NoScriptError:
                 self._shas.pop(op, None)
-                reply = self.client.execute_command("EVALSHA", self._sha(op), 3, *keys, *argv)
+                reply = self.client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", self._sha(op), 3, *keys, *argv
+                )
         except _OUTAGE_ERRORS as exc:
             self._outage(exc)
             if strict:
@@ -302,6 +310,8 @@ class RedisStore:
             self.on_store_error(exc)
         if self._outage_started is None:
             self._outage_started = time.monotonic()
+            # Cached "closed" views would skip on_error: every call must ask now.
+            self._forget_views()
             log.warning(
                 "%s; breakers now %s until it returns (on_error=%r)",
                 self._unreachable(exc),
@@ -378,7 +388,7 @@ class _NewsListener:
     def _run(self) -> None:
         store = self._store
         while not self._stopped.is_set():
-            pubsub = store.client.pubsub(ignore_subscribe_messages=True)
+            pubsub = store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(store.channel)
                 # News sent while we were not listening is lost: ask afresh.
@@ -390,12 +400,18 @@ class _NewsListener:
                         continue
                     if message is not None and message["type"] == "message":
                         _apply_news(store, message["data"])
-            except Exception:  # noqa: BLE001 - any failure: reconnect after a pause
+            except _OUTAGE_ERRORS as exc:
+                # Often the first sign of an outage: calls stop trusting cached views.
+                if not self._stopped.is_set():
+                    store._outage(exc)
+                self._stopped.wait(store.retry_interval)
+            except Exception:
+                log.exception("breaker news listener failed; reconnecting")
                 self._stopped.wait(store.retry_interval)
             finally:
                 try:
                     pubsub.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     log.debug("closing the news subscription failed", exc_info=True)
 
 
@@ -412,7 +428,8 @@ def _client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis:
         return url_or_client
     if not isinstance(url_or_client, str):
         raise PolicyError(
-            f"RedisStore needs a Redis URL or a redis.Redis client, got {type(url_or_client).__name__}"
+            "RedisStore needs a Redis URL or a redis.Redis client, "
+            f"got {type(url_or_client).__name__}"
         )
     try:
         return redis.Redis.from_url(
@@ -445,6 +462,8 @@ def describe_client(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    scheme = "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
-    return f"{scheme}://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
-
+    scheme = (
+        "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
+    )
+    host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
+    return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"

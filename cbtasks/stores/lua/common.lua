@@ -36,6 +36,8 @@ for i, name in ipairs(FIELDS) do
   if name == 'ws' then S[name] = raw[i] or '' else S[name] = tonumber(raw[i]) or 0 end
 end
 local original_version = S.vn
+-- A breaker's first use writes its version, so operators can list it.
+if not raw[13] then dirty.vn = true end
 local transitions = {}
 -- The random number that stretches an open period (record.lua sets it).
 local rand = 0
