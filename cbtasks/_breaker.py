@@ -31,6 +31,7 @@ R = TypeVar("R")
 Listener = Callable[[StateChange], object]
 
 _unnamed = itertools.count(1)
+_DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
 
 
 class CircuitBreaker:
@@ -76,6 +77,7 @@ class CircuitBreaker:
         self._listeners: list[Listener] = list(listeners)
         self._wire = policy.wire()
         self._view = self.store.view(self.name)
+        self._clock = self.store.local_clock
         self._slow_ms = (
             None if policy.slow_call_seconds is None else policy.slow_call_seconds * 1000
         )
@@ -90,23 +92,32 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker."""
-        if self._view.closed:
+        view = self._view
+        if view.closed:
             probe = None
         else:
+            # A circuit known to be open rejects here, without a store call.
+            now = self._clock()
+            if now < view.reject_until and view.mode != _DISABLED and self.fallback is None:
+                raise CircuitOpenError(self.name, view.reject_until - now)
             try:
                 probe = self.admit()
             except CircuitOpenError:
                 if self.fallback is None:
                     raise
                 return cast(R, self.fallback(*args, **kwargs))
-        start = perf_counter()
+        slow_ms = self._slow_ms
+        start = 0.0 if slow_ms is None else perf_counter()
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            self.record_exception(probe, exc, (perf_counter() - start) * 1000)
+            self.record_exception(probe, exc, 0.0 if slow_ms is None else _ms_since(start))
             raise
-        elapsed_ms = (perf_counter() - start) * 1000
-        self.record(probe, Outcome.SUCCESS, elapsed_ms)
+        # record(), inlined: this is the path every healthy call takes.
+        slow = slow_ms is not None and _ms_since(start) > slow_ms
+        reply = self.store.record(self.name, self._wire, probe, Outcome.SUCCESS, slow, 0)
+        if reply.version > self._view.version or reply.transitions:
+            self._learn(reply)
         return result
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
@@ -177,7 +188,7 @@ class CircuitBreaker:
         store = self.store
         now = store.local_clock()
         if now < view.reject_until:
-            if view.mode == Mode.DISABLED:
+            if view.mode == _DISABLED:
                 return None
             raise CircuitOpenError(self.name, view.reject_until - now)
         reply = store.admit(self.name, self._wire, os.urandom(8).hex())
@@ -204,7 +215,7 @@ class CircuitBreaker:
         slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
         reply = self.store.record(self.name, self._wire, probe, outcome, slow, retry_after_ms)
-        if reply.transitions or reply.version != self._view.version:
+        if reply.version > self._view.version or reply.transitions:
             self._learn(reply)
 
     def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
@@ -289,6 +300,10 @@ class CircuitBreaker:
                     log.exception(
                         "breaker %r: state-change listener %r failed", self.name, listener
                     )
+
+
+def _ms_since(start: float) -> float:
+    return (perf_counter() - start) * 1000
 
 
 def _shorthand(

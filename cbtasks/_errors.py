@@ -22,14 +22,14 @@ class CircuitOpenError(CBTasksError):
     """
 
     def __init__(self, name: str, retry_after: float, reason: str = "circuit is open") -> None:
+        # BaseException.__new__ has stored the arguments in self.args already,
+        # and the message is built only when shown: a rejection stays cheap.
         self.name = name
         self.retry_after = retry_after
         self.reason = reason
-        super().__init__(f"breaker {name!r}: {reason}; retry after {retry_after:.3f}s")
 
-    def __reduce__(self) -> tuple[object, ...]:
-        # Keeps the error intact when Celery sends it across processes as a result.
-        return (type(self), (self.name, self.retry_after, self.reason))
+    def __str__(self) -> str:
+        return f"breaker {self.name!r}: {self.reason}; retry after {self.retry_after:.3f}s"
 
 
 class PolicyError(CBTasksError, ValueError):

@@ -87,7 +87,7 @@ class LocalView:
     def __init__(self) -> None:
         self.closed = False
         self.reject_until = 0.0
-        self.mode = Mode.NORMAL
+        self.mode = int(Mode.NORMAL)
         self.version = -1
         self._lock = threading.Lock()
 
@@ -97,7 +97,7 @@ class LocalView:
             if version <= self.version:
                 return  # old news, or news we already have (a late echo of our own)
             self.version = version
-            self.mode = Mode(mode)
+            self.mode = int(mode)
             self.closed = state == CLOSED and mode != Mode.FORCED_OPEN
             self.reject_until = now + remaining_ms / 1000 if state == OPEN else 0.0
 

@@ -14,6 +14,9 @@ from ._base import BreakerStatus, LocalView, Reply
 
 __all__ = ["MemoryStore"]
 
+# Version -1 is older than any news: a breaker learns nothing from this reply.
+_NOTHING_NEW = Reply(True, None, 0, machine.CLOSED, 0, Mode.NORMAL, -1, 0, ())
+
 
 class MemoryStore:
     """Keeps breaker state in this process; thread-safe.
@@ -68,6 +71,15 @@ class MemoryStore:
         slow: bool,
         retry_after_ms: int,
     ) -> Reply:
+        if probe_id is None and outcome is Outcome.SUCCESS and not slow and not policy.window_kind:
+            # The healthy path: a success in a closed circuit only clears the
+            # failure count, and reading a field needs no lock.
+            snap = self._snapshots.get(name)
+            if snap is not None and snap.state == machine.CLOSED:
+                if snap.consecutive:
+                    with self._lock:
+                        snap.consecutive = 0
+                return _NOTHING_NEW
         with self._lock:
             now = self._now_ms()
             snap = self._snapshot(name)

@@ -26,7 +26,7 @@ from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
-from .._machine import HALF_OPEN, OPEN, Transition
+from .._machine import CLOSED, HALF_OPEN, OPEN, Transition
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, LocalView, Reply, validate_name
@@ -54,10 +54,12 @@ class OnError(enum.StrEnum):
 def _load_scripts() -> dict[str, str]:
     lua = resources.files("cbtasks.stores") / "lua"
     common = (lua / "common.lua").read_text()
-    return {
+    scripts = {
         op: common + "\n" + (lua / f"{op}.lua").read_text()
         for op in ("admit", "record", "control", "status")
     }
+    scripts["success"] = (lua / "success.lua").read_text()
+    return scripts
 
 
 _SCRIPTS = _load_scripts()
@@ -109,7 +111,7 @@ class RedisStore:
         self._fake_clock = clock
         self.local_clock: Callable[[], float] = clock or time.monotonic
         self._shas: dict[str, str] = {}
-        self._keys: dict[str, tuple[str, str, str]] = {}
+        self._fixed: dict[str, tuple[bytes, ...]] = {}
         self._views: dict[str, LocalView] = {}
         self._views_lock = threading.Lock()
         self._local = MemoryStore()
@@ -157,16 +159,24 @@ class RedisStore:
         slow: bool,
         retry_after_ms: int,
     ) -> Reply:
-        raw = self._run(
-            "record",
-            name,
-            policy,
-            probe_id or "",
-            int(outcome),
-            1 if slow else 0,
-            retry_after_ms,
-            repr(random.random()) if policy.jitter else "0",
-        )
+        if probe_id is None and outcome is Outcome.SUCCESS and not slow and not policy.window_kind:
+            # The healthy path: a small script that skips loading the machine.
+            raw = self._run("success", name, policy, keys=1)
+            if type(raw) is int:  # closed: version * 4 + mode
+                return Reply(True, None, 0, CLOSED, 0, raw & 3, raw >> 2, 0, ())
+            if raw is not None:
+                return Reply(True, None, 0, raw[0], raw[1], raw[2], raw[3], raw[4], ())
+        else:
+            raw = self._run(
+                "record",
+                name,
+                policy,
+                probe_id or "",
+                int(outcome),
+                1 if slow else 0,
+                retry_after_ms,
+                repr(random.random()) if policy.jitter else "0",
+            )
         if raw is None:
             if self.on_error is OnError.LOCAL:
                 reply = self._local.record(name, policy, probe_id, outcome, slow, retry_after_ms)
@@ -238,27 +248,36 @@ class RedisStore:
 
     # -- internals -------------------------------------------------------------
 
-    def _run(self, op: str, name: str, policy: PolicyWire, *args: Any, strict: bool = False) -> Any:
+    def _run(
+        self,
+        op: str,
+        name: str,
+        policy: PolicyWire,
+        *args: Any,
+        strict: bool = False,
+        keys: int = 3,
+    ) -> Any:
         """Run one script; None while Redis is unreachable (unless ``strict``)."""
         if self._outage_started is not None and not strict and time.monotonic() < self._retry_at:
             self.fallback_decisions += 1
             return None
-        keys = self._keys.get(name)
-        if keys is None:
-            validate_name(name)
-            base = f"{self.prefix}:{{{name}}}"
-            keys = self._keys[name] = (f"{base}:s", f"{base}:r", f"{base}:p")
+        fixed = self._fixed.get(name)
+        if fixed is None:
+            fixed = self._fixed[name] = self._fixed_arguments(name)
         now = "" if self._fake_clock is None else str(int(self._fake_clock() * 1000))
-        argv = (policy.encoded, now, self.channel, name, *args)
+        if keys == 1:  # success.lua
+            argv: tuple[Any, ...] = (1, fixed[0], policy.open_ms, now)
+        else:
+            argv = (3, *fixed, policy.encoded, now, *args)
         try:
             try:
                 reply = self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._sha(op), 3, *keys, *argv
+                    "EVALSHA", self._sha(op), *argv
                 )
             except NoScriptError:
                 self._shas.pop(op, None)
                 reply = self.client.execute_command(  # type: ignore[no-untyped-call]
-                    "EVALSHA", self._sha(op), 3, *keys, *argv
+                    "EVALSHA", self._sha(op), *argv
                 )
         except _OUTAGE_ERRORS as exc:
             self._outage(exc)
@@ -271,6 +290,14 @@ class RedisStore:
         if self._outage_started is not None:
             self._recovered()
         return reply
+
+    def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
+        """A breaker's keys, the news channel and its name, encoded once."""
+        validate_name(name)
+        base = f"{self.prefix}:{{{name}}}"
+        return tuple(
+            s.encode() for s in (f"{base}:s", f"{base}:r", f"{base}:p", self.channel, name)
+        )
 
     def _sha(self, op: str) -> str:
         sha = self._shas.get(op)
@@ -384,6 +411,8 @@ class _NewsListener:
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(2.0)  # it wakes at least every 0.5 s
 
     def _run(self) -> None:
         store = self._store

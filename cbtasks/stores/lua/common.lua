@@ -4,16 +4,17 @@
 --
 -- KEYS[1] hash of the breaker's fields, KEYS[2] its count-window ring
 -- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms).
--- ARGV[1] policy (PolicyWire.encode), ARGV[2] now in ms or '' for Redis TIME,
--- ARGV[3] channel for state news, ARGV[4] breaker name.
+-- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
+-- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
 local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 local NORMAL, FORCED_OPEN, DISABLED = 0, 1, 2
 local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn'}
 local H, RING, PROBES = KEYS[1], KEYS[2], KEYS[3]
 
-local P = {}
-for v in string.gmatch(ARGV[1], '[^:]+') do P[#P + 1] = tonumber(v) end
+-- One string.match: a gmatch loop costs Redis several times as much.
+local P = {string.match(ARGV[3], '^' .. string.rep('([^:]*):', 14) .. '([^:]*)$')}
+for i = 1, 15 do P[i] = tonumber(P[i]) end
 local W = {
   failure_threshold = P[1], window_kind = P[2], window_size = P[3], bucket_ms = P[4],
   min_calls = P[5], failure_rate = P[6], slow_rate = P[7], open_ms = P[8],
@@ -23,8 +24,8 @@ local W = {
 local window_signature = P[2] .. ':' .. P[3] .. ':' .. P[4]
 
 local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
 else
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -141,8 +142,8 @@ local function finish(head)
   if #changes > 0 then redis.call('HSET', H, unpack(changes)) end
   local state, remaining = observe()
   if S.vn ~= original_version then
-    redis.call('PUBLISH', ARGV[3], table.concat(
-      {ARGV[4], S.vn, state, remaining, S.md}, '\n'))
+    redis.call('PUBLISH', ARGV[1], table.concat(
+      {ARGV[2], S.vn, state, remaining, S.md}, '\n'))
   end
   local reply = head
   for _, v in ipairs({state, remaining, S.md, S.vn, now}) do reply[#reply + 1] = v end

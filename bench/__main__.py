@@ -1,0 +1,20 @@
+"""Run every benchmark and print its figures: ``python -m bench`` (or ``make bench``)."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+from bench import overhead, redis_cost
+
+
+def main() -> None:
+    print(f"# cbtasks benchmarks on {platform.machine()}, Python {sys.version.split()[0]}")
+    print("\n## Redis commands sent per guarded call (bench/redis_cost.py)\n")
+    redis_cost.main([])
+    print("\n## Cost of a guarded call, median of interleaved rounds (bench/overhead.py)\n")
+    overhead.main([])
+
+
+if __name__ == "__main__":
+    main()

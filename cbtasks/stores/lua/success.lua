@@ -1,0 +1,32 @@
+-- The healthy path, on its own: a plain call (no probe) succeeded, quickly,
+-- under a policy with no rate window. This is record.lua for that one case,
+-- without loading the whole machine: in a closed circuit it clears the
+-- consecutive-failure count; in any other state it changes nothing (a late
+-- outcome). KEYS[1] the breaker's hash; ARGV[1] the policy's open_ms,
+-- ARGV[2] now in ms or '' for Redis TIME.
+-- Returns version * 4 + mode while closed, else
+-- {state, ms until it may change, mode, version, now (0: not read)}.
+local H = KEYS[1]
+local raw = redis.call('HMGET', H, 'st', 'cf', 'md', 'vn')
+local state, mode, version = tonumber(raw[1]) or 0, tonumber(raw[3]) or 0, tonumber(raw[4])
+if not version then
+  version = 0
+  redis.call('HSET', H, 'vn', 0)  -- first use: operators can list it
+end
+if state == 0 then
+  if (tonumber(raw[2]) or 0) ~= 0 then redis.call('HSET', H, 'cf', 0) end
+  return version * 4 + mode  -- one integer: the cheapest reply to send and parse
+end
+if state == 2 then return {2, 0, mode, version, 0} end
+local open_ms = tonumber(ARGV[1])
+if mode == 1 then return {1, open_ms, mode, version, 0} end
+local now
+if ARGV[2] ~= '' then
+  now = tonumber(ARGV[2])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local open_until = tonumber(redis.call('HGET', H, 'ou')) or 0
+if now < open_until then return {1, open_until - now, mode, version, now} end
+return {2, 0, mode, version, now}
