@@ -7,10 +7,10 @@ import time
 from collections.abc import Callable
 
 
-def per_call_seconds(
+def per_call_samples(
     variants: dict[str, Callable[[], object]], calls: int, rounds: int
-) -> dict[str, float]:
-    """Median seconds per call of each variant over ``rounds`` interleaved rounds.
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant in each of ``rounds`` interleaved rounds.
 
     Variants take turns within every round, so a noisy neighbour slows all
     of them alike and the ratios between them stay meaningful.
@@ -23,7 +23,12 @@ def per_call_seconds(
             for _ in loop:
                 fn()
             samples[name].append((time.perf_counter() - start) / calls)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> float:
+    """Median over rounds of top/bottom: pairs runs made moments apart, so noise cancels."""
+    return statistics.median(a / b for a, b in zip(samples[top], samples[bottom], strict=True))
 
 
 def table(rows: list[tuple[str, ...]]) -> str:

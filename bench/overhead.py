@@ -11,11 +11,13 @@ while open <= a MemoryStore guarded call.
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
 
 import pybreaker
 import redis
 
-from bench._timing import per_call_seconds, table
+from bench._timing import median_ratio, per_call_samples, table
 from cbtasks import CircuitBreaker, CircuitOpenError, MemoryStore, RedisStore
 from cbtasks._testing.redis_server import RedisServer
 
@@ -69,18 +71,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             warm()
         reject(open_redis)
 
-        fast = per_call_seconds(
+        fast = per_call_samples(
             {
                 "bare call": noop,
                 "cbtasks MemoryStore": guarded_memory,
                 "pybreaker memory": pb_memory_call,
-                "cbtasks rejection, MemoryStore": lambda: reject(open_memory),
-                "cbtasks rejection, RedisStore": lambda: reject(open_redis),
+                "cbtasks rejection, MemoryStore": functools.partial(reject, open_memory),
+                "cbtasks rejection, RedisStore": functools.partial(reject, open_redis),
             },
             calls=args.calls * 25,
             rounds=args.rounds,
         )
-        slow = per_call_seconds(
+        slow = per_call_samples(
             {
                 "Redis PING": client.ping,
                 "trivial EVALSHA": lambda: client.execute_command("EVALSHA", sha, 1, "bench:h"),
@@ -90,23 +92,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             calls=args.calls,
             rounds=args.rounds,
         )
-    t = {**fast, **slow}
+        for breaker in (shared, open_redis):
+            breaker.store.close()  # type: ignore[attr-defined]
+    samples = {**fast, **slow}
     rows = [("variant", "median us/call")]
-    rows += [(name, f"{seconds * 1e6:.2f}") for name, seconds in t.items()]
+    rows += [(name, f"{statistics.median(v) * 1e6:.2f}") for name, v in samples.items()]
     print(table(rows))
-    ratios = {
-        "RedisStore / trivial EVALSHA (<= 1.15)": t["cbtasks RedisStore"] / t["trivial EVALSHA"],
-        "RedisStore / pybreaker Redis (<= 0.5)": t["cbtasks RedisStore"]
-        / t["pybreaker Redis storage"],
-        "MemoryStore / pybreaker memory (<= 0.75)": t["cbtasks MemoryStore"]
-        / t["pybreaker memory"],
-        "rejection (memory) / MemoryStore call (<= 1)": t["cbtasks rejection, MemoryStore"]
-        / t["cbtasks MemoryStore"],
-        "rejection (redis) / MemoryStore call (<= 1)": t["cbtasks rejection, RedisStore"]
-        / t["cbtasks MemoryStore"],
-    }
+    checks = [
+        ("RedisStore / trivial EVALSHA", "cbtasks RedisStore", "trivial EVALSHA", 1.15),
+        ("RedisStore / pybreaker Redis", "cbtasks RedisStore", "pybreaker Redis storage", 0.5),
+        ("MemoryStore / pybreaker memory", "cbtasks MemoryStore", "pybreaker memory", 0.75),
+        (
+            "rejection (memory) / MemoryStore call",
+            "cbtasks rejection, MemoryStore",
+            "cbtasks MemoryStore",
+            1.0,
+        ),
+        (
+            "rejection (redis) / MemoryStore call",
+            "cbtasks rejection, RedisStore",
+            "cbtasks MemoryStore",
+            1.0,
+        ),
+    ]
+    ratios = {label: median_ratio(samples, top, bottom) for label, top, bottom, _ in checks}
+    verdicts = [
+        (label, f"{ratios[label]:.2f}", f"<= {goal:g}", "ok" if ratios[label] <= goal else "MISSED")
+        for label, _, _, goal in checks
+    ]
     print()
-    print(table([("ratio", "value")] + [(k, f"{v:.2f}") for k, v in ratios.items()]))
+    print(table([("ratio (median over rounds)", "value", "goal", ""), *verdicts]))
     return ratios
 
 

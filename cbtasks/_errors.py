@@ -21,12 +21,24 @@ class CircuitOpenError(CBTasksError):
     after which a call may be admitted again (a probe, or the circuit closed).
     """
 
-    def __init__(self, name: str, retry_after: float, reason: str = "circuit is open") -> None:
-        # BaseException.__new__ has stored the arguments in self.args already,
-        # and the message is built only when shown: a rejection stays cheap.
-        self.name = name
-        self.retry_after = retry_after
-        self.reason = reason
+    # Called as CircuitOpenError(name, retry_after[, reason]). There is no
+    # Python-level __init__ on purpose: BaseException keeps the arguments in
+    # self.args in C, which keeps a rejection cheap; the fields read them.
+
+    @property
+    def name(self) -> str:
+        """The breaker's name."""
+        return str(self.args[0])
+
+    @property
+    def retry_after(self) -> float:
+        """Seconds after which a call may be admitted again."""
+        return float(self.args[1])
+
+    @property
+    def reason(self) -> str:
+        """Why the call was rejected, for people."""
+        return str(self.args[2]) if len(self.args) > 2 else "circuit is open"
 
     def __str__(self) -> str:
         return f"breaker {self.name!r}: {self.reason}; retry after {self.retry_after:.3f}s"
