@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -29,19 +30,27 @@ def boom() -> None:
 
 
 def test_a_trip_elsewhere_is_heard_within_100_ms(redis_url: str) -> None:
-    """Another process's trip reaches this process's local view by news."""
+    """Another process's trip reaches this process's local view by news (median of 5)."""
     here = CircuitBreaker("news", fail_max=1, store=RedisStore(redis_url))
     there = CircuitBreaker("news", fail_max=1, store=RedisStore(redis_url))
-    here.call(lambda: None)  # learns "closed"; next calls skip Redis
-    wait_for(lambda: here.store._listener is not None, 5)
-    time.sleep(0.2)  # let the listener subscribe before the news is sent
-    with pytest.raises(ConnectionResetError):
-        there.call(boom)
-    tripped = time.monotonic()
-    wait_for(lambda: not here._view.closed, 1.0, "news of the trip")
-    assert time.monotonic() - tripped < 0.1
-    with pytest.raises(CircuitOpenError):
-        here.call(lambda: None)
+    here.call(lambda: None)
+    time.sleep(0.2)  # let the listener subscribe before the first news is sent
+    delays = []
+    for _ in range(5):
+        here.call(lambda: None)  # learns "closed": its next calls skip Redis
+        assert here._view.closed
+        with pytest.raises(ConnectionResetError):
+            there.call(boom)
+        tripped = time.monotonic()
+        wait_for(lambda: not here._view.closed, 5.0, "news of the trip")
+        delays.append(time.monotonic() - tripped)
+        with pytest.raises(CircuitOpenError):
+            here.call(lambda: None)
+        there.reset()
+        wait_for(
+            lambda: here._view.closed or here._view.reject_until == 0, 5.0, "news of the reset"
+        )
+    assert statistics.median(delays) < 0.1, delays
 
 
 def test_keys_are_hash_tagged_per_breaker(redis_url: str) -> None:
