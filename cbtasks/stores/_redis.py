@@ -53,12 +53,14 @@ class OnError(enum.StrEnum):
 
 def _load_scripts() -> dict[str, str]:
     lua = resources.files("cbtasks.stores") / "lua"
-    common = (lua / "common.lua").read_text()
+    clock = (lua / "clock.lua").read_text()
+    machine = clock + (lua / "common.lua").read_text()
     scripts = {
-        op: common + "\n" + (lua / f"{op}.lua").read_text()
+        op: machine + "\n" + (lua / f"{op}.lua").read_text()
         for op in ("admit", "record", "control", "status")
     }
-    scripts["success"] = (lua / "success.lua").read_text()
+    # The healthy path's script does without the machine: only the clock.
+    scripts["success"] = clock + (lua / "success.lua").read_text()
     return scripts
 
 
@@ -161,7 +163,8 @@ class RedisStore:
     ) -> Reply:
         if probe_id is None and outcome is Outcome.SUCCESS and not slow and not policy.window_kind:
             # The healthy path: a small script that skips loading the machine.
-            raw = self._run("success", name, policy, keys=1)
+            key = self._fixed_arguments(name)[0]
+            raw = self._evalsha("success", name, (1, key, policy.open_ms, self._now_arg()))
             if type(raw) is int:  # closed: version * 4 + mode
                 return Reply(True, None, 0, CLOSED, 0, raw & 3, raw >> 2, 0, ())
             if raw is not None:
@@ -248,27 +251,18 @@ class RedisStore:
 
     # -- internals -------------------------------------------------------------
 
-    def _run(
-        self,
-        op: str,
-        name: str,
-        policy: PolicyWire,
-        *args: Any,
-        strict: bool = False,
-        keys: int = 3,
-    ) -> Any:
-        """Run one script; None while Redis is unreachable (unless ``strict``)."""
+    def _run(self, op: str, name: str, policy: PolicyWire, *args: Any, strict: bool = False) -> Any:
+        """Run one of the machine's scripts; None while Redis is unreachable."""
+        fixed = self._fixed_arguments(name)
+        return self._evalsha(
+            op, name, (3, *fixed, policy.encoded, self._now_arg(), *args), strict=strict
+        )
+
+    def _evalsha(self, op: str, name: str, argv: tuple[Any, ...], strict: bool = False) -> Any:
+        """One script call; None while Redis is unreachable (unless ``strict``)."""
         if self._outage_started is not None and not strict and time.monotonic() < self._retry_at:
             self.fallback_decisions += 1
             return None
-        fixed = self._fixed.get(name)
-        if fixed is None:
-            fixed = self._fixed[name] = self._fixed_arguments(name)
-        now = "" if self._fake_clock is None else str(int(self._fake_clock() * 1000))
-        if keys == 1:  # success.lua
-            argv: tuple[Any, ...] = (1, fixed[0], policy.open_ms, now)
-        else:
-            argv = (3, *fixed, policy.encoded, now, *args)
         try:
             try:
                 reply = self.client.execute_command(  # type: ignore[no-untyped-call]
@@ -293,11 +287,18 @@ class RedisStore:
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
         """A breaker's keys, the news channel and its name, encoded once."""
-        validate_name(name)
-        base = f"{self.prefix}:{{{name}}}"
-        return tuple(
-            s.encode() for s in (f"{base}:s", f"{base}:r", f"{base}:p", self.channel, name)
-        )
+        fixed = self._fixed.get(name)
+        if fixed is None:
+            validate_name(name)
+            base = f"{self.prefix}:{{{name}}}"
+            fixed = self._fixed[name] = tuple(
+                s.encode() for s in (f"{base}:s", f"{base}:r", f"{base}:p", self.channel, name)
+            )
+        return fixed
+
+    def _now_arg(self) -> str:
+        """The time the scripts use: '' for Redis TIME, else the fake clock's, in ms."""
+        return "" if self._fake_clock is None else str(int(self._fake_clock() * 1000))
 
     def _sha(self, op: str) -> str:
         sha = self._shas.get(op)

@@ -23,13 +23,7 @@ local W = {
 }
 local window_signature = P[2] .. ':' .. P[3] .. ':' .. P[4]
 
-local now
-if ARGV[4] ~= '' then
-  now = tonumber(ARGV[4])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms(ARGV[4])
 
 local raw = redis.call('HMGET', H, unpack(FIELDS))
 local S, dirty = {}, {}

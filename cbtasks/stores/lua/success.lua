@@ -20,13 +20,7 @@ end
 if state == 2 then return {2, 0, mode, version, 0} end
 local open_ms = tonumber(ARGV[1])
 if mode == 1 then return {1, open_ms, mode, version, 0} end
-local now
-if ARGV[2] ~= '' then
-  now = tonumber(ARGV[2])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = now_ms(ARGV[2])
 local open_until = tonumber(redis.call('HGET', H, 'ou')) or 0
 if now < open_until then return {1, open_until - now, mode, version, now} end
 return {2, 0, mode, version, now}
