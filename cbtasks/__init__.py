@@ -6,8 +6,11 @@ through Redis; a task base class defers or falls back while a circuit is open.
 
 from ._breaker import CircuitBreaker
 from ._errors import (
+    CallerError,
     CBTasksError,
     CircuitOpenError,
+    EndpointError,
+    EndpointFailure,
     PolicyError,
     StoreError,
     StoreUnavailableError,
@@ -15,14 +18,19 @@ from ._errors import (
 from ._policy import BreakerPolicy, CountWindow, TimeWindow
 from ._state import Outcome, State, StateChange
 from .stores import BreakerStatus, MemoryStore, OnError, RedisStore, Store
+from .task import CircuitBreakerTask
 
 __all__ = [
     "BreakerPolicy",
     "BreakerStatus",
     "CBTasksError",
+    "CallerError",
     "CircuitBreaker",
+    "CircuitBreakerTask",
     "CircuitOpenError",
     "CountWindow",
+    "EndpointError",
+    "EndpointFailure",
     "MemoryStore",
     "OnError",
     "Outcome",

@@ -54,3 +54,29 @@ class StoreError(CBTasksError):
 
 class StoreUnavailableError(StoreError):
     """The breaker's state store cannot be reached."""
+
+
+class EndpointError(CBTasksError):
+    """A call to a model endpoint went wrong; ``status`` is the HTTP or gRPC code if any."""
+
+    def __init__(self, message: str, *, status: int | str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EndpointFailure(EndpointError):
+    """The endpoint failed (down, timed out, 5xx, 429, malformed answer).
+
+    ``retry_after`` is the endpoint's own Retry-After, in seconds, if it sent
+    one: the breaker then stays open at least that long.
+    """
+
+    def __init__(
+        self, message: str, *, status: int | str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.retry_after = retry_after
+
+
+class CallerError(EndpointError):
+    """The request was wrong (4xx, invalid payload): the task fails, the breaker is untouched."""

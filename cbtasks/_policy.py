@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from ._errors import PolicyError
+from ._errors import CallerError, PolicyError
 
 __all__ = ["BreakerPolicy", "CountWindow", "TimeWindow"]
 
@@ -68,8 +68,9 @@ class BreakerPolicy:
 
     Exceptions: instances of ``failure_exceptions`` are endpoint failures,
     instances of ``ignored_exceptions`` (the caller's own errors) count as
-    neither success nor failure; any other exception is counted as a success,
-    since the endpoint answered.
+    neither success nor failure (by default :class:`CallerError`, which the
+    model clients raise for 4xx answers); any other exception is counted as a
+    success, since the endpoint answered.
     """
 
     failure_threshold: int = 5
@@ -87,7 +88,7 @@ class BreakerPolicy:
     probe_lease_seconds: float = 30.0
     honor_retry_after: bool = True
     failure_exceptions: tuple[type[BaseException], ...] = (Exception,)
-    ignored_exceptions: tuple[type[BaseException], ...] = ()
+    ignored_exceptions: tuple[type[BaseException], ...] = (CallerError,)
 
     def __post_init__(self) -> None:
         _check_int("failure_threshold", self.failure_threshold, 1, 1_000_000)

@@ -1,5 +1,1 @@
-"""Celery app wiring and worker entry points.
-
-Empty until the CircuitBreakerTask issue lands: the Celery app, its config
-from the environment and the inference task will live here.
-"""
+"""Celery app wiring and worker entry points for the examples, demo, tests and benchmarks."""

@@ -1,0 +1,132 @@
+"""Start the reference model server and Celery workers as real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .redis_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class ModelServer:
+    """``python -m cbtasks.server`` on a free port, with its admin API at hand."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.admin = httpx.Client(base_url=self.url, timeout=10)
+
+    def start(self, timeout: float = 60.0) -> ModelServer:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cbtasks.server", "--port", str(self.port)],
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"model server exited with {self.process.returncode}")
+            try:
+                if self.admin.get("/healthz").status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"model server did not answer on port {self.port} in {timeout}s")
+
+    def faults(self, **faults: Any) -> None:
+        self.admin.put("/admin/faults", json=faults).raise_for_status()
+
+    def clear_faults(self) -> None:
+        self.admin.delete("/admin/faults").raise_for_status()
+
+    def phase(self, name: str) -> None:
+        self.admin.put("/admin/phase", json={"name": name}).raise_for_status()
+
+    def stats(self) -> dict[str, Any]:
+        response = self.admin.get("/admin/stats")
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+    def reset_stats(self) -> None:
+        self.admin.delete("/admin/stats").raise_for_status()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.admin.close()
+
+
+class CeleryWorker:
+    """``celery -A workers.app worker`` as its own process group (prefork children included)."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        *,
+        concurrency: int = 4,
+        queues: str = "celery",
+        name: str = "w1",
+        log_path: Path | None = None,
+    ) -> None:
+        self.env = {**os.environ, **env}
+        self.concurrency = concurrency
+        self.queues = queues
+        self.name = name
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> CeleryWorker:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                "-l", "warning", "-c", str(self.concurrency), "-Q", self.queues,
+                "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
+                "--without-heartbeat",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole worker: the main process and its pool children."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, sig)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.process = None

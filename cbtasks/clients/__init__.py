@@ -1,0 +1,11 @@
+"""Model endpoint clients that turn each answer into an outcome for the breaker.
+
+They raise :class:`~cbtasks.EndpointFailure` for the endpoint's faults (which
+count against a breaker) and :class:`~cbtasks.CallerError` for the caller's
+(which the default policy ignores), so they work inside a CircuitBreaker or a
+CircuitBreakerTask with no glue code.
+"""
+
+from .http import HTTPModelClient, http_client
+
+__all__ = ["HTTPModelClient", "http_client"]
