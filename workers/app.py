@@ -15,6 +15,7 @@ from celery import Celery
 
 from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask
 from cbtasks.clients import http_client
+from cbtasks.fallbacks import DefaultPrediction
 from workers.config import from_environment
 
 config = from_environment()
@@ -30,7 +31,15 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     task_send_sent_event=True,
     worker_send_task_events=True,
-    broker_transport_options={"visibility_timeout": config.visibility_timeout},
+    broker_transport_options={
+        "visibility_timeout": config.visibility_timeout,
+        # kombu looks for unacknowledged messages to restore about every
+        # interval x throttle seconds (100 s by default): with a short
+        # visibility timeout, look often enough that a dead worker's tasks
+        # come back within the timeout or so.
+        "unacked_restore_interval": min(10.0, max(1.0, config.visibility_timeout / 10)),
+        "unacked_restore_throttle": 1 if config.visibility_timeout < 600 else 10,
+    },
     broker_connection_retry_on_startup=True,
     cbtasks_redis_url=config.redis_url,
     cbtasks_policy=BreakerPolicy(failure_threshold=5, open_seconds=2.0, half_open_probes=2),
@@ -46,11 +55,16 @@ def validate_features(features: Any) -> list[float]:
     return [float(x) for x in features]
 
 
+def call_model(task: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """The endpoint call every inference task makes; the task id travels as X-Request-ID."""
+    payload = {"features": validate_features(features)}
+    return http_client(config.model_url).predict(payload, request_id=task.request.id)
+
+
 @app.task(base=CircuitBreakerTask, bind=True, breaker="iris-model", name="workers.predict")
 def predict(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     """Predict an iris species through the shared breaker; deferred while it is open."""
-    payload = {"features": validate_features(features)}
-    return http_client(config.model_url).predict(payload, request_id=self.request.id)
+    return call_model(self, features)
 
 
 @app.task(
@@ -62,5 +76,60 @@ def predict(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
 )
 def predict_parked(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     """The same, with deferred requests parked in Redis until the circuit closes."""
-    payload = {"features": validate_features(features)}
-    return http_client(config.model_url).predict(payload, request_id=self.request.id)
+    return call_model(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="iris-model",
+    on_open="fallback",
+    fallback=DefaultPrediction({"label": "unknown", "probabilities": []}),
+    name="workers.predict_or_default",
+)
+def predict_or_default(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """Answers at once with a marked default prediction while the circuit is open."""
+    return call_model(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="iris-model",
+    max_deferrals=2,
+    defer_jitter=0.1,
+    name="workers.predict_impatient",
+)
+def predict_impatient(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """Deferred at most twice, then fails visibly with CircuitOpenError."""
+    return call_model(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="iris-model",
+    max_retries=3,
+    default_retry_delay=0.1,
+    name="workers.retry_twice",
+)
+def retry_twice(self: CircuitBreakerTask) -> dict[str, Any]:
+    """Asks for two retries of its own; reports the retry and deferral counts it saw."""
+    if self.request.retries < 2:
+        raise self.retry()
+    return {
+        "retries": self.request.retries,
+        "deferrals": getattr(self.request, "cbtasks_deferrals", None) or 0,
+    }
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="slow-probe-model",
+    breaker_policy=BreakerPolicy(failure_threshold=1, open_seconds=0.5, probe_lease_seconds=2.0),
+    name="workers.predict_short_lease",
+)
+def predict_short_lease(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """A breaker whose probes hold their slot for 2 s at most (the probe-lease test)."""
+    return call_model(self, features)

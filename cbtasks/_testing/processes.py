@@ -112,12 +112,16 @@ class CeleryWorker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+        if not isinstance(log, int):
+            log.close()  # the worker has its own copy of the descriptor
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Signal the whole worker: the main process and its pool children."""
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, sig)
+            if sig == signal.SIGKILL:
+                self.process.wait()
 
     def stop(self) -> None:
         if self.process is None:

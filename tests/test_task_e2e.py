@@ -1,0 +1,236 @@
+"""CircuitBreakerTask end to end: real worker processes, a real Redis, the real model server."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.result import AsyncResult
+
+from cbtasks import CircuitBreaker, CircuitOpenError, PolicyError, RedisStore, State
+from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.redis_server import RedisServer
+from cbtasks.fallbacks import is_fallback
+from tests.conftest import wait_for
+
+CONCURRENCY = 4
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Redis, the model server and a 4-process worker, for the whole module."""
+    logs = tmp_path_factory.mktemp("logs")
+    with RedisServer() as redis_server, ModelServer() as model:
+        env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": model.url}
+        os.environ.update(env)
+        from workers import app as workers_app
+
+        workers_app.app.conf.update(
+            broker_url=redis_server.url,
+            result_backend=redis_server.url,
+            cbtasks_redis_url=redis_server.url,
+        )
+        worker = CeleryWorker(env, concurrency=CONCURRENCY, log_path=logs / "worker.log").start()
+        store = RedisStore(redis_server.url)
+        try:
+            yield {
+                "redis": redis_server,
+                "model": model,
+                "worker": worker,
+                "tasks": workers_app,
+                "env": env,
+                "logs": logs,
+                "breaker": CircuitBreaker("iris-model", store=store),
+            }
+        finally:
+            worker.stop()
+            store.close()
+
+
+@pytest.fixture
+def fresh(stack: dict[str, Any]) -> dict[str, Any]:
+    """No faults, fresh counts, a closed circuit."""
+    stack["model"].clear_faults()
+    stack["model"].reset_stats()
+    stack["breaker"].reset()
+    return stack
+
+
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+
+
+def test_outage_loses_nothing_and_calls_nothing_twice(fresh: dict[str, Any]) -> None:
+    """200 tasks, an outage in the middle: all succeed, the endpoint is spared meanwhile."""
+    tasks, model = fresh["tasks"], fresh["model"]
+    results = [
+        (tasks.predict_parked if i % 2 else tasks.predict).delay(FEATURES) for i in range(200)
+    ]
+    wait_for(lambda: sum(r.ready() for r in results) >= 40, 60, "the first tasks")
+    model.phase("outage")
+    model.faults(outage_seconds=3)
+    wait_for(lambda: not model.stats()["down"], 30, "the outage to end")
+    model.phase("recovery")
+    answers = [r.get(timeout=120) for r in results]
+
+    assert all(a["label"] == "setosa" and not is_fallback(a) for a in answers)
+    stats = model.stats()
+    assert stats["calls_after_success"] == 0
+    outage = stats["phases"]["outage"]
+    policy = tasks.app.conf.cbtasks_policy
+    windows = math.ceil(3 / policy.open_seconds) + 1
+    # The trip itself, calls already in flight in the other processes when it
+    # tripped, then at most the probes of each half-open window.
+    bound = policy.failure_threshold + (CONCURRENCY - 1) + policy.half_open_probes * windows
+    assert outage["failed"] <= bound, outage
+    assert stats["phases"]["recovery"]["peak_in_flight"] <= CONCURRENCY
+
+
+def test_invalid_payload_fails_the_task_not_the_breaker(fresh: dict[str, Any]) -> None:
+    """A payload that fails validation is the caller's error: task fails, breaker untouched."""
+    tasks = fresh["tasks"]
+    bad = [tasks.predict.delay([1, "x"]) for _ in range(10)]
+    for result in bad:
+        with pytest.raises(Exception, match="features must"):
+            result.get(timeout=30)
+    status = fresh["breaker"].status()
+    assert status is None or (status.state is State.CLOSED and status.consecutive_failures == 0)
+    assert tasks.predict.delay(FEATURES).get(timeout=30)["label"] == "setosa"
+
+
+def test_fallback_answers_at_once_and_is_marked(fresh: dict[str, Any]) -> None:
+    """on_open='fallback': a marked default prediction, no endpoint call."""
+    fresh["breaker"].force_open()
+    answer = fresh["tasks"].predict_or_default.delay(FEATURES).get(timeout=30)
+    assert is_fallback(answer)
+    assert answer["cbtasks_fallback"] == "default"
+    assert answer["result"] == {"label": "unknown", "probabilities": []}
+    assert fresh["model"].stats()["requests"] == 0
+
+
+def test_exhausted_deferrals_end_in_a_visible_failure(fresh: dict[str, Any]) -> None:
+    """Past max_deferrals without a fallback: FAILURE with CircuitOpenError."""
+    fresh["breaker"].force_open()
+    result = fresh["tasks"].predict_impatient.delay(FEATURES)
+    with pytest.raises(CircuitOpenError, match="gave up: 2 deferrals"):
+        result.get(timeout=60, propagate=True)
+    assert result.state == "FAILURE"
+
+
+def test_deferrals_do_not_touch_the_tasks_own_retries(fresh: dict[str, Any]) -> None:
+    """A task's self.retry() keeps its own count and max_retries, however often it is deferred."""
+    tasks = fresh["tasks"]
+    events = _EventLog(tasks.app)
+    fresh["breaker"].force_open()
+    result = tasks.retry_twice.delay()
+    wait_for(lambda: events.count(result.id, "task-circuit_open") >= 2, 60, "two deferrals")
+    fresh["breaker"].force_close()
+    answer = result.get(timeout=60)
+    assert answer["retries"] == 2
+    assert answer["deferrals"] >= 2
+    events.stop()
+
+
+def test_registration_rejects_unknown_options() -> None:
+    """An unknown on_open or defer fails when the task is registered, not when it runs."""
+    from cbtasks import CircuitBreakerTask
+
+    def predict() -> None:
+        """A task that must never be registered."""
+
+    for options in ({"on_open": "explode"}, {"defer": "later"}, {"on_open": "fallback"}):
+        app = Celery("registration", set_as_current=False)
+        with pytest.raises(PolicyError, match=next(iter(options))):
+            app.task(base=CircuitBreakerTask, shared=False, **options)(predict)
+            app.finalize(auto=True)  # a lazy app builds its tasks here
+
+
+def test_killed_probe_gives_its_slot_back(stack: dict[str, Any], tmp_path: Path) -> None:
+    """A worker SIGKILLed while holding a probe: the lease runs out, the breaker recovers."""
+    model, tasks = stack["model"], stack["tasks"]
+    model.clear_faults()
+    breaker = CircuitBreaker("slow-probe-model", store=stack["breaker"].store)
+    breaker.reset()
+    env = {**stack["env"], "CBTASKS_VISIBILITY_TIMEOUT": "5"}
+    worker = CeleryWorker(
+        env, concurrency=1, queues="probes", name="probe", log_path=tmp_path / "w.log"
+    )
+    worker.start()
+    try:
+        model.faults(latency_ms=60_000)  # the probe will hang
+        breaker.force_open()
+        breaker.enable()  # open, probing after 0.5 s
+        result = tasks.predict_short_lease.apply_async((FEATURES,), queue="probes")
+        wait_for(
+            lambda: (s := breaker.status()) is not None and s.probes_in_use == 1, 30, "a probe"
+        )
+        worker.kill()
+        model.clear_faults()
+        wait_for(lambda: breaker.status().probes_in_use == 0, 10, "the lease to run out")  # type: ignore[union-attr]
+        worker = CeleryWorker(
+            env, concurrency=1, queues="probes", name="probe2", log_path=tmp_path / "w2.log"
+        ).start()
+        assert result.get(timeout=60)["label"] == "setosa"
+        assert breaker.state is State.CLOSED
+    finally:
+        worker.stop()
+
+
+def test_short_visibility_timeout_causes_no_duplicates(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """An outage longer than the broker's visibility timeout: nothing runs twice."""
+    model, tasks = stack["model"], stack["tasks"]
+    model.clear_faults()
+    model.reset_stats()
+    stack["breaker"].reset()
+    env = {**stack["env"], "CBTASKS_VISIBILITY_TIMEOUT": "2"}
+    worker = CeleryWorker(
+        env, concurrency=2, queues="short", name="short", log_path=tmp_path / "w.log"
+    )
+    worker.start()
+    try:
+        model.faults(outage_seconds=5)
+        results = [tasks.predict.apply_async((FEATURES,), queue="short") for _ in range(30)]
+        answers = [r.get(timeout=120) for r in results]
+        assert all(a["label"] == "setosa" for a in answers)
+        assert model.stats()["calls_after_success"] == 0
+    finally:
+        worker.stop()
+
+
+class _EventLog:
+    """Task events as Flower receives them, captured in a thread."""
+
+    def __init__(self, app: Celery) -> None:
+        self.seen: Counter[tuple[str, str]] = Counter()
+        self._connection = app.connection()
+        self._receiver = app.events.Receiver(self._connection, handlers={"*": self._on_event})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.seen[(event.get("uuid", ""), event["type"])] += 1
+
+    def _run(self) -> None:
+        try:
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception:  # the connection closed at stop()
+            return
+
+    def count(self, task_id: str, kind: str) -> int:
+        return self.seen[(task_id, kind)]
+
+    def stop(self) -> None:
+        self._receiver.should_stop = True
+        self._connection.release()
+
+
+def _state(result: AsyncResult) -> str:
+    return str(result.state)
