@@ -234,3 +234,84 @@ class _EventLog:
 
 def _state(result: AsyncResult) -> str:
     return str(result.state)
+
+
+def test_parked_requests_survive_restarts_and_run_once(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """300 requests parked in Redis, the worker restarted, two workers release: each runs once."""
+    from cbtasks.stores._parking import ParkingLot
+
+    model, tasks = stack["model"], stack["tasks"]
+    model.clear_faults()
+    model.reset_stats()
+    breaker = stack["breaker"]
+    breaker.reset()
+    breaker.force_open()
+    lot = ParkingLot(breaker.store.client, "cbtasks", "iris-model")
+    env = stack["env"]
+    first = CeleryWorker(env, concurrency=2, queues="parking", name="p1", log_path=tmp_path / "1.log")
+    first.start()
+    try:
+        results = [tasks.predict_parked.apply_async((FEATURES,), queue="parking") for _ in range(300)]
+        wait_for(lambda: lot.count() == 300, 60, "300 parked requests")
+    finally:
+        first.stop()
+    assert model.stats()["requests"] == 0
+    breaker.force_close()
+    workers = [
+        CeleryWorker(env, concurrency=2, queues="parking", name=f"r{i}", log_path=tmp_path / f"r{i}.log")
+        for i in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        answers = [r.get(timeout=120) for r in results]
+    finally:
+        for worker in workers:
+            worker.stop()
+    assert all(a["label"] == "setosa" for a in answers)
+    stats = model.stats()
+    assert stats["requests"] == 300 and stats["calls_after_success"] == 0
+    assert lot.count() == 0
+
+
+RABBITMQ_URL = os.environ.get("CBTASKS_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _rabbitmq_reachable() -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(RABBITMQ_URL)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), 2):
+            return True
+    except OSError:
+        return False
+
+
+def test_outage_with_rabbitmq_as_broker(stack: dict[str, Any], tmp_path: Path) -> None:
+    """The same task rides out an outage with RabbitMQ as its broker."""
+    if not _rabbitmq_reachable():
+        pytest.skip(f"no RabbitMQ at {RABBITMQ_URL} (set CBTASKS_TEST_RABBITMQ_URL); CI here has one")
+    model = stack["model"]
+    model.clear_faults()
+    model.reset_stats()
+    stack["breaker"].reset()
+    queue = f"cbtasks-test-{os.getpid()}"
+    env = {**stack["env"], "CBTASKS_BROKER_URL": RABBITMQ_URL}
+    client = Celery("rabbit-client", broker=RABBITMQ_URL, backend=stack["redis"].url, set_as_current=False)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    worker = CeleryWorker(env, concurrency=2, queues=queue, name="rabbit", log_path=tmp_path / "w.log")
+    worker.start()
+    try:
+        model.faults(outage_seconds=3)
+        results = [client.send_task("workers.predict", (FEATURES,), queue=queue) for _ in range(40)]
+        answers = [r.get(timeout=120) for r in results]
+        assert all(a["label"] == "setosa" for a in answers)
+        assert model.stats()["calls_after_success"] == 0
+    finally:
+        worker.stop()
+        with client.connection() as connection:
+            connection.default_channel.queue_delete(queue)
