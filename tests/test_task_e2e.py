@@ -92,6 +92,16 @@ def test_outage_loses_nothing_and_calls_nothing_twice(fresh: dict[str, Any]) -> 
     assert stats["phases"]["recovery"]["peak_in_flight"] <= CONCURRENCY
 
 
+def test_parked_traffic_alone_probes_and_recovers(fresh: dict[str, Any]) -> None:
+    """With every request parked, released ones probe the endpoint: no deadlock."""
+    tasks, model = fresh["tasks"], fresh["model"]
+    model.faults(outage_seconds=3)
+    results = [tasks.predict_parked.delay(FEATURES) for _ in range(60)]
+    answers = [r.get(timeout=120) for r in results]
+    assert all(a["label"] == "setosa" for a in answers)
+    assert model.stats()["calls_after_success"] == 0
+
+
 def test_invalid_payload_fails_the_task_not_the_breaker(fresh: dict[str, Any]) -> None:
     """A payload that fails validation is the caller's error: task fails, breaker untouched."""
     tasks = fresh["tasks"]
@@ -250,17 +260,23 @@ def test_parked_requests_survive_restarts_and_run_once(
     breaker.force_open()
     lot = ParkingLot(breaker.store.client, "cbtasks", "iris-model")
     env = stack["env"]
-    first = CeleryWorker(env, concurrency=2, queues="parking", name="p1", log_path=tmp_path / "1.log")
+    first = CeleryWorker(
+        env, concurrency=2, queues="parking", name="p1", log_path=tmp_path / "1.log"
+    )
     first.start()
     try:
-        results = [tasks.predict_parked.apply_async((FEATURES,), queue="parking") for _ in range(300)]
+        results = [
+            tasks.predict_parked.apply_async((FEATURES,), queue="parking") for _ in range(300)
+        ]
         wait_for(lambda: lot.count() == 300, 60, "300 parked requests")
     finally:
         first.stop()
     assert model.stats()["requests"] == 0
     breaker.force_close()
     workers = [
-        CeleryWorker(env, concurrency=2, queues="parking", name=f"r{i}", log_path=tmp_path / f"r{i}.log")
+        CeleryWorker(
+            env, concurrency=2, queues="parking", name=f"r{i}", log_path=tmp_path / f"r{i}.log"
+        )
         for i in range(2)
     ]
     for worker in workers:
@@ -294,16 +310,22 @@ def _rabbitmq_reachable() -> bool:
 def test_outage_with_rabbitmq_as_broker(stack: dict[str, Any], tmp_path: Path) -> None:
     """The same task rides out an outage with RabbitMQ as its broker."""
     if not _rabbitmq_reachable():
-        pytest.skip(f"no RabbitMQ at {RABBITMQ_URL} (set CBTASKS_TEST_RABBITMQ_URL); CI here has one")
+        pytest.skip(
+            f"no RabbitMQ at {RABBITMQ_URL} (set CBTASKS_TEST_RABBITMQ_URL); CI here has one"
+        )
     model = stack["model"]
     model.clear_faults()
     model.reset_stats()
     stack["breaker"].reset()
     queue = f"cbtasks-test-{os.getpid()}"
     env = {**stack["env"], "CBTASKS_BROKER_URL": RABBITMQ_URL}
-    client = Celery("rabbit-client", broker=RABBITMQ_URL, backend=stack["redis"].url, set_as_current=False)
+    client = Celery(
+        "rabbit-client", broker=RABBITMQ_URL, backend=stack["redis"].url, set_as_current=False
+    )
     client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
-    worker = CeleryWorker(env, concurrency=2, queues=queue, name="rabbit", log_path=tmp_path / "w.log")
+    worker = CeleryWorker(
+        env, concurrency=2, queues=queue, name="rabbit", log_path=tmp_path / "w.log"
+    )
     worker.start()
     try:
         model.faults(outage_seconds=3)

@@ -13,7 +13,7 @@ from typing import Any
 
 from celery import Celery
 
-from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask
+from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask, EndpointFailure
 from cbtasks.clients import http_client
 from cbtasks.fallbacks import DefaultPrediction
 from workers.config import from_environment
@@ -133,3 +133,18 @@ def retry_twice(self: CircuitBreakerTask) -> dict[str, Any]:
 def predict_short_lease(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     """A breaker whose probes hold their slot for 2 s at most (the probe-lease test)."""
     return call_model(self, features)
+
+
+@app.task(
+    bind=True,
+    autoretry_for=(EndpointFailure,),
+    retry_backoff=0.5,
+    retry_backoff_max=10,
+    retry_jitter=True,
+    max_retries=None,
+    name="workers.predict_autoretry",
+)
+def predict_autoretry(self: Any, features: Any) -> dict[str, Any]:
+    """The baseline the benchmarks compare against: plain Celery autoretry, no breaker."""
+    payload = {"features": validate_features(features)}
+    return http_client(config.model_url).predict(payload, request_id=self.request.id)

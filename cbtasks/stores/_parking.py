@@ -41,11 +41,19 @@ class ParkingLot:
         return int(self._park(keys=keys, args=[request_id, json.dumps(message), ""]))
 
     def release(
-        self, rate: float, burst: int, lease_seconds: float
+        self, rate: float, burst: int, lease_seconds: float, probe_interval: float = 1.0
     ) -> list[tuple[str, dict[str, Any]]]:
-        """Requests to re-publish now (empty unless the circuit is closed)."""
+        """Requests to re-publish now: up to ``rate`` a second while the circuit is closed,
+        one every ``probe_interval`` seconds while it may probe, none while it is open."""
         keys = [self._parked, self._data, self._releasing, self._state, self._bucket]
-        raw = self._release(keys=keys, args=[rate, burst, int(lease_seconds * 1000), ""])
+        args: list[float | str] = [
+            rate,
+            burst,
+            int(lease_seconds * 1000),
+            "",
+            int(probe_interval * 1000),
+        ]
+        raw = self._release(keys=keys, args=args)
         out = []
         for i in range(0, len(raw), 2):
             request_id = raw[i].decode()

@@ -1,0 +1,197 @@
+"""An outage storm: cbtasks (countdown and park) against plain Celery autoretry.
+
+    python -m bench.outage [--tasks 500] [--outage 20] [--latency-ms 20] [--backlog 10000]
+
+Each variant gets its own Redis, the reference model server and a worker of
+4 processes. N tasks are sent; when a fifth are done the endpoint goes down
+for --outage seconds. Printed per variant: endpoint calls during the outage,
+peak endpoint concurrency after recovery, seconds from recovery to the last
+task done, Redis commands per task (INFO commandstats, which also counts
+what scripts run inside), peak worker memory, tasks lost and duplicate
+executions. With --backlog, a second table: that many requests parked (or
+held) during a forced-open circuit, the workers' memory growth, and whether
+each ran exactly once after recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import redis
+from celery import Celery
+
+from bench._timing import table
+from cbtasks import CircuitBreaker, RedisStore
+from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.redis_server import RedisServer
+
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+VARIANTS = {
+    "cbtasks countdown": "workers.predict",
+    "cbtasks park": "workers.predict_parked",
+    "celery autoretry": "workers.predict_autoretry",
+}
+
+
+class MemoryWatch:
+    """Peak resident memory of a worker's process tree, sampled in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = psutil.Process(pid)
+        self.peak = 0
+        self.baseline = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+            return sum(p.memory_info().rss for p in procs if p.is_running())
+        except psutil.Error:
+            return 0
+
+    def start(self) -> MemoryWatch:
+        self.baseline = self.rss()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _stack(logs: Path, name: str) -> tuple[RedisServer, ModelServer, CeleryWorker, Any]:
+    server = RedisServer().start()
+    model = ModelServer().start()
+    env = {"CBTASKS_REDIS_URL": server.url, "CBTASKS_MODEL_URL": model.url}
+    # A client app of its own per run: Celery caches its connections per app.
+    client = Celery(f"bench-{name}", broker=server.url, backend=server.url, set_as_current=False)
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    worker = CeleryWorker(env, concurrency=4, log_path=logs / f"{name}.log").start()
+    return server, model, worker, client
+
+
+def outage_run(
+    task_name: str, tasks: int, outage: float, latency_ms: float, logs: Path
+) -> dict[str, Any]:
+    server, model, worker, app = _stack(logs, task_name)
+    try:
+        client = redis.Redis.from_url(server.url)
+        app.send_task(task_name, (FEATURES,)).get(timeout=60)  # the worker is up
+        model.faults(latency_ms=latency_ms)
+        model.reset_stats()
+        client.config_resetstat()
+        assert worker.process is not None
+        memory = MemoryWatch(worker.process.pid).start()
+        results = [app.send_task(task_name, (FEATURES,)) for _ in range(tasks)]
+        while sum(r.ready() for r in results) < tasks // 5:
+            time.sleep(0.05)
+        model.phase("outage")
+        model.faults(latency_ms=latency_ms, outage_seconds=outage)
+        while model.stats()["down"]:
+            time.sleep(0.05)
+        recovered = time.monotonic()
+        model.phase("recovery")
+        lost = 0
+        for result in results:
+            try:
+                result.get(timeout=outage * 10 + 300)
+            except Exception:
+                lost += 1
+        done = time.monotonic()
+        memory.stop()
+        stats = model.stats()
+        commands = sum(v["calls"] for v in client.info("commandstats").values())
+        return {
+            "endpoint calls in outage": stats["phases"].get("outage", {}).get("requests", 0),
+            "peak concurrency after": stats["phases"].get("recovery", {}).get("peak_in_flight", 0),
+            "recovery to last done (s)": round(done - recovered, 1),
+            "Redis commands per task": round(commands / tasks, 1),
+            "worker peak RSS (MB)": round(memory.peak / 2**20),
+            "lost": lost,
+            "duplicates": stats["calls_after_success"],
+        }
+    finally:
+        worker.stop()
+        model.stop()
+        server.stop()
+
+
+def backlog_run(task_name: str, tasks: int, logs: Path) -> dict[str, Any]:
+    """``tasks`` requests sent while the circuit is forced open, then released."""
+    server, model, worker, app = _stack(logs, f"backlog-{task_name}")
+    store = RedisStore(server.url)
+    try:
+        breaker = CircuitBreaker("iris-model", store=store)
+        # Warm every pool process (imports, connections) before the baseline.
+        warm = [app.send_task(task_name, (FEATURES,)) for _ in range(40)]
+        for result in warm:
+            result.get(timeout=60)
+        model.reset_stats()
+        assert worker.process is not None
+        memory = MemoryWatch(worker.process.pid).start()
+        breaker.force_open()
+        results = [app.send_task(task_name, (FEATURES,)) for _ in range(tasks)]
+        time.sleep(10)  # a bench, not a test: let the backlog settle where the variant keeps it
+        held = memory.peak
+        breaker.force_close()
+        ok = sum(1 for r in results if r.get(timeout=600))
+        memory.stop()
+        stats = model.stats()
+        return {
+            "memory growth while held (MB)": round((held - memory.baseline) / 2**20, 1),
+            "ran": ok,
+            "endpoint calls": stats["requests"],
+            "duplicates": stats["calls_after_success"],
+        }
+    finally:
+        store.close()
+        worker.stop()
+        model.stop()
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=500)
+    parser.add_argument("--outage", type=float, default=20.0, help="seconds")
+    parser.add_argument("--latency-ms", type=float, default=20.0, help="endpoint latency")
+    parser.add_argument("--backlog", type=int, default=0, help="parked backlog size (0: skip)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    args = parser.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",")]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    logs = Path(tempfile.mkdtemp(prefix="cbtasks-bench-"))
+    print(f"{args.tasks} tasks, 4 worker processes, outage {args.outage:g} s; logs in {logs}\n")
+    rows: list[tuple[str, ...]] = []
+    for variant in chosen:
+        figures = outage_run(VARIANTS[variant], args.tasks, args.outage, args.latency_ms, logs)
+        if not rows:
+            rows.append(("variant", *figures))
+        rows.append((variant, *(str(v) for v in figures.values())))
+    print(table(rows))
+    if args.backlog:
+        print(f"\nbacklog: {args.backlog} requests while the circuit is forced open\n")
+        rows = []
+        for variant in ("cbtasks park", "cbtasks countdown"):
+            figures = backlog_run(VARIANTS[variant], args.backlog, logs)
+            if not rows:
+                rows.append(("variant", *figures))
+            rows.append((variant, *(str(v) for v in figures.values())))
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
