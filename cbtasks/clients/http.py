@@ -85,6 +85,12 @@ class HTTPModelClient:
     def close(self) -> None:
         self._client.close()
 
+    def __enter__(self) -> HTTPModelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header (seconds or an HTTP date); None if absent or bad."""
