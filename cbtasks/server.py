@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 FEATURES = 4
 
@@ -90,6 +91,12 @@ def create_app() -> FastAPI:
     state = ServerState()
     app = FastAPI(title="cbtasks reference model server")
     rng = random.Random()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def malformed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # A body that is not even JSON is as malformed as a wrong field: 422 for both.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return JSONResponse({"detail": exc.detail}, status_code=status)
 
     def stats() -> PhaseStats:
         return state.phases.setdefault(state.phase, PhaseStats())

@@ -1,0 +1,71 @@
+"""The reference model server: real predictions, fault injection, and no crash on bad input."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cbtasks._testing.processes import ModelServer
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[httpx.Client]:
+    """The real server, over HTTP."""
+    with ModelServer() as server, httpx.Client(base_url=server.url, timeout=10) as http:
+        yield http
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.integers()
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=10), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=json_values | st.fixed_dictionaries({"features": json_values}))
+def test_any_json_gets_an_answer_or_a_422(client: httpx.Client, body: object) -> None:
+    """Fuzzed bodies: a prediction or a 422 with a message, never a crash."""
+    response = client.post("/predict", json=body)
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 422:
+        assert response.json()["detail"]
+
+
+def test_bytes_that_are_not_json_get_a_422(client: httpx.Client) -> None:
+    """Not even JSON: 422."""
+    response = client.post(
+        "/predict", content=b"\xff\x00garbage", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+
+
+def test_faults_and_counts(client: httpx.Client) -> None:
+    """Injected failures answer with the status and Retry-After asked for, and are counted."""
+    client.delete("/admin/stats")
+    client.put("/admin/faults", json={"error_rate": 1.0, "status_code": 429, "retry_after": 7})
+    failed = client.post("/predict", json={"features": [5.1, 3.5, 1.4, 0.2]})
+    assert failed.status_code == 429 and failed.headers["Retry-After"] == "7"
+    client.delete("/admin/faults")
+    ok = client.post("/predict", json={"features": [6.7, 3.0, 5.2, 2.3]})
+    assert ok.status_code == 200 and ok.json()["label"] == "virginica"
+    stats = client.get("/admin/stats").json()
+    assert (stats["requests"], stats["ok"]) == (2, 1)
+
+
+def test_bad_fault_settings_are_refused(client: httpx.Client) -> None:
+    """The admin API validates too."""
+    assert client.put("/admin/faults", json={"error_rate": 2}).status_code == 422
+    assert client.put("/admin/faults", json={"status_code": 200}).status_code == 422
