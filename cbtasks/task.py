@@ -113,11 +113,19 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             )
             return done[0]
         guard = self.cbtasks_breaker
+        # Deferral happens after the except blocks, never inside one: an
+        # exception kept alive there (as a raised Ignore's __context__) holds
+        # its traceback's frames in reference cycles until a full garbage
+        # collection, which is how plain retries bloat workers in an outage.
+        rejection: CircuitOpenError | None = None
         try:
             probe = guard.admit()
         except CircuitOpenError as exc:
-            return self._rejected(exc, args, kwargs)
+            rejection = exc.with_traceback(None)
+        if rejection is not None:
+            return self._rejected(rejection, args, kwargs)
         start = perf_counter()
+        failure: CircuitOpenError | None = None
         try:
             result = self.run(*args, **kwargs)
         except (Ignore, Reject):
@@ -133,13 +141,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Exception as exc:
             guard.record_exception(probe, exc, _ms_since(start))
-            if guard.classify(exc) is Outcome.FAILURE and self._option("on_open") == "defer":
-                retry_after = getattr(exc, "retry_after", None)
-                wait = CircuitOpenError(
-                    guard.name, float(retry_after or 0.0), f"call failed: {exc}"
-                )
-                return self._rejected(wait, args, kwargs)
-            raise
+            if guard.classify(exc) is not Outcome.FAILURE or self._option("on_open") != "defer":
+                raise
+            # Only plain values leave this block (see above).
+            retry_after = float(getattr(exc, "retry_after", None) or 0.0)
+            failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
+        if failure is not None:
+            return self._rejected(failure, args, kwargs)
         guard.record(probe, Outcome.SUCCESS, _ms_since(start))
         self._complete(request.id, result)
         fallback = self._fallback
