@@ -7,6 +7,8 @@ with scikit-learn (no downloads). Endpoints:
 
 - ``POST /predict`` ``{"features": [4 numbers]}`` -> ``{"label", "probabilities"}``
 - ``GET /healthz``
+- with ``--grpc-port``, the same model and faults as the gRPC method
+  ``/cbtasks.Model/Predict`` (JSON messages; see ``cbtasks.grpc_server``)
 - ``PUT /admin/faults`` sets error rate, added latency, an outage for N
   seconds, the status code to answer and the Retry-After to send;
   ``DELETE /admin/faults`` clears them.
@@ -22,8 +24,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
@@ -64,42 +67,80 @@ class PhaseStats:
     peak_in_flight: int = 0
 
 
-@dataclass
 class ServerState:
-    faults: Faults = field(default_factory=Faults)
-    outage_until: float = 0.0
-    phase: str = "default"
-    in_flight: int = 0
-    phases: dict[str, PhaseStats] = field(default_factory=dict)
-    # Request ids that got an answer: a second call with one is a duplicate execution.
-    answered_ids: set[str] = field(default_factory=set)
-    calls_after_success: int = 0
+    """Faults and counts, shared by the HTTP app and the gRPC service (threads: locked)."""
+
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.outage_until = 0.0
+        self.phase = "default"
+        self.in_flight = 0
+        self.phases: dict[str, PhaseStats] = {}
+        # Request ids that got an answer: a second call with one is a duplicate execution.
+        self.answered_ids: set[str] = set()
+        self.calls_after_success = 0
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    def begin(self, request_id: str | None) -> PhaseStats:
+        """A request arrived: count it, in its phase, with the concurrency it makes."""
+        with self._lock:
+            phase = self.phases.setdefault(self.phase, PhaseStats())
+            phase.requests += 1
+            self.in_flight += 1
+            phase.peak_in_flight = max(phase.peak_in_flight, self.in_flight)
+            if request_id in self.answered_ids:
+                self.calls_after_success += 1
+            return phase
+
+    def failing(self) -> Faults | None:
+        """The faults to answer with, if this request is to fail."""
+        down = time.monotonic() < self.outage_until
+        if down or (self.faults.error_rate and self._rng.random() < self.faults.error_rate):
+            return self.faults
+        return None
+
+    def end(self, phase: PhaseStats, request_id: str | None, ok: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if ok:
+                phase.ok += 1
+                if request_id:
+                    self.answered_ids.add(request_id)
+            else:
+                phase.failed += 1
 
 
-def _train() -> Any:
-    from sklearn.datasets import load_iris
-    from sklearn.linear_model import LogisticRegression
+class IrisModel:
+    """A logistic regression trained at start-up on scikit-learn's iris data set."""
 
-    data = load_iris()
-    model = LogisticRegression(max_iter=500).fit(data.data, data.target)
-    return model, list(data.target_names)
+    def __init__(self) -> None:
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+
+        data = load_iris()
+        self.labels = [str(name) for name in data.target_names]
+        self.model = LogisticRegression(max_iter=500).fit(data.data, data.target)
+
+    def predict(self, features: list[float]) -> dict[str, Any]:
+        probabilities = self.model.predict_proba([features])[0]
+        return {
+            "label": self.labels[int(probabilities.argmax())],
+            "probabilities": [round(float(p), 6) for p in probabilities],
+        }
 
 
-def create_app() -> FastAPI:
-    """The app, with a freshly trained model and no faults."""
-    model, labels = _train()
-    state = ServerState()
+def create_app(state: ServerState | None = None, model: IrisModel | None = None) -> FastAPI:
+    """The HTTP app; a fresh model and no faults unless given."""
+    model = model or IrisModel()
+    state = state or ServerState()
     app = FastAPI(title="cbtasks reference model server")
-    rng = random.Random()
 
     @app.exception_handler(StarletteHTTPException)
     async def malformed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # A body that is not even JSON is as malformed as a wrong field: 422 for both.
         status = 422 if exc.status_code == 400 else exc.status_code
         return JSONResponse({"detail": exc.detail}, status_code=status)
-
-    def stats() -> PhaseStats:
-        return state.phases.setdefault(state.phase, PhaseStats())
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -110,36 +151,24 @@ def create_app() -> FastAPI:
         body: PredictRequest,
         request_id: Annotated[str | None, Header(alias="X-Request-ID")] = None,
     ) -> Any:
-        phase = stats()
-        phase.requests += 1
-        state.in_flight += 1
-        phase.peak_in_flight = max(phase.peak_in_flight, state.in_flight)
-        if request_id in state.answered_ids:
-            state.calls_after_success += 1
+        phase = state.begin(request_id)
+        ok = False
         try:
-            faults = state.faults
-            if faults.latency_ms:
-                await asyncio.sleep(faults.latency_ms / 1000)
-            down = time.monotonic() < state.outage_until
-            if down or (faults.error_rate and rng.random() < faults.error_rate):
-                phase.failed += 1
+            if state.faults.latency_ms:
+                await asyncio.sleep(state.faults.latency_ms / 1000)
+            faults = state.failing()
+            if faults is not None:
                 headers = {}
                 if faults.retry_after is not None:
                     headers["Retry-After"] = str(round(faults.retry_after))
                 return JSONResponse(
                     {"detail": "injected failure"}, status_code=faults.status_code, headers=headers
                 )
-            probabilities = model.predict_proba([body.features])[0]
-            best = int(probabilities.argmax())
-            phase.ok += 1
-            if request_id:
-                state.answered_ids.add(request_id)
-            return {
-                "label": labels[best],
-                "probabilities": [round(float(p), 6) for p in probabilities],
-            }
+            answer = model.predict(body.features)
+            ok = True
+            return answer
         finally:
-            state.in_flight -= 1
+            state.end(phase, request_id, ok)
 
     @app.put("/admin/faults")
     async def set_faults(faults: Faults) -> dict[str, Any]:
@@ -188,11 +217,22 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="cbtasks reference model server")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument("--grpc-port", type=int, default=0, help="gRPC port (0: no gRPC)")
     args = parser.parse_args(argv)
-    if not 0 < args.port < 65536:
-        parser.error(f"--port must be 1 to 65535, got {args.port}")
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning")
+    for name, port in (("--port", args.port), ("--grpc-port", args.grpc_port)):
+        if not 0 <= port < 65536 or (name == "--port" and port == 0):
+            parser.error(f"{name} must be 1 to 65535, got {port}")
+    state, model = ServerState(), IrisModel()
+    grpc_server = None
+    if args.grpc_port:
+        from .grpc_server import serve
+
+        # Kept in a variable: a gRPC server that is garbage-collected stops.
+        grpc_server = serve(state, model, f"{args.host}:{args.grpc_port}")
+    uvicorn.run(create_app(state, model), host=args.host, port=args.port, log_level="warning")
+    if grpc_server is not None:
+        grpc_server.stop(grace=1)
 
 
 if __name__ == "__main__":

@@ -27,8 +27,12 @@ CONCURRENCY = 4
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """Redis, the model server and a 4-process worker, for the whole module."""
     logs = tmp_path_factory.mktemp("logs")
-    with RedisServer() as redis_server, ModelServer() as model:
-        env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": model.url}
+    with RedisServer() as redis_server, ModelServer(grpc_port=0) as model:
+        env = {
+            "CBTASKS_REDIS_URL": redis_server.url,
+            "CBTASKS_MODEL_URL": model.url,
+            "CBTASKS_MODEL_GRPC_TARGET": model.grpc_target or "",
+        }
         os.environ.update(env)
         from workers import app as workers_app
 
@@ -97,6 +101,16 @@ def test_parked_traffic_alone_probes_and_recovers(fresh: dict[str, Any]) -> None
     tasks, model = fresh["tasks"], fresh["model"]
     model.faults(outage_seconds=3)
     results = [tasks.predict_parked.delay(FEATURES) for _ in range(60)]
+    answers = [r.get(timeout=120) for r in results]
+    assert all(a["label"] == "setosa" for a in answers)
+    assert model.stats()["calls_after_success"] == 0
+
+
+def test_grpc_task_rides_out_an_outage(fresh: dict[str, Any]) -> None:
+    """The gRPC client inside a task, no glue code: failures defer, all succeed."""
+    tasks, model = fresh["tasks"], fresh["model"]
+    model.faults(outage_seconds=3)
+    results = [tasks.predict_grpc.delay(FEATURES) for _ in range(30)]
     answers = [r.get(timeout=120) for r in results]
     assert all(a["label"] == "setosa" for a in answers)
     assert model.stats()["calls_after_success"] == 0

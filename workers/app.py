@@ -4,7 +4,8 @@
 
 Environment: CBTASKS_REDIS_URL (breaker state), CBTASKS_BROKER_URL (Redis or
 RabbitMQ; default: the Redis URL), CBTASKS_RESULT_URL, CBTASKS_MODEL_URL (the
-model server), CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker).
+model server), CBTASKS_MODEL_GRPC_TARGET (its gRPC service, host:port),
+CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from celery import Celery
 
 from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask, EndpointFailure
 from cbtasks.clients import http_client
+from cbtasks.clients.grpc import grpc_client
 from cbtasks.fallbacks import DefaultPrediction
 from workers.config import from_environment
 
@@ -148,3 +150,14 @@ def predict_autoretry(self: Any, features: Any) -> dict[str, Any]:
     """The baseline the benchmarks compare against: plain Celery autoretry, no breaker."""
     payload = {"features": validate_features(features)}
     return http_client(config.model_url).predict(payload, request_id=self.request.id)
+
+
+@app.task(
+    base=CircuitBreakerTask, bind=True, breaker="iris-model-grpc", name="workers.predict_grpc"
+)
+def predict_grpc(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """The same model over gRPC (CBTASKS_MODEL_GRPC_TARGET), through its own breaker."""
+    if config.model_grpc_target is None:
+        raise CallerError("set CBTASKS_MODEL_GRPC_TARGET (host:port) to call the model over gRPC")
+    payload = {"features": validate_features(features)}
+    return grpc_client(config.model_grpc_target).predict(payload, request_id=self.request.id)

@@ -12,6 +12,7 @@ class WorkerConfig:
     redis_url: str
     result_url: str
     model_url: str
+    model_grpc_target: str | None
     visibility_timeout: float
 
 
@@ -40,5 +41,6 @@ def from_environment(env: dict[str, str] | None = None) -> WorkerConfig:
         redis_url=redis_url,
         result_url=env.get("CBTASKS_RESULT_URL", redis_url),
         model_url=model_url.rstrip("/"),
+        model_grpc_target=env.get("CBTASKS_MODEL_GRPC_TARGET") or None,
         visibility_timeout=visibility_timeout,
     )

@@ -20,17 +20,20 @@ ROOT = Path(__file__).resolve().parents[2]
 class ModelServer:
     """``python -m cbtasks.server`` on a free port, with its admin API at hand."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, grpc_port: int | None = None) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        #: host:port of the gRPC service, when one is asked for (grpc_port=0: a free one).
+        self.grpc_port = free_port() if grpc_port == 0 else grpc_port
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.process: subprocess.Popen[bytes] | None = None
         self.admin = httpx.Client(base_url=self.url, timeout=10)
 
     def start(self, timeout: float = 60.0) -> ModelServer:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "cbtasks.server", "--port", str(self.port)],
-            cwd=ROOT,
-        )
+        command = [sys.executable, "-m", "cbtasks.server", "--port", str(self.port)]
+        if self.grpc_port:
+            command += ["--grpc-port", str(self.grpc_port)]
+        self.process = subprocess.Popen(command, cwd=ROOT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -8,4 +8,13 @@ CircuitBreakerTask with no glue code.
 
 from .http import HTTPModelClient, http_client
 
-__all__ = ["HTTPModelClient", "http_client"]
+__all__ = ["GRPCModelClient", "HTTPModelClient", "grpc_client", "http_client"]
+
+
+def __getattr__(name: str) -> object:
+    # grpcio is an optional extra: imported only when its client is asked for.
+    if name in ("GRPCModelClient", "grpc_client"):
+        from . import grpc
+
+        return getattr(grpc, name)
+    raise AttributeError(name)

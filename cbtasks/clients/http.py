@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import threading
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 from .._errors import CallerError, EndpointFailure
+from ._pool import per_process
 
 __all__ = ["HTTPModelClient", "http_client"]
 
@@ -109,20 +108,6 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
-_clients: dict[str, HTTPModelClient] = {}
-_clients_pid = os.getpid()
-_clients_lock = threading.Lock()
-
-
 def http_client(base_url: str) -> HTTPModelClient:
     """The process's pooled client for ``base_url`` (a new pool after a fork)."""
-    global _clients_pid
-    with _clients_lock:
-        if _clients_pid != os.getpid():
-            # Connections inherited across a fork are shared with the parent: start afresh.
-            _clients.clear()
-            _clients_pid = os.getpid()
-        client = _clients.get(base_url)
-        if client is None:
-            client = _clients[base_url] = HTTPModelClient(base_url)
-        return client
+    return per_process("http", base_url, HTTPModelClient)

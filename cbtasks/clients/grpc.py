@@ -1,0 +1,90 @@
+"""A gRPC model client on grpcio that maps status codes to breaker outcomes."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+
+from .._errors import CallerError, EndpointFailure
+from ._pool import per_process
+from .http import parse_retry_after
+
+__all__ = ["GRPCModelClient", "grpc_client"]
+
+#: The endpoint's fault: these count against the breaker.
+ENDPOINT_FAILURES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+class GRPCModelClient:
+    """Calls a unary method with JSON messages; raises EndpointFailure or CallerError.
+
+    UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL (and UNKNOWN,
+    ABORTED, DATA_LOSS) are endpoint failures, with ``retry_after`` from a
+    ``retry-after`` trailing metadata entry; INVALID_ARGUMENT, NOT_FOUND,
+    PERMISSION_DENIED and the other codes are the caller's error.
+    """
+
+    def __init__(
+        self, target: str, *, method: str = "/cbtasks.Model/Predict", timeout: float = 10.0
+    ) -> None:
+        if not target or "://" in target:
+            raise ValueError(f"target must be host:port (or dns:host:port), got {target!r}")
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target)
+        self._call = self._channel.unary_unary(
+            method,
+            request_serializer=lambda message: json.dumps(message).encode(),
+            response_deserializer=lambda raw: raw,
+        )
+
+    def __repr__(self) -> str:
+        return f"GRPCModelClient({self.target!r})"
+
+    def predict(self, payload: dict[str, Any], *, request_id: str | None = None) -> dict[str, Any]:
+        """Send ``payload`` and return the JSON object answered."""
+        metadata = (("x-request-id", request_id),) if request_id else None
+        try:
+            raw = self._call(payload, timeout=self.timeout, metadata=metadata)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details()
+            message = f"{self.target}: {code.name}: {details}"
+            if code in ENDPOINT_FAILURES:
+                trailers = dict(exc.trailing_metadata() or ())
+                retry_after = parse_retry_after(trailers.get("retry-after"))
+                raise EndpointFailure(message, status=code.name, retry_after=retry_after) from exc
+            raise CallerError(message, status=code.name) from exc
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise EndpointFailure(f"{self.target}: the answer is not a JSON object: {raw[:200]!r}")
+        return body
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GRPCModelClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def grpc_client(target: str) -> GRPCModelClient:
+    """The process's client (one channel) for ``target``, a new one after a fork."""
+    return per_process("grpc", target, GRPCModelClient)
