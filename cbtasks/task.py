@@ -41,6 +41,7 @@ from ._breaker import CircuitBreaker
 from ._errors import CircuitOpenError, PolicyError
 from ._policy import BreakerPolicy
 from ._state import Outcome
+from .metrics import metrics
 from .stores import RedisStore
 from .stores._parking import ParkingLot
 
@@ -128,6 +129,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         except CircuitOpenError as exc:
             rejection = exc.with_traceback(None)
         if rejection is not None:
+            metrics().call(guard.name, "rejected")
             return self._rejected(rejection, args, kwargs)
         start = perf_counter()
         failure: CircuitOpenError | None = None
@@ -135,6 +137,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             result = self.run(*args, **kwargs)
         except (Ignore, Reject):
             guard.record(probe, Outcome.IGNORED)
+            metrics().call(guard.name, "ignored")
             raise
         except Retry as exc:
             # The task's own retry: its cause counts, its budget is its own.
@@ -146,6 +149,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Exception as exc:
             guard.record_exception(probe, exc, _ms_since(start))
+            metrics().call(guard.name, guard.classify(exc).name.lower())
             # An endpoint failure is handled as a rejection would be (deferred,
             # or answered by the fallback); with on_open="fail" it is raised.
             if guard.classify(exc) is not Outcome.FAILURE or self._option("on_open") == "fail":
@@ -155,7 +159,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
         if failure is not None:
             return self._rejected(failure, args, kwargs)
-        guard.record(probe, Outcome.SUCCESS, _ms_since(start))
+        elapsed_ms = _ms_since(start)
+        guard.record(probe, Outcome.SUCCESS, elapsed_ms)
+        slow_seconds = guard.policy.slow_call_seconds
+        slow = slow_seconds is not None and elapsed_ms > slow_seconds * 1000
+        metrics().call(guard.name, "slow" if slow else "success")
+        if probe is not None:
+            metrics().call(guard.name, "probe")
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
@@ -194,7 +204,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise exhausted
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline}
         _collect_now_and_then(int(self._option("gc_every")))
-        if self._option("defer") == "park":
+        mode = self._option("defer")
+        metrics().deferral(exc.name, mode)
+        if mode == "park":
             self._park(args, kwargs, headers)
             self._event("task-circuit_open", exc, action="parked", deferrals=deferrals + 1)
         else:
@@ -222,6 +234,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             self._event("task-circuit_open", exc, action="failed")
             raise CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}") from exc
         self._event("task-circuit_fallback", exc, kind=fallback.kind)
+        metrics().fallback(exc.name, fallback.kind)
         return fb.mark(fallback.kind, value, exc.reason)
 
     # -- parking -------------------------------------------------------------------
@@ -293,7 +306,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         prefix = self.cbtasks_prefix
         on_error = self._option("on_error")
         key = f"store:{url}:{prefix}:{on_error}"
-        return self._cached(key, lambda: RedisStore(url, prefix=prefix, on_error=on_error))  # type: ignore[no-any-return]
+        return self._cached(key, lambda: _store(url, prefix, on_error))  # type: ignore[no-any-return]
 
     @property
     def cbtasks_redis(self) -> Any:
@@ -316,7 +329,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     def _make_breaker(self) -> CircuitBreaker:
         return CircuitBreaker(
-            self.breaker or self.name, policy=self._policy(), store=self.cbtasks_store
+            self.breaker or self.name,
+            policy=self._policy(),
+            store=self.cbtasks_store,
+            listeners=[metrics().transition],
         )
 
     def _policy(self) -> BreakerPolicy:
@@ -442,6 +458,12 @@ def _collect_now_and_then(every: int) -> None:
     """
     if every and next(_deferrals) % every == 0:
         gc.collect()
+
+
+def _store(url: str, prefix: str, on_error: str) -> RedisStore:
+    store = RedisStore(url, prefix=prefix, on_error=on_error)
+    store.on_store_error = metrics().store_error
+    return store
 
 
 def _header(request: Any, name: str) -> Any:

@@ -5,14 +5,17 @@
 Environment: CBTASKS_REDIS_URL (breaker state), CBTASKS_BROKER_URL (Redis or
 RabbitMQ; default: the Redis URL), CBTASKS_RESULT_URL, CBTASKS_MODEL_URL (the
 model server), CBTASKS_MODEL_GRPC_TARGET (its gRPC service, host:port),
-CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker).
+CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_METRICS_PORT
+(Prometheus metrics of all the worker's processes).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask, EndpointFailure
 from cbtasks.clients import http_client
@@ -21,6 +24,20 @@ from cbtasks.fallbacks import DefaultPrediction
 from workers.config import from_environment
 
 config = from_environment()
+
+if config.metrics_port:
+    # Pool processes count into files in this folder; the main process sums
+    # them when scraped.
+    os.environ.setdefault(
+        "PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix=f"cbtasks-metrics-{os.getpid()}-")
+    )
+    from prometheus_client import values
+
+    # prometheus_client picks its value class when first imported, and
+    # Flower's plugin for the celery command imports it before this module
+    # runs: pick again, now that the folder is set (metrics are made later,
+    # in the pool processes, and read values.ValueClass then).
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
 
 app = Celery("cbtasks-workers", broker=config.broker_url, backend=config.result_url)
 app.conf.update(
@@ -46,6 +63,16 @@ app.conf.update(
     cbtasks_redis_url=config.redis_url,
     cbtasks_policy=BreakerPolicy(failure_threshold=5, open_seconds=2.0, half_open_probes=2),
 )
+
+
+@signals.worker_init.connect
+def _serve_metrics(**_: Any) -> None:
+    """The worker's main process serves every pool process's metrics on CBTASKS_METRICS_PORT."""
+    if config.metrics_port:
+        from cbtasks import RedisStore
+        from cbtasks.metrics import serve_worker_metrics
+
+        serve_worker_metrics(RedisStore(config.redis_url), config.metrics_port)
 
 
 def validate_features(features: Any) -> list[float]:

@@ -14,6 +14,7 @@ class WorkerConfig:
     model_url: str
     model_grpc_target: str | None
     visibility_timeout: float
+    metrics_port: int | None
 
 
 def from_environment(env: dict[str, str] | None = None) -> WorkerConfig:
@@ -36,7 +37,16 @@ def from_environment(env: dict[str, str] | None = None) -> WorkerConfig:
         raise ValueError(
             f"CBTASKS_VISIBILITY_TIMEOUT must be a number of seconds, got {raw_timeout!r}"
         ) from None
+    raw_port = env.get("CBTASKS_METRICS_PORT", "")
+    metrics_port = None
+    if raw_port:
+        if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+            raise ValueError(
+                f"CBTASKS_METRICS_PORT must be a port from 1 to 65535, got {raw_port!r}"
+            )
+        metrics_port = int(raw_port)
     return WorkerConfig(
+        metrics_port=metrics_port,
         broker_url=broker_url,
         redis_url=redis_url,
         result_url=env.get("CBTASKS_RESULT_URL", redis_url),

@@ -1,0 +1,169 @@
+"""``cbtasks batch``: run a JSONL file of inputs through a Celery task, resumably.
+
+Each input line is a JSON array (positional arguments) or object (keyword
+arguments). Each output line is ``{"line": N, "status": "ok"|"fallback"|"failed",
+"result": ..., "error": ...}``, written as rows finish. Rerunning with the same
+output skips every line already in it, so an interrupted batch resumes where
+it stopped and every input line appears in the output exactly once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, TextIO
+
+from .fallbacks import is_fallback
+
+
+class BatchError(Exception):
+    """A problem with the batch's arguments or files; printed as is."""
+
+
+def load_task(path: str) -> Any:
+    """``MODULE.TASK`` -> the Celery task object."""
+    module_name, _, attribute = path.rpartition(".")
+    if not module_name:
+        raise BatchError(f"--task must be MODULE.TASK (e.g. workers.app.predict), got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise BatchError(f"cannot import {module_name!r} for --task: {exc}") from None
+    task = getattr(module, attribute, None)
+    if task is None or not hasattr(task, "apply_async"):
+        raise BatchError(f"{path!r} is not a Celery task")
+    return task
+
+
+def done_lines(out: Path) -> set[int]:
+    """Line numbers already in the output; drops a torn last line left by a crash."""
+    if not out.exists():
+        return set()
+    raw = out.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        out.write_bytes(raw)
+    done = set()
+    for number, text in enumerate(raw.decode().splitlines(), 1):
+        try:
+            done.add(int(json.loads(text)["line"]))
+        except (ValueError, KeyError, TypeError):
+            raise BatchError(
+                f"{out}:{number} is not a batch output line; use another --out or remove it"
+            ) from None
+    return done
+
+
+def parse_row(text: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    row = json.loads(text)
+    if isinstance(row, list):
+        return tuple(row), {}
+    if isinstance(row, dict):
+        return (), row
+    raise ValueError(f"expected a JSON array or object, got {type(row).__name__}")
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    try:
+        return _run(
+            Path(args.input), Path(args.out), args.task, args.chunk, args.timeout, args.queue
+        )
+    except BatchError as exc:
+        print(f"cbtasks batch: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(
+    source: Path, out: Path, task_path: str, chunk: int, timeout: float, queue: str | None
+) -> int:
+    if not source.is_file():
+        raise BatchError(f"no input file {source}")
+    if not 1 <= chunk <= 10_000:
+        raise BatchError(f"--chunk must be 1 to 10000, got {chunk}")
+    task = load_task(task_path)
+    done = done_lines(out)
+    lines = source.read_text().splitlines()
+    todo = [(n, text) for n, text in enumerate(lines, 1) if n not in done and text.strip()]
+    counts: Counter[str] = Counter()
+    total = len(todo)
+    if done:
+        print(f"resuming: {len(done)} rows already in {out}", file=sys.stderr)
+    with out.open("a") as sink:
+        in_flight: list[tuple[int, Any]] = []
+        rows = iter(todo)
+        finished = 0
+        exhausted = False
+        while in_flight or not exhausted:
+            while not exhausted and len(in_flight) < chunk:
+                item = next(rows, None)
+                if item is None:
+                    exhausted = True
+                    break
+                number, text = item
+                try:
+                    args, kwargs = parse_row(text)
+                except ValueError as exc:
+                    print(f"\n{source}:{number}: skipped, not a valid row: {exc}", file=sys.stderr)
+                    _write(sink, {"line": number, "status": "failed", "error": f"bad input: {exc}"})
+                    counts["failed"] += 1
+                    finished += 1
+                    continue
+                options = {"queue": queue} if queue else {}
+                in_flight.append((number, task.apply_async(args, kwargs, **options)))
+            still = []
+            for number, result in in_flight:
+                if not result.ready():
+                    still.append((number, result))
+                    continue
+                _write(sink, _outcome(number, result, timeout))
+                counts[_status(result)] += 1
+                finished += 1
+            in_flight = still
+            _progress(finished, total, counts)
+            if in_flight:
+                time.sleep(0.05)
+    print(
+        f"\ndone: {counts['ok']} ok, {counts['fallback']} fallback, {counts['failed']} failed "
+        f"of {total} rows this run; {len(done) + finished} rows in {out}",
+        file=sys.stderr,
+    )
+    return 1 if counts["failed"] else 0
+
+
+def _status(result: Any) -> str:
+    if not result.successful():
+        return "failed"
+    return "fallback" if is_fallback(result.result) else "ok"
+
+
+def _outcome(number: int, result: Any, timeout: float) -> dict[str, Any]:
+    status = _status(result)
+    if status == "failed":
+        return {
+            "line": number,
+            "status": status,
+            "error": f"{type(result.result).__name__}: {result.result}",
+        }
+    return {"line": number, "status": status, "result": result.get(timeout=timeout)}
+
+
+def _write(sink: TextIO, record: dict[str, Any]) -> None:
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()  # a crash loses at most the row being written
+
+
+def _progress(finished: int, total: int, counts: Counter[str]) -> None:
+    width = 30
+    filled = width * finished // total if total else width
+    print(
+        f"\r[{'#' * filled}{' ' * (width - filled)}] {finished}/{total}  ok {counts['ok']}  "
+        f"fallback {counts['fallback']}  failed {counts['failed']}",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )

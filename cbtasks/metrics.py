@@ -1,0 +1,158 @@
+"""Prometheus metrics: fleet state read from Redis, and per-process event counters.
+
+Two sources, each correct under Celery's prefork pool:
+
+- :class:`BreakerCollector` reads every breaker's shared state from Redis at
+  scrape time (state, consecutive failures, trips, probes in use, parked
+  requests): one truth for the fleet, whichever process is scraped.
+- Counters (calls by outcome, transitions, deferrals, fallbacks, store
+  errors) are counted where they happen. With ``PROMETHEUS_MULTIPROC_DIR``
+  set (the worker's ``CBTASKS_METRICS_PORT`` sets it), every pool process
+  writes them to shared files and :func:`serve_worker_metrics` sums them.
+
+prometheus_client is imported only here, so the library works without it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ._policy import BreakerPolicy
+from ._state import StateChange
+from .stores import RedisStore
+from .stores._parking import ParkingLot
+
+__all__ = ["BreakerCollector", "Metrics", "metrics", "serve_store_metrics", "serve_worker_metrics"]
+
+STATES = ("closed", "open", "half_open")
+
+
+class BreakerCollector:
+    """Every breaker in a RedisStore, read at scrape time."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = GaugeMetricFamily(
+            "cbtasks_breaker_state",
+            "1 for the breaker's current state",
+            labels=["breaker", "state"],
+        )
+        failures = GaugeMetricFamily(
+            "cbtasks_breaker_consecutive_failures", "Failures in a row", labels=["breaker"]
+        )
+        trips = GaugeMetricFamily(
+            "cbtasks_breaker_trips", "Trips since the circuit last closed", labels=["breaker"]
+        )
+        probes = GaugeMetricFamily(
+            "cbtasks_breaker_probes_in_use", "Half-open probes in flight", labels=["breaker"]
+        )
+        parked = GaugeMetricFamily(
+            "cbtasks_breaker_parked_requests", "Requests parked until it closes", labels=["breaker"]
+        )
+        wire = BreakerPolicy().wire()
+        try:
+            names = self.store.names()
+        except Exception:  # a scrape during a Redis outage shows no breakers, not an error
+            names = []
+        for name in names:
+            status = self.store.status(name, wire)
+            if status is None:
+                continue
+            for value in STATES:
+                state.add_metric([name, value], 1.0 if status.state.value == value else 0.0)
+            failures.add_metric([name], status.consecutive_failures)
+            trips.add_metric([name], status.trips)
+            probes.add_metric([name], status.probes_in_use)
+            parked.add_metric(
+                [name], ParkingLot(self.store.client, self.store.prefix, name).count()
+            )
+        yield from (state, failures, trips, probes, parked)
+
+
+class Metrics:
+    """The per-process counters; a no-op where prometheus_client is missing."""
+
+    def __init__(self) -> None:
+        try:
+            from prometheus_client import Counter
+        except ImportError:  # pragma: no cover - the metrics extra is not installed
+            self.enabled = False
+            return
+        self.enabled = True
+        self.calls = Counter("cbtasks_calls", "Guarded calls by outcome", ["breaker", "outcome"])
+        self.transitions = Counter(
+            "cbtasks_transitions",
+            "State transitions made here",
+            ["breaker", "from_state", "to_state"],
+        )
+        self.deferrals = Counter("cbtasks_deferrals", "Requests deferred", ["breaker", "mode"])
+        self.fallbacks = Counter(
+            "cbtasks_fallbacks", "Requests answered by a fallback", ["breaker", "kind"]
+        )
+        self.store_errors = Counter(
+            "cbtasks_store_errors", "Failed Redis calls of the breaker store"
+        )
+
+    def call(self, breaker: str, outcome: str) -> None:
+        if self.enabled:
+            self.calls.labels(breaker, outcome).inc()
+
+    def transition(self, event: StateChange) -> None:
+        if self.enabled:
+            self.transitions.labels(
+                event.breaker, event.from_state.value, event.to_state.value
+            ).inc()
+
+    def deferral(self, breaker: str, mode: str) -> None:
+        if self.enabled:
+            self.deferrals.labels(breaker, mode).inc()
+
+    def fallback(self, breaker: str, kind: str) -> None:
+        if self.enabled:
+            self.fallbacks.labels(breaker, kind).inc()
+
+    def store_error(self, exc: BaseException) -> None:
+        if self.enabled:
+            self.store_errors.inc()
+
+
+_metrics: Metrics | None = None
+_lock = threading.Lock()
+
+
+def metrics() -> Metrics:
+    """This process's counters, made on first use."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = Metrics()
+        return _metrics
+
+
+def serve_store_metrics(store: RedisStore, port: int, host: str = "127.0.0.1") -> None:
+    """Serve the fleet's breaker state from Redis on ``host:port`` (a background thread)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(store))
+    start_http_server(port, addr=host, registry=registry)
+
+
+def serve_worker_metrics(store: RedisStore, port: int, host: str = "0.0.0.0") -> None:
+    """Serve every pool process's counters plus the fleet state (in the worker's main process)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(BreakerCollector(store))
+    start_http_server(port, addr=host, registry=registry)

@@ -1,0 +1,260 @@
+"""Operations: the cbtasks CLI, batch inference and Prometheus metrics, on a real fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from cbtasks import CircuitBreaker, RedisStore, State
+from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.redis_server import RedisServer, free_port
+from cbtasks.metrics import serve_store_metrics
+from tests.conftest import wait_for
+
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    logs = tmp_path_factory.mktemp("ops")
+    with RedisServer() as redis_server, ModelServer() as model:
+        metrics_port = free_port()
+        env = {
+            "CBTASKS_REDIS_URL": redis_server.url,
+            "CBTASKS_MODEL_URL": model.url,
+            "CBTASKS_METRICS_PORT": str(metrics_port),
+        }
+        worker = CeleryWorker(env, concurrency=2, queues="ops", name="ops", log_path=logs / "w.log")
+        worker.start()
+        store = RedisStore(redis_server.url)
+        try:
+            yield {
+                "redis": redis_server,
+                "model": model,
+                "env": env,
+                "store": store,
+                "metrics": f"http://127.0.0.1:{metrics_port}/metrics",
+            }
+        finally:
+            worker.stop()
+            store.close()
+
+
+def cli(
+    *args: str, env: dict[str, str] | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cbtasks.cli", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def test_status_lists_every_breaker(fleet: dict[str, Any]) -> None:
+    """status shows each breaker; --json gives the same as data."""
+    CircuitBreaker("model-a", store=fleet["store"]).call(lambda: None)
+    CircuitBreaker("model-b", fail_max=1, store=fleet["store"]).call(lambda: None)
+    url = fleet["redis"].url
+    table = cli("status", "--redis-url", url)
+    assert table.returncode == 0 and "model-a" in table.stdout and "closed" in table.stdout
+    rows = json.loads(cli("status", "--json", env={"CBTASKS_REDIS_URL": url}).stdout)
+    assert {"model-a", "model-b"} <= {row["name"] for row in rows}
+
+
+def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> None:
+    """Commands change the shared state that every worker reads."""
+    store, url = fleet["store"], fleet["redis"].url
+    breaker = CircuitBreaker("model-c", store=store)
+    breaker.call(lambda: None)
+    refused = cli("open", "model-c", "--redis-url", url)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert breaker.state is State.CLOSED
+    assert cli("open", "model-c", "--yes", "--redis-url", url).returncode == 0
+    assert breaker.state is State.OPEN
+    assert cli("close", "model-c", "--redis-url", url).returncode == 0
+    assert breaker.state is State.CLOSED
+    disabled = json.loads(cli("disable", "model-c", "--json", "--redis-url", url).stdout)
+    assert disabled["mode"] == "disabled"
+    assert (
+        json.loads(cli("reset", "model-c", "--json", "--redis-url", url).stdout)["mode"] == "normal"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (("close", "no-such-breaker"), 1, "no breaker named"),
+        (("status", "--redis-url", "redis://127.0.0.1:1/0"), 2, "cannot reach Redis"),
+        (("status", "--redis-url", "http://x"), 2, "redis://"),
+        (("watch", "--interval", "-1"), 2, "must be above 0"),
+        (("frobnicate",), 2, "invalid choice"),
+    ],
+)
+def test_clear_errors_and_exit_codes(
+    fleet: dict[str, Any], args: tuple[str, ...], code: int, words: str
+) -> None:
+    """Bad arguments, unknown breakers and unreachable Redis: a message and a non-zero exit."""
+    result = cli(*args, env={"CBTASKS_REDIS_URL": fleet["redis"].url})
+    assert result.returncode == code, result
+    assert words in result.stderr
+
+
+def test_help_everywhere() -> None:
+    """--help works on every verb, and the console script is installed."""
+    for verb in (
+        "status",
+        "open",
+        "close",
+        "reset",
+        "disable",
+        "enable",
+        "watch",
+        "batch",
+        "metrics",
+        "demo",
+    ):
+        assert cli(verb, "--help").returncode == 0
+    assert (Path(sys.executable).parent / "cbtasks").exists()
+
+
+def test_watch_shows_a_live_view(fleet: dict[str, Any]) -> None:
+    """watch prints the table again and again (here: twice)."""
+    CircuitBreaker("model-w", store=fleet["store"]).call(lambda: None)
+    result = cli("watch", "--count", "2", "--interval", "0.1", "--redis-url", fleet["redis"].url)
+    assert result.returncode == 0 and result.stdout.count("model-w") == 2
+
+
+def test_batch_rides_an_outage_and_resumes(fleet: dict[str, Any], tmp_path: Path) -> None:
+    """Every input row appears once in the output, through an outage and a resume."""
+    model = fleet["model"]
+    model.clear_faults()
+    CircuitBreaker("iris-model", store=fleet["store"]).reset()
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [json.dumps([FEATURES]) for _ in range(120)]
+    rows.insert(40, "{not json")
+    source.write_text("\n".join(rows) + "\n")
+    model.faults(outage_seconds=3)
+    first = cli(
+        "batch",
+        str(source),
+        "--task",
+        "workers.app.predict",
+        "--queue",
+        "ops",
+        "--out",
+        str(out),
+        "--chunk",
+        "50",
+        env=fleet["env"],
+    )
+    assert first.returncode == 1, first.stderr  # the malformed row failed
+    assert "in.jsonl:41" in first.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["line"] for line in lines) == list(range(1, 122))
+    assert sum(line["status"] == "ok" for line in lines) == 120
+
+    # An interrupted run: keep the first 70 lines, and a torn one.
+    kept = out.read_text().splitlines()[:70]
+    out.write_text("\n".join(kept) + '\n{"line": 9')
+    model.reset_stats()
+    again = cli(
+        "batch",
+        str(source),
+        "--task",
+        "workers.app.predict",
+        "--queue",
+        "ops",
+        "--out",
+        str(out),
+        env=fleet["env"],
+    )
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(line["line"] for line in lines) == list(range(1, 122))
+    missing_ok_rows = sum(1 for line in lines[70:] if line["status"] == "ok")
+    assert model.stats()["requests"] == missing_ok_rows, again.stderr
+
+
+def test_batch_bad_arguments(tmp_path: Path) -> None:
+    """A missing input file or a wrong task path says so."""
+    result = cli(
+        "batch",
+        str(tmp_path / "nope.jsonl"),
+        "--task",
+        "workers.app.predict",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert result.returncode == 2 and "no input file" in result.stderr
+    (tmp_path / "in.jsonl").write_text("[1]\n")
+    result = cli(
+        "batch", str(tmp_path / "in.jsonl"), "--task", "predict", "--out", str(tmp_path / "o")
+    )
+    assert result.returncode == 2 and "MODULE.TASK" in result.stderr
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = httpx.get(url, timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all((k, labels[k]) in ls for k in labels)
+    )
+
+
+def test_worker_metrics_cover_the_whole_prefork_pool(fleet: dict[str, Any]) -> None:
+    """Calls, rejections, deferrals and state, summed over the worker's processes."""
+    from celery import Celery
+
+    app = Celery(
+        "ops-client", broker=fleet["redis"].url, backend=fleet["redis"].url, set_as_current=False
+    )
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    breaker = CircuitBreaker("iris-model", store=fleet["store"])
+    breaker.reset()
+    fleet["model"].clear_faults()
+    for result in [app.send_task("workers.predict", (FEATURES,), queue="ops") for _ in range(20)]:
+        result.get(timeout=60)
+    breaker.force_open()
+    deferred = app.send_task("workers.predict", (FEATURES,), queue="ops")
+    wait_for(
+        lambda: _value(_scrape(fleet["metrics"]), "cbtasks_deferrals_total") >= 1, 30, "a deferral"
+    )
+    breaker.force_close()
+    deferred.get(timeout=60)
+    samples = _scrape(fleet["metrics"])
+    assert _value(samples, "cbtasks_calls_total", outcome="success", breaker="iris-model") >= 21
+    assert _value(samples, "cbtasks_calls_total", outcome="rejected") >= 1
+    assert _value(samples, "cbtasks_breaker_state", breaker="iris-model", state="closed") == 1
+
+
+def test_cbtasks_metrics_serves_fleet_state(fleet: dict[str, Any]) -> None:
+    """The state gauges come from Redis: any process shows the fleet's truth."""
+    breaker = CircuitBreaker("model-m", fail_max=1, store=fleet["store"])
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    port = free_port()
+    serve_store_metrics(fleet["store"], port)
+    samples = _scrape(f"http://127.0.0.1:{port}/metrics")
+    assert _value(samples, "cbtasks_breaker_state", breaker="model-m", state="open") == 1
+    assert _value(samples, "cbtasks_breaker_trips", breaker="model-m") == 1
