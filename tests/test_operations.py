@@ -258,3 +258,51 @@ def test_cbtasks_metrics_serves_fleet_state(fleet: dict[str, Any]) -> None:
     samples = _scrape(f"http://127.0.0.1:{port}/metrics")
     assert _value(samples, "cbtasks_breaker_state", breaker="model-m", state="open") == 1
     assert _value(samples, "cbtasks_breaker_trips", breaker="model-m") == 1
+
+
+def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_path: Path) -> None:
+    """A real Flower (basic auth): a deferred task reads CIRCUIT_OPEN, a fallback is marked."""
+    from celery import Celery
+
+    from cbtasks._testing.processes import Flower
+
+    flower = Flower(fleet["env"]).start(log_path=tmp_path / "flower.log")
+    try:
+        assert httpx.get(f"{flower.url}/api/tasks", timeout=10).status_code == 401
+        app = Celery(
+            "flower-client",
+            broker=fleet["redis"].url,
+            backend=fleet["redis"].url,
+            set_as_current=False,
+        )
+        app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+        breaker = CircuitBreaker("iris-model", store=fleet["store"])
+        breaker.reset()
+        breaker.force_open()
+        deferred = app.send_task("workers.predict", (FEATURES,), queue="ops")
+        answered = app.send_task("workers.predict_or_default", (FEATURES,), queue="ops")
+        assert answered.get(timeout=60)["cbtasks_fallback"] == "default"
+
+        def flower_task(task_id: str) -> dict[str, Any]:
+            response = httpx.get(
+                f"{flower.url}/api/task/info/{task_id}", auth=flower.auth, timeout=10
+            )
+            return response.json() if response.status_code == 200 else {}
+
+        wait_for(
+            lambda: flower_task(deferred.id).get("state") == "CIRCUIT_OPEN",
+            60,
+            "CIRCUIT_OPEN in Flower",
+        )
+        wait_for(
+            lambda: "cbtasks_fallback" in str(flower_task(answered.id).get("result")),
+            60,
+            "the fallback",
+        )
+        breaker.force_close()
+        deferred.get(timeout=60)
+        wait_for(
+            lambda: flower_task(deferred.id).get("state") == "SUCCESS", 60, "SUCCESS in Flower"
+        )
+    finally:
+        flower.stop()

@@ -137,3 +137,48 @@ class CeleryWorker:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
+
+
+class Flower:
+    """``celery -A workers.app flower`` on a free port, with basic auth."""
+
+    def __init__(self, env: dict[str, str], user: str = "ops", password: str = "secret") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.auth = (user, password)
+        self.env = {**os.environ, **env}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0, log_path: Path | None = None) -> Flower:
+        log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                sys.executable, "-m", "celery", "-A", "workers.app", "flower",
+                f"--port={self.port}", "--address=127.0.0.1",
+                f"--basic-auth={self.auth[0]}:{self.auth[1]}",
+            ],
+            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        if not isinstance(log, int):
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"flower exited with {self.process.returncode}")
+            try:
+                httpx.get(f"{self.url}/healthcheck", timeout=1)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"flower did not answer on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
