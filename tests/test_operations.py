@@ -306,3 +306,26 @@ def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_pat
         )
     finally:
         flower.stop()
+
+
+def test_dashboard_queries_name_metrics_the_workers_export(fleet: dict[str, Any]) -> None:
+    """Every metric the Grafana dashboard queries is in a live worker's /metrics."""
+    from celery import Celery
+
+    from tests.test_deploy import dashboard_metric_names
+
+    app = Celery(
+        "dash-client", broker=fleet["redis"].url, backend=fleet["redis"].url, set_as_current=False
+    )
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    breaker = CircuitBreaker("iris-model", store=fleet["store"])
+    breaker.reset()
+    fleet["model"].faults(outage_seconds=2)  # the worker trips, defers, recovers
+    for result in [app.send_task("workers.predict", (FEATURES,), queue="ops") for _ in range(12)]:
+        result.get(timeout=60)
+    breaker.force_open()
+    app.send_task("workers.predict_or_default", (FEATURES,), queue="ops").get(timeout=60)
+    breaker.force_close()
+    exported = {name for name, _ in _scrape(fleet["metrics"])}
+    missing = dashboard_metric_names() - exported
+    assert not missing, f"the dashboard queries metrics no worker exports: {missing}"

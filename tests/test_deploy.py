@@ -1,0 +1,98 @@
+"""docker-compose.yml and its Prometheus and Grafana configs, checked statically (no Docker)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())  # type: ignore[no-any-return]
+
+
+def test_compose_has_the_whole_stack() -> None:
+    """Redis, the model server, two workers, Flower, Prometheus and Grafana."""
+    services = compose()["services"]
+    assert {"redis", "model", "worker-1", "worker-2", "flower", "prometheus", "grafana"} <= set(
+        services
+    )
+    for name, service in services.items():
+        assert "image" in service or "build" in service, name
+
+
+def test_every_command_refers_to_something_in_the_repo() -> None:
+    """Each `celery -A X` app module and `python -m X` module exists; the Dockerfile copies them."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for name, service in compose()["services"].items():
+        if "build" not in service:
+            continue
+        assert (ROOT / service["build"] / "Dockerfile").exists(), name
+        words = shlex.split(service["command"])
+        if words[0] == "celery":
+            module = words[words.index("-A") + 1]
+        else:
+            assert words[:2] == ["python", "-m"], name
+            module = words[2]
+        path = ROOT / (module.replace(".", "/") + ".py")
+        assert path.exists(), f"{name}: {module} is not in the repo"
+        assert f"COPY {path.relative_to(ROOT).parts[0]}" in dockerfile, (
+            f"{name}: not copied into the image"
+        )
+    for source in re.findall(r"^COPY (\S+)", dockerfile, re.M):
+        assert (ROOT / source).exists(), source
+
+
+def test_prometheus_scrapes_the_workers_and_flower() -> None:
+    """Targets are compose services, on the ports they serve metrics on."""
+    services = compose()["services"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = {
+        t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
+    metrics_port = services["worker-1"]["environment"]["CBTASKS_METRICS_PORT"]
+    assert {f"worker-1:{metrics_port}", f"worker-2:{metrics_port}"} <= targets
+    flower_port = re.search(r"--port=(\d+)", services["flower"]["command"])
+    assert flower_port and f"flower:{flower_port.group(1)}" in targets
+    flower_job = next(job for job in config["scrape_configs"] if job["job_name"] == "flower")
+    user_password = re.search(r"--basic-auth=(\S+):(\S+)", services["flower"]["command"])
+    assert user_password
+    assert flower_job["basic_auth"] == {
+        "username": user_password.group(1),
+        "password": user_password.group(2),
+    }
+    mount = services["prometheus"]["volumes"][0].split(":")[0]
+    assert (ROOT / mount).resolve() == (ROOT / "deploy/prometheus.yml").resolve()
+
+
+def test_grafana_provisioning_parses_and_points_at_the_dashboard() -> None:
+    """Datasource and dashboard provider parse; the provider's folder is the mounted dashboards."""
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(volume.split(":")[:2] for volume in grafana["volumes"])
+    provisioning = ROOT / "deploy/grafana/provisioning"
+    datasource = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((provisioning / "dashboards/cbtasks.yml").read_text())
+    dashboards_dir = provider["providers"][0]["options"]["path"]
+    local = next(src for src, dst in mounts.items() if dst == dashboards_dir)
+    assert list((ROOT / local).glob("*.json"))
+
+
+def dashboard_metric_names() -> set[str]:
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/cbtasks.json").read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 4
+    return {name for expr in exprs for name in re.findall(r"\bcbtasks_[a-z_]+", expr)}
+
+
+def test_dashboard_covers_what_the_issue_asks() -> None:
+    """State over time, calls short-circuited, deferrals, parked backlog."""
+    names = dashboard_metric_names()
+    assert {"cbtasks_breaker_state", "cbtasks_calls_total", "cbtasks_deferrals_total"} <= names
+    assert "cbtasks_breaker_parked_requests" in names
