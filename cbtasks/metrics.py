@@ -58,21 +58,19 @@ class BreakerCollector:
         )
         wire = BreakerPolicy().wire()
         try:
-            names = self.store.names()
-        except Exception:  # a scrape during a Redis outage shows no breakers, not an error
-            names = []
-        for name in names:
-            status = self.store.status(name, wire)
-            if status is None:
-                continue
-            for value in STATES:
-                state.add_metric([name, value], 1.0 if status.state.value == value else 0.0)
-            failures.add_metric([name], status.consecutive_failures)
-            trips.add_metric([name], status.trips)
-            probes.add_metric([name], status.probes_in_use)
-            parked.add_metric(
-                [name], ParkingLot(self.store.client, self.store.prefix, name).count()
-            )
+            for name in self.store.names():
+                status = self.store.status(name, wire)
+                if status is None:
+                    continue
+                for value in STATES:
+                    state.add_metric([name, value], 1.0 if status.state.value == value else 0.0)
+                failures.add_metric([name], status.consecutive_failures)
+                trips.add_metric([name], status.trips)
+                probes.add_metric([name], status.probes_in_use)
+                lot = ParkingLot(self.store.client, self.store.prefix, name)
+                parked.add_metric([name], lot.count())
+        except Exception:  # Redis is down: the scrape shows what it got, and the
+            pass  # per-process counters (store errors among them) still answer
         yield from (state, failures, trips, probes, parked)
 
 

@@ -33,6 +33,7 @@ from time import perf_counter
 from typing import Any, ClassVar
 
 import celery
+import redis
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
@@ -68,6 +69,9 @@ DEFERRALS, DEADLINE = "cbtasks_deferrals", "cbtasks_deadline"
 # A countdown message waits in worker memory, unacknowledged: it must be
 # re-published well before the broker's visibility timeout redelivers it.
 _VISIBILITY_SHARE = 0.5
+# Redis unreachable: what the breaker store's on_error handles for the breaker,
+# and what the completion guard, cache and parking lot must survive.
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
@@ -169,7 +173,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
-            fallback.remember(self, args, kwargs, result)
+            try:
+                fallback.remember(self, args, kwargs, result)
+            except _REDIS_DOWN as exc:
+                log.warning("cannot cache the result of %s (%s)", self.name, exc)
         return result
 
     def _call_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -206,8 +213,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         _collect_now_and_then(int(self._option("gc_every")))
         mode = self._option("defer")
         metrics().deferral(exc.name, mode)
-        if mode == "park":
-            self._park(args, kwargs, headers)
+        if mode == "park" and self._parked(args, kwargs, headers):
             self._event("task-circuit_open", exc, action="parked", deferrals=deferrals + 1)
         else:
             countdown = self._countdown(exc.retry_after)
@@ -238,6 +244,22 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         return fb.mark(fallback.kind, value, exc.reason)
 
     # -- parking -------------------------------------------------------------------
+
+    def _parked(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]
+    ) -> bool:
+        """Park the request; False if Redis cannot take it now (then: a countdown)."""
+        try:
+            self._park(args, kwargs, headers)
+        except _REDIS_DOWN as exc:
+            log.warning(
+                "cannot park %s[%s] (%s): deferring it by countdown",
+                self.name,
+                self.request.id,
+                exc,
+            )
+            return False
+        return True
 
     def _park(self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]) -> None:
         request = self.request
@@ -281,8 +303,15 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     # -- the completion guard ---------------------------------------------------------
 
+    # While Redis is down the guard cannot be read or written: the task goes on
+    # without it (a redelivery then may call the endpoint again), as failing
+    # every task during a Redis outage would be worse.
+
     def _completion(self, task_id: str) -> tuple[Any] | None:
-        raw = self.cbtasks_redis.get(f"{self.cbtasks_prefix}:done:{task_id}")
+        try:
+            raw = self.cbtasks_redis.get(f"{self.cbtasks_prefix}:done:{task_id}")
+        except _REDIS_DOWN:
+            return None
         return None if raw is None else (json.loads(raw),)
 
     def _complete(self, task_id: str, result: Any) -> None:
@@ -291,7 +320,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         except (TypeError, ValueError):
             encoded = "null"  # the mark is what matters; Celery reports the error itself
         ttl_ms = int(self._option("completion_ttl") * 1000)
-        self.cbtasks_redis.set(f"{self.cbtasks_prefix}:done:{task_id}", encoded, px=ttl_ms)
+        try:
+            self.cbtasks_redis.set(f"{self.cbtasks_prefix}:done:{task_id}", encoded, px=ttl_ms)
+        except _REDIS_DOWN as exc:
+            log.warning("cannot mark %s[%s] completed (%s)", self.name, task_id, exc)
 
     # -- per-process parts --------------------------------------------------------------
 
@@ -395,6 +427,9 @@ class _Releaser:
             try:
                 while task.release_parked():
                     pass
+            except _REDIS_DOWN as exc:
+                log.warning("cannot release parked requests of %s (%s); retrying", task.name, exc)
+                time.sleep(5.0)
             except Exception:
                 log.exception("releasing parked requests of %s failed; trying again", task.name)
                 time.sleep(1.0)

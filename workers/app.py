@@ -58,6 +58,9 @@ app.conf.update(
         # come back within the timeout or so.
         "unacked_restore_interval": min(10.0, max(1.0, config.visibility_timeout / 10)),
         "unacked_restore_throttle": 1 if config.visibility_timeout < 600 else 10,
+        # A worker killed during a sweep leaves its lock held this long (300 s
+        # by default), and no one restores anything meanwhile.
+        "unacked_mutex_expire": min(300.0, max(5.0, config.visibility_timeout)),
     },
     broker_connection_retry_on_startup=True,
     cbtasks_redis_url=config.redis_url,

@@ -1,0 +1,283 @@
+"""The resilience suite: Redis stopped, workers killed, a flapping and a slow endpoint.
+
+Run on its own with ``pytest -m resilience``. ``make test`` runs the short
+form; ``CBTASKS_LONG=1`` runs the full durations the issue names (a 10 s
+Redis outage either way, a minute of flapping instead of 16 s).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from celery import Celery
+from prometheus_client.parser import text_string_to_metric_families
+
+from cbtasks import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    CountWindow,
+    EndpointFailure,
+    Outcome,
+    RedisStore,
+    State,
+    StateChange,
+)
+from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.redis_server import RedisServer, free_port
+from cbtasks.clients import HTTPModelClient
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.resilience
+LONG = os.environ.get("CBTASKS_LONG") == "1"
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        yield server
+
+
+def client_app(broker_url: str) -> Celery:
+    app = Celery("resilience", broker=broker_url, backend=broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    return app
+
+
+class TaskEvents:
+    """task-succeeded events per task id, as Flower would count them."""
+
+    def __init__(self, app: Celery) -> None:
+        self.succeeded: Counter[str] = Counter()
+        self._connection = app.connection()
+        receiver = app.events.Receiver(
+            self._connection,
+            handlers={"task-succeeded": lambda e: self.succeeded.update([e["uuid"]])},
+        )
+        self._receiver = receiver
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except Exception:  # closed at stop()
+            return
+
+    def stop(self) -> None:
+        self._receiver.should_stop = True
+        self._connection.release()
+
+
+def test_breaker_redis_stopped_for_ten_seconds(model: ModelServer, tmp_path: Path) -> None:
+    """Tasks go on as on_error says (local breakers), nothing is lost, the store reconnects,
+    and the store-error metric counted the outage."""
+    model.clear_faults()
+    model.reset_stats()
+    with RedisServer() as broker, RedisServer() as state_redis:
+        metrics_port = free_port()
+        env = {
+            "CBTASKS_BROKER_URL": broker.url,
+            "CBTASKS_RESULT_URL": broker.url,
+            "CBTASKS_REDIS_URL": state_redis.url,
+            "CBTASKS_MODEL_URL": model.url,
+            "CBTASKS_METRICS_PORT": str(metrics_port),
+        }
+        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "w.log").start()
+        app = client_app(broker.url)
+        try:
+            app.send_task("workers.predict", (FEATURES,)).get(timeout=60)
+            state_redis.stop()
+            stopped = time.monotonic()
+            during = [app.send_task("workers.predict", (FEATURES,)) for _ in range(40)]
+            wait_for(lambda: all(r.ready() for r in during), 60, "tasks during the outage")
+            assert all(r.successful() for r in during), "tasks failed while Redis was down"
+            wait_for(lambda: time.monotonic() - stopped >= 10, 15, "ten seconds of outage")
+            state_redis.start()  # same port, empty: the state was lost with it
+            after = [app.send_task("workers.predict", (FEATURES,)) for _ in range(20)]
+            assert all(r.get(timeout=60)["label"] == "setosa" for r in after)
+            store = RedisStore(state_redis.url)
+            wait_for(
+                lambda: store.names() == ["iris-model"], 30, "the workers to write state again"
+            )
+            store.close()
+            errors = _metric(
+                f"http://127.0.0.1:{metrics_port}/metrics", "cbtasks_store_errors_total"
+            )
+            assert errors >= 1
+        finally:
+            worker.stop()
+
+
+def test_workers_killed_at_random_complete_every_task_once(
+    model: ModelServer, tmp_path: Path
+) -> None:
+    """SIGKILL during a run with acks_late: each task succeeds, exactly once."""
+    model.clear_faults()
+    model.faults(latency_ms=20)
+    with RedisServer() as redis_server:
+        env = {
+            "CBTASKS_REDIS_URL": redis_server.url,
+            "CBTASKS_MODEL_URL": model.url,
+            "CBTASKS_VISIBILITY_TIMEOUT": "4",
+        }
+        app = client_app(redis_server.url)
+        events = TaskEvents(app)
+        workers = [
+            CeleryWorker(env, concurrency=2, name=f"k{i}", log_path=tmp_path / f"k{i}.log").start()
+            for i in range(2)
+        ]
+        rng = random.Random(7)
+        try:
+            results = [app.send_task("workers.predict", (FEATURES,)) for _ in range(150)]
+            for round_ in range(3):
+                wait_for(
+                    lambda n=round_: sum(r.ready() for r in results) >= 30 * (n + 1),
+                    120,
+                    "progress",
+                )
+                victim = rng.randrange(len(workers))
+                workers[victim].kill()
+                workers[victim] = CeleryWorker(
+                    env,
+                    concurrency=2,
+                    name=f"k{victim}-{round_}",
+                    log_path=tmp_path / f"r{round_}.log",
+                ).start()
+            answers = [r.get(timeout=180) for r in results]
+            assert all(a["label"] == "setosa" for a in answers)
+            wait_for(
+                lambda: all(events.succeeded[r.id] >= 1 for r in results), 30, "success events"
+            )
+            assert max(events.succeeded[r.id] for r in results) == 1, "a task completed twice"
+        finally:
+            events.stop()
+            for worker in workers:
+                worker.stop()
+            model.clear_faults()
+
+
+def test_flapping_endpoint_backs_off_and_never_over_probes(model: ModelServer) -> None:
+    """Up and down every 2 s: the breaker opens and closes, its open periods grow within
+    a down stretch, and probes in flight never exceed half_open_probes."""
+    model.clear_faults()
+    seconds = 60.0 if LONG else 16.0
+    policy = BreakerPolicy(
+        failure_threshold=3,
+        open_seconds=0.2,
+        backoff_factor=2.0,
+        max_open_seconds=5,
+        half_open_probes=2,
+    )
+    with RedisServer() as redis_server:
+        store = RedisStore(redis_server.url)
+        opened: list[tuple[float, float, State]] = []  # (at, open for, from)
+        breaker = CircuitBreaker("flappy", policy=policy, store=store)
+
+        def on_change(event: StateChange) -> None:
+            if event.to_state is State.OPEN:
+                status = breaker.status()
+                if status is not None and status.open_until is not None:
+                    opened.append((event.at, status.open_until - event.at, event.from_state))
+
+        breaker.add_listener(on_change)
+        probes_now, probes_max, lock = [0], [0], threading.Lock()
+        stop = threading.Event()
+
+        def caller() -> None:
+            with HTTPModelClient(model.url, timeout=2) as client:
+                while not stop.is_set():
+                    try:
+                        probe = breaker.admit()
+                    except CircuitOpenError:
+                        time.sleep(0.01)
+                        continue
+                    if probe:
+                        with lock:
+                            probes_now[0] += 1
+                            probes_max[0] = max(probes_max[0], probes_now[0])
+                    try:
+                        client.predict({"features": FEATURES})
+                    except EndpointFailure as exc:
+                        outcome: BaseException | None = exc
+                    else:
+                        outcome = None
+                    if probe:
+                        with lock:
+                            probes_now[0] -= 1
+                    if outcome is None:
+                        breaker.record(probe, Outcome.SUCCESS)
+                    else:
+                        breaker.record_exception(probe, outcome, 0.0)
+
+        threads = [threading.Thread(target=caller, daemon=True) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        started = time.monotonic()
+        down = False
+        try:
+            while time.monotonic() - started < seconds:
+                down = not down
+                if down:
+                    model.faults(outage_seconds=2)
+                else:
+                    model.clear_faults()
+                flip = time.monotonic()
+                wait_for(lambda f=flip: time.monotonic() - f >= 2, 5, "the next flip")
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+            model.clear_faults()
+            store.close()
+        assert probes_max[0] <= policy.half_open_probes
+        from_closed = [o for o in opened if o[2] is State.CLOSED]
+        assert len(from_closed) >= 2, "it should open in more than one down stretch"
+        # Within a down stretch, each failed probe reopens it for longer.
+        grew = any(
+            later[2] is State.HALF_OPEN and later[1] > earlier[1] * 1.5
+            for earlier, later in itertools.pairwise(opened)
+        )
+        assert grew, opened
+
+
+def test_slow_endpoint_trips_by_slow_call_rate(model: ModelServer) -> None:
+    """No errors, only latency above the threshold: the slow-call rate opens it."""
+    model.clear_faults()
+    model.faults(latency_ms=120)
+    policy = BreakerPolicy(
+        failure_threshold=100,
+        slow_call_seconds=0.05,
+        slow_call_rate=0.5,
+        window=CountWindow(calls=10),
+        min_calls=5,
+    )
+    events: list[StateChange] = []
+    breaker = CircuitBreaker("slow", policy=policy, listeners=[events.append])
+    try:
+        with HTTPModelClient(model.url) as client:
+            for _ in range(5):
+                breaker.call(client.predict, {"features": FEATURES})
+        assert breaker.state is State.OPEN
+        assert events and events[0].reason.startswith("slow-call rate 100%")
+    finally:
+        model.clear_faults()
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url, timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    )
