@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from bench import outage, overhead, redis_cost
+from bench import outage, overhead, redis_cost, scale
 
 
 def main() -> None:
@@ -14,6 +14,8 @@ def main() -> None:
     redis_cost.main([])
     print("\n## Cost of a guarded call, median of interleaved rounds (bench/overhead.py)\n")
     overhead.main([])
+    print("\n## Redis commands per second for a fleet (bench/scale.py)\n")
+    scale.main([])
     print("\n## Outage storm and parked backlog (bench/outage.py; about 25 minutes)\n")
     outage.main(["--backlog", "10000"])
 

@@ -36,6 +36,8 @@ VARIANTS = {
     "cbtasks countdown": "workers.predict",
     "cbtasks park": "workers.predict_parked",
     "celery autoretry": "workers.predict_autoretry",
+    "pybreaker redis + retry": "workers.predict_pybreaker_redis",
+    "pybreaker memory + retry": "workers.predict_pybreaker_memory",
 }
 
 

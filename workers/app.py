@@ -11,6 +11,7 @@ CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_METRICS_PORT
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from typing import Any
@@ -191,3 +192,7 @@ def predict_grpc(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
         raise CallerError("set CBTASKS_MODEL_GRPC_TARGET (host:port) to call the model over gRPC")
     payload = {"features": validate_features(features)}
     return grpc_client(config.model_grpc_target).predict(payload, request_id=self.request.id)
+
+
+with contextlib.suppress(ImportError):  # the comparison baselines, with the bench extra
+    import workers.baselines  # noqa: F401
