@@ -16,6 +16,7 @@ each ran exactly once after recovery.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import threading
 import time
@@ -32,6 +33,7 @@ from cbtasks._testing.processes import CeleryWorker, ModelServer
 from cbtasks._testing.redis_server import RedisServer
 
 FEATURES = [5.1, 3.5, 1.4, 0.2]
+_TIME = "recovery to last done (s)"
 VARIANTS = {
     "cbtasks countdown": "workers.predict",
     "cbtasks park": "workers.predict_parked",
@@ -184,22 +186,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0, help="endpoint latency")
     parser.add_argument("--backlog", type=int, default=0, help="parked backlog size (0: skip)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per variant (medians)")
     args = parser.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if not 1 <= args.repeat <= 20:
+        parser.error(f"--repeat must be 1 to 20, got {args.repeat}")
     logs = Path(tempfile.mkdtemp(prefix="cbtasks-bench-"))
-    print(f"{args.tasks} tasks, 4 worker processes, outage {args.outage:g} s; logs in {logs}\n")
+    print(
+        f"{args.tasks} tasks, 4 worker processes, outage {args.outage:g} s, "
+        f"medians of {args.repeat} runs (variants take turns); logs in {logs}\n"
+    )
+    runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in chosen}
+    for _ in range(args.repeat):
+        for variant in chosen:
+            runs[variant].append(
+                outage_run(VARIANTS[variant], args.tasks, args.outage, args.latency_ms, logs)
+            )
+    baseline = "celery autoretry" if "celery autoretry" in runs else chosen[0]
     rows: list[tuple[str, ...]] = []
     for variant in chosen:
-        figures = outage_run(VARIANTS[variant], args.tasks, args.outage, args.latency_ms, logs)
+        figures = {
+            key: statistics.median(run[key] for run in runs[variant]) for key in runs[variant][0]
+        }
+        # Times as a ratio against the baseline's run in the same round: noise cancels.
+        ratio = statistics.median(
+            mine[_TIME] / max(theirs[_TIME], 0.1)
+            for mine, theirs in zip(runs[variant], runs[baseline], strict=True)
+        )
+        figures[f"time vs {baseline}"] = round(ratio, 2)
         if not rows:
             rows.append(("variant", *figures))
-        rows.append((variant, *(str(v) for v in figures.values())))
+        rows.append((variant, *(f"{v:g}" for v in figures.values())))
     print(table(rows))
     if args.backlog:
-        print(f"\nbacklog: {args.backlog} requests while the circuit is forced open\n")
+        print(f"\nbacklog: {args.backlog} requests while the circuit is forced open (one run)\n")
         rows = []
         for variant in ("cbtasks park", "cbtasks countdown"):
             figures = backlog_run(VARIANTS[variant], args.backlog, logs)
