@@ -25,11 +25,10 @@ from typing import Any
 
 import psutil
 import redis
-from celery import Celery
 
 from bench._timing import table
 from cbtasks import CircuitBreaker, RedisStore
-from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer
 
 FEATURES = [5.1, 3.5, 1.4, 0.2]
@@ -92,8 +91,7 @@ def _stack(logs: Path, name: str) -> tuple[RedisServer, ModelServer, CeleryWorke
     model = ModelServer().start()
     env = {"CBTASKS_REDIS_URL": server.url, "CBTASKS_MODEL_URL": model.url}
     # A client app of its own per run: Celery caches its connections per app.
-    client = Celery(f"bench-{name}", broker=server.url, backend=server.url, set_as_current=False)
-    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    client = client_app(server.url, f"bench-{name}")
     worker = CeleryWorker(env, concurrency=4, log_path=logs / f"{name}.log").start()
     return server, model, worker, client
 

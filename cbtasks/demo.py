@@ -26,7 +26,7 @@ from typing import Any
 from celery import Celery
 
 from cbtasks import CircuitBreaker, RedisStore
-from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, RedisServerError
 from cbtasks.fallbacks import is_fallback
 
@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"Redis on 127.0.0.1:{redis_server.port}, model server at {model.url}, "
               f"a worker of {args.concurrency} processes (log: {logs / 'worker.log'})")  # fmt: skip
 
-        app = Celery("cbtasks-demo", broker=redis_server.url, backend=redis_server.url)
-        app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+        app = client_app(redis_server.url, "cbtasks-demo")
         app.send_task("workers.predict", (FEATURES[0],)).get(timeout=120)  # the worker is up
         model.faults(latency_ms=10)
         model.reset_stats()

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cbtasks import CircuitBreaker, RedisStore, State
-from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, free_port
 from cbtasks.metrics import serve_store_metrics
 from tests.conftest import wait_for
@@ -224,12 +224,7 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
 
 def test_worker_metrics_cover_the_whole_prefork_pool(fleet: dict[str, Any]) -> None:
     """Calls, rejections, deferrals and state, summed over the worker's processes."""
-    from celery import Celery
-
-    app = Celery(
-        "ops-client", broker=fleet["redis"].url, backend=fleet["redis"].url, set_as_current=False
-    )
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    app = client_app(fleet["redis"].url)
     breaker = CircuitBreaker("iris-model", store=fleet["store"])
     breaker.reset()
     fleet["model"].clear_faults()
@@ -262,20 +257,12 @@ def test_cbtasks_metrics_serves_fleet_state(fleet: dict[str, Any]) -> None:
 
 def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_path: Path) -> None:
     """A real Flower (basic auth): a deferred task reads CIRCUIT_OPEN, a fallback is marked."""
-    from celery import Celery
-
     from cbtasks._testing.processes import Flower
 
     flower = Flower(fleet["env"]).start(log_path=tmp_path / "flower.log")
     try:
         assert httpx.get(f"{flower.url}/api/tasks", timeout=10).status_code == 401
-        app = Celery(
-            "flower-client",
-            broker=fleet["redis"].url,
-            backend=fleet["redis"].url,
-            set_as_current=False,
-        )
-        app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+        app = client_app(fleet["redis"].url)
         breaker = CircuitBreaker("iris-model", store=fleet["store"])
         breaker.reset()
         breaker.force_open()
@@ -310,14 +297,9 @@ def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_pat
 
 def test_dashboard_queries_name_metrics_the_workers_export(fleet: dict[str, Any]) -> None:
     """Every metric the Grafana dashboard queries is in a live worker's /metrics."""
-    from celery import Celery
-
     from tests.test_deploy import dashboard_metric_names
 
-    app = Celery(
-        "dash-client", broker=fleet["redis"].url, backend=fleet["redis"].url, set_as_current=False
-    )
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    app = client_app(fleet["redis"].url)
     breaker = CircuitBreaker("iris-model", store=fleet["store"])
     breaker.reset()
     fleet["model"].faults(outage_seconds=2)  # the worker trips, defers, recovers

@@ -32,7 +32,7 @@ from cbtasks import (
     State,
     StateChange,
 )
-from cbtasks._testing.processes import CeleryWorker, ModelServer
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, free_port
 from cbtasks.clients import HTTPModelClient
 from tests.conftest import wait_for
@@ -46,12 +46,6 @@ FEATURES = [5.1, 3.5, 1.4, 0.2]
 def model() -> Iterator[ModelServer]:
     with ModelServer() as server:
         yield server
-
-
-def client_app(broker_url: str) -> Celery:
-    app = Celery("resilience", broker=broker_url, backend=broker_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
-    return app
 
 
 class TaskEvents:

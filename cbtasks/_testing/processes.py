@@ -11,10 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from celery import Celery
 
-from .redis_server import free_port
+from .redis_server import free_port, terminate
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def client_app(broker_url: str, name: str = "cbtasks-client") -> Celery:
+    """A Celery app of its own that sends tasks by name: JSON only, results in ``broker_url``."""
+    app = Celery(name, broker=broker_url, backend=broker_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    return app
 
 
 class ModelServer:
@@ -64,13 +72,8 @@ class ModelServer:
         self.admin.delete("/admin/stats").raise_for_status()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
 
     def __enter__(self) -> ModelServer:
@@ -174,11 +177,6 @@ class Flower:
         raise RuntimeError(f"flower did not answer on port {self.port} in {timeout}s")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
         self.process = None
