@@ -70,6 +70,7 @@ def fresh(stack: dict[str, Any]) -> dict[str, Any]:
 FEATURES = [5.1, 3.5, 1.4, 0.2]
 
 
+@pytest.mark.resilience
 def test_outage_loses_nothing_and_calls_nothing_twice(fresh: dict[str, Any]) -> None:
     """200 tasks, an outage in the middle: all succeed, the endpoint is spared meanwhile."""
     tasks, model = fresh["tasks"], fresh["model"]
@@ -321,6 +322,7 @@ def _rabbitmq_reachable() -> bool:
         return False
 
 
+@pytest.mark.resilience
 def test_outage_with_rabbitmq_as_broker(stack: dict[str, Any], tmp_path: Path) -> None:
     """The same task rides out an outage with RabbitMQ as its broker."""
     if not _rabbitmq_reachable():
