@@ -153,10 +153,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Exception as exc:
             guard.record_exception(probe, exc, _ms_since(start))
-            metrics().call(guard.name, guard.classify(exc).name.lower())
+            outcome = guard.classify(exc)
+            metrics().call(guard.name, outcome.name.lower())
             # An endpoint failure is handled as a rejection would be (deferred,
             # or answered by the fallback); with on_open="fail" it is raised.
-            if guard.classify(exc) is not Outcome.FAILURE or self._option("on_open") == "fail":
+            if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
                 raise
             # Only plain values leave this block (see above).
             retry_after = float(getattr(exc, "retry_after", None) or 0.0)
