@@ -25,7 +25,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m cbtasks.demo
+	$(BIN)/python -m cbtasks.ops.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

@@ -1,6 +1,7 @@
 """An outage storm: cbtasks (countdown and park) against plain Celery autoretry.
 
-    python -m bench.outage [--tasks 500] [--outage 20] [--latency-ms 20] [--backlog 10000]
+    python -m bench.outage [--tasks 500] [--rate 0] [--outage 20] [--open-seconds 2]
+                           [--latency-ms 20] [--backlog 10000] [--idle 30]
 
 Each variant gets its own Redis, the reference model server and a worker of
 4 processes. N tasks are sent; when a fifth are done the endpoint goes down
@@ -10,7 +11,9 @@ task done, Redis commands per task (INFO commandstats, which also counts
 what scripts run inside), peak worker memory, tasks lost and duplicate
 executions. With --backlog, a second table: that many requests parked (or
 held) during a forced-open circuit, the workers' memory growth, and whether
-each ran exactly once after recovery.
+each ran exactly once after recovery. With --rate, tasks are sent at that many
+a second instead of all at once. With --idle, a worker with a park-mode task
+idles that long and the Redis commands it sends are counted by kind.
 """
 
 from __future__ import annotations
@@ -86,20 +89,45 @@ class MemoryWatch:
         self._thread.join()
 
 
-def _stack(logs: Path, name: str) -> tuple[RedisServer, ModelServer, CeleryWorker, Any]:
+def _stack(
+    logs: Path, name: str, open_seconds: float = 2.0
+) -> tuple[RedisServer, ModelServer, CeleryWorker, Any]:
     server = RedisServer().start()
     model = ModelServer().start()
-    env = {"CBTASKS_REDIS_URL": server.url, "CBTASKS_MODEL_URL": model.url}
+    env = {
+        "CBTASKS_REDIS_URL": server.url,
+        "CBTASKS_MODEL_URL": model.url,
+        "CBTASKS_BENCH_OPEN_SECONDS": str(open_seconds),
+    }
     # A client app of its own per run: Celery caches its connections per app.
     client = client_app(server.url, f"bench-{name}")
-    worker = CeleryWorker(env, concurrency=4, log_path=logs / f"{name}.log").start()
+    worker = CeleryWorker(
+        env, concurrency=4, log_path=logs / f"{name}.log", app="bench.baselines"
+    ).start()
     return server, model, worker, client
 
 
+def _send(app: Any, task_name: str, tasks: int, rate: float) -> list[Any]:
+    """``tasks`` tasks, all at once (rate 0) or ``rate`` a second, from a thread."""
+    results: list[Any] = []
+    start = time.monotonic()
+    for i in range(tasks):
+        if rate:
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+        results.append(app.send_task(task_name, (FEATURES,)))
+    return results
+
+
 def outage_run(
-    task_name: str, tasks: int, outage: float, latency_ms: float, logs: Path
+    task_name: str,
+    tasks: int,
+    outage: float,
+    latency_ms: float,
+    logs: Path,
+    rate: float = 0.0,
+    open_seconds: float = 2.0,
 ) -> dict[str, Any]:
-    server, model, worker, app = _stack(logs, task_name)
+    server, model, worker, app = _stack(logs, task_name, open_seconds)
     try:
         client = redis.Redis.from_url(server.url)
         app.send_task(task_name, (FEATURES,)).get(timeout=60)  # the worker is up
@@ -108,15 +136,24 @@ def outage_run(
         client.config_resetstat()
         assert worker.process is not None
         memory = MemoryWatch(worker.process.pid).start()
-        results = [app.send_task(task_name, (FEATURES,)) for _ in range(tasks)]
-        while sum(r.ready() for r in results) < tasks // 5:
-            time.sleep(0.05)
+        results: list[Any] = []
+        sender = threading.Thread(
+            target=lambda: results.extend(_send(app, task_name, tasks, rate)), daemon=True
+        )
+        sender.start()
+        # With a rate, the outage starts a fifth of the way into the sending.
+        time.sleep(tasks / rate / 5 if rate else 0)
+        if not rate:
+            sender.join()
+            while sum(r.ready() for r in results) < tasks // 5:
+                time.sleep(0.05)
         model.phase("outage")
         model.faults(latency_ms=latency_ms, outage_seconds=outage)
         while model.stats()["down"]:
             time.sleep(0.05)
         recovered = time.monotonic()
         model.phase("recovery")
+        sender.join()
         lost = 0
         for result in results:
             try:
@@ -126,12 +163,18 @@ def outage_run(
         done = time.monotonic()
         memory.stop()
         stats = model.stats()
-        commands = sum(v["calls"] for v in client.info("commandstats").values())
+        commandstats = client.info("commandstats")
+        commands = sum(v["calls"] for v in commandstats.values())
         return {
             "endpoint calls in outage": stats["phases"].get("outage", {}).get("requests", 0),
             "peak concurrency after": stats["phases"].get("recovery", {}).get("peak_in_flight", 0),
             "recovery to last done (s)": round(done - recovered, 1),
             "Redis commands per task": round(commands / tasks, 1),
+            "of which scripts": round(
+                sum(v["calls"] for k, v in commandstats.items() if k.startswith("cmdstat_eval"))
+                / tasks,
+                1,
+            ),
             "worker peak RSS (MB)": round(memory.peak / 2**20),
             "lost": lost,
             "duplicates": stats["calls_after_success"],
@@ -177,9 +220,38 @@ def backlog_run(task_name: str, tasks: int, logs: Path) -> dict[str, Any]:
         server.stop()
 
 
+def idle_run(seconds: float, logs: Path) -> None:
+    """A worker with a park-mode task, idle: the Redis commands it sends, by kind."""
+    server, model, worker, app = _stack(logs, "idle")
+    try:
+        app.send_task("workers.predict_parked", (FEATURES,)).get(timeout=60)
+        time.sleep(2)  # the releaser has gone to sleep
+        client = redis.Redis.from_url(server.url)
+        client.config_resetstat()
+        time.sleep(seconds)
+        stats = client.info("commandstats")
+        rows = [("command", "calls", "per second")]
+        for key, value in sorted(stats.items()):
+            command = key.removeprefix("cmdstat_")
+            if command in ("config|resetstat", "info"):
+                continue
+            rows.append((command, str(value["calls"]), f"{value['calls'] / seconds:.2f}"))
+        print(f"\nan idle worker (4 processes, one park-mode task) for {seconds:g} s\n")
+        print(table(rows))
+    finally:
+        worker.stop()
+        model.stop()
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=0.0, help="tasks sent a second (0: at once)")
+    parser.add_argument("--open-seconds", type=float, default=2.0, help="the breaker's open period")
+    parser.add_argument(
+        "--idle", type=float, default=0.0, help="seconds of an idle worker (0: skip)"
+    )
     parser.add_argument("--outage", type=float, default=20.0, help="seconds")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="endpoint latency")
     parser.add_argument("--backlog", type=int, default=0, help="parked backlog size (0: skip)")
@@ -193,15 +265,27 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.repeat <= 20:
         parser.error(f"--repeat must be 1 to 20, got {args.repeat}")
     logs = Path(tempfile.mkdtemp(prefix="cbtasks-bench-"))
+    if args.idle:
+        idle_run(args.idle, logs)
+    sent = f"at {args.rate:g}/s" if args.rate else "at once"
     print(
-        f"{args.tasks} tasks, 4 worker processes, outage {args.outage:g} s, "
+        f"{args.tasks} tasks sent {sent}, 4 worker processes, outage {args.outage:g} s, "
+        f"open period {args.open_seconds:g} s, "
         f"medians of {args.repeat} runs (variants take turns); logs in {logs}\n"
     )
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in chosen}
     for _ in range(args.repeat):
         for variant in chosen:
             runs[variant].append(
-                outage_run(VARIANTS[variant], args.tasks, args.outage, args.latency_ms, logs)
+                outage_run(
+                    VARIANTS[variant],
+                    args.tasks,
+                    args.outage,
+                    args.latency_ms,
+                    logs,
+                    rate=args.rate,
+                    open_seconds=args.open_seconds,
+                )
             )
     baseline = "celery autoretry" if "celery autoretry" in runs else chosen[0]
     rows: list[tuple[str, ...]] = []

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import itertools
 import logging
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable
 from time import perf_counter
@@ -17,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 
 from ._errors import CircuitOpenError, PolicyError
 from ._machine import CLOSED, HALF_OPEN
-from ._policy import BreakerPolicy
+from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
 from .stores import MemoryStore, RedisStore
 from .stores._base import BreakerStatus, Reply, Store, validate_name
@@ -60,7 +58,7 @@ class CircuitBreaker:
         fallback: Callable[..., Any] | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
-        policy = _shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
+        policy = with_shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
         if name is None:
             if isinstance(store, RedisStore):
                 raise PolicyError(
@@ -304,23 +302,3 @@ class CircuitBreaker:
 
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
-
-
-def _shorthand(
-    policy: BreakerPolicy, fail_max: int | None, reset_timeout: float | None
-) -> BreakerPolicy:
-    """Apply the original API's ``fail_max``/``reset_timeout`` to a policy."""
-    if not isinstance(policy, BreakerPolicy):
-        raise PolicyError(f"policy must be a BreakerPolicy, got {policy!r}")
-    changes: dict[str, Any] = {}
-    if fail_max is not None:
-        changes["failure_threshold"] = fail_max
-    if reset_timeout is not None:
-        changes["open_seconds"] = reset_timeout
-        if isinstance(reset_timeout, int | float) and reset_timeout > policy.max_open_seconds:
-            changes["max_open_seconds"] = reset_timeout
-    try:
-        return dataclasses.replace(policy, **changes) if changes else policy
-    except PolicyError as exc:
-        message = re.sub(r"\bfailure_threshold\b", "fail_max", str(exc))
-        raise PolicyError(re.sub(r"\bopen_seconds\b", "reset_timeout", message)) from None

@@ -9,8 +9,9 @@ store calls them under its own lock (or inside one Lua script), and copying a
 100-call window on every call would cost more than the call being guarded.
 Tests copy a snapshot with :meth:`Snapshot.copy` when they need the old one.
 
-``stores/breaker.lua`` is the same machine in Lua, for Redis; the contract
-tests and the property tests hold the two to identical behaviour.
+``stores/lua/common.lua`` (with ``admit.lua``, ``record.lua`` and
+``control.lua``) is the same machine in Lua, for Redis; the contract tests
+and the property tests hold the two to identical behaviour.
 """
 
 from __future__ import annotations
@@ -102,7 +103,11 @@ def admit(snap: Snapshot, w: PolicyWire, now: int, probe_id: str) -> Admission:
         if len(probes) < w.half_open_probes:
             probes[probe_id] = now + w.lease_ms
             return Admission(True, probe_id, 0, tuple(transitions))
-        wait = min(min(probes.values()) - now, w.open_ms)
+        # Every slot taken: come back in about one probe's duration (as long
+        # as the oldest probe has run so far, at least 100 ms), not a whole period.
+        lease_end = min(probes.values())
+        running = now - (lease_end - w.lease_ms)
+        wait = min(max(running, 100), lease_end - now, w.open_ms)
         return Admission(disabled, None, wait, tuple(transitions))
     return Admission(True, None, 0, ())
 

@@ -6,9 +6,12 @@ invalid value raises :class:`PolicyError` naming the field and what it accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 from ._errors import CallerError, PolicyError
 
@@ -268,3 +271,23 @@ def _check_exceptions(name: str, value: object) -> None:
         isinstance(e, type) and issubclass(e, BaseException) for e in value
     ):
         raise PolicyError(f"{name} must be a tuple of exception classes, got {value!r}")
+
+
+def with_shorthand(
+    policy: BreakerPolicy, fail_max: int | None, reset_timeout: float | None
+) -> BreakerPolicy:
+    """Apply the original API's ``fail_max``/``reset_timeout`` to a policy."""
+    if not isinstance(policy, BreakerPolicy):
+        raise PolicyError(f"policy must be a BreakerPolicy, got {policy!r}")
+    changes: dict[str, Any] = {}
+    if fail_max is not None:
+        changes["failure_threshold"] = fail_max
+    if reset_timeout is not None:
+        changes["open_seconds"] = reset_timeout
+        if isinstance(reset_timeout, int | float) and reset_timeout > policy.max_open_seconds:
+            changes["max_open_seconds"] = reset_timeout
+    try:
+        return dataclasses.replace(policy, **changes) if changes else policy
+    except PolicyError as exc:
+        message = re.sub(r"\bfailure_threshold\b", "fail_max", str(exc))
+        raise PolicyError(re.sub(r"\bopen_seconds\b", "reset_timeout", message)) from None

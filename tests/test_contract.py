@@ -478,3 +478,25 @@ def test_status_reports_counts(name: str, store: Store, clock: FakeClock) -> Non
     assert status is not None
     assert (status.state, status.consecutive_failures, status.window_calls) == (State.CLOSED, 1, 4)
     assert status.window_failures == 3
+
+
+def test_rejected_while_probing_waits_about_one_probe(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """Every probe slot taken: come back in about the probe's running time, not a whole period."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=10, probe_lease_seconds=30)
+    fail(breaker)
+    clock.advance(10)
+    probe = breaker.admit()
+    assert probe is not None
+    waits = []
+    for step in (0.05, 0.45, 2.5):
+        clock.advance(step)
+        other = make(name, store, failure_threshold=1, open_seconds=10, probe_lease_seconds=30)
+        with pytest.raises(CircuitOpenError) as info:
+            other.admit()
+        waits.append(round(info.value.retry_after, 3))
+    # At least 100 ms, then as long as the probe has run so far: 0.5 s, then 3 s.
+    assert waits == [0.1, 0.5, 3.0]
+    breaker.record(probe, Outcome.SUCCESS)
+    assert breaker.state is State.CLOSED

@@ -10,7 +10,7 @@ import sys
 def test_demo_runs_an_outage_to_its_summary() -> None:
     """A short batch through Celery and HTTP: the breaker trips, recovers, nothing is lost."""
     result = subprocess.run(
-        [sys.executable, "-m", "cbtasks.demo", "--tasks", "120", "--outage", "3"],
+        [sys.executable, "-m", "cbtasks.ops.demo", "--tasks", "120", "--outage", "3"],
         capture_output=True,
         text=True,
         timeout=240,
@@ -30,7 +30,7 @@ def test_demo_runs_an_outage_to_its_summary() -> None:
 def test_demo_rejects_bad_arguments() -> None:
     """Bad CLI arguments get a clear message and exit code 2."""
     result = subprocess.run(
-        [sys.executable, "-m", "cbtasks.demo", "--outage", "500"],
+        [sys.executable, "-m", "cbtasks.ops.demo", "--outage", "500"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from cbtasks import CircuitBreaker, RedisStore, State
 from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, free_port
-from cbtasks.metrics import serve_store_metrics
+from cbtasks.ops.metrics import serve_store_metrics
 from tests.conftest import wait_for
 
 FEATURES = [5.1, 3.5, 1.4, 0.2]
@@ -53,7 +53,7 @@ def cli(
     *args: str, env: dict[str, str] | None = None, stdin: str = ""
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cbtasks.cli", *args],
+        [sys.executable, "-m", "cbtasks", *args],
         capture_output=True,
         text=True,
         input=stdin,

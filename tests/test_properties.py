@@ -50,7 +50,10 @@ class Reference:
             if len(self.probes) < self.p.half_open_probes:
                 self.probes[probe_id] = now + self.p.lease_ms
                 return True, True, 0
-            return self.disabled, False, min(min(self.probes.values()) - now, self.p.open_ms)
+            # Full: about one probe's duration so far (at least 100 ms), within the lease.
+            lease_end = min(self.probes.values())
+            running = now - (lease_end - self.p.lease_ms)
+            return self.disabled, False, min(max(running, 100), lease_end - now, self.p.open_ms)
         return True, False, 0
 
     def record(

@@ -21,6 +21,8 @@ from cbtasks.fallbacks import is_fallback
 from tests.conftest import wait_for
 
 CONCURRENCY = 4
+# The example app plus the tasks only these tests use.
+APP = "tests.worker_tasks"
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +36,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "CBTASKS_MODEL_GRPC_TARGET": model.grpc_target or "",
         }
         os.environ.update(env)
-        from workers import app as workers_app
+        from tests import worker_tasks as workers_app
 
         workers_app.app.conf.update(
             broker_url=redis_server.url,
             result_backend=redis_server.url,
             cbtasks_redis_url=redis_server.url,
         )
-        worker = CeleryWorker(env, concurrency=CONCURRENCY, log_path=logs / "worker.log").start()
+        worker = CeleryWorker(
+            env, concurrency=CONCURRENCY, log_path=logs / "worker.log", app=APP
+        ).start()
         store = RedisStore(redis_server.url)
         try:
             yield {
@@ -184,7 +188,7 @@ def test_killed_probe_gives_its_slot_back(stack: dict[str, Any], tmp_path: Path)
     breaker.reset()
     env = {**stack["env"], "CBTASKS_VISIBILITY_TIMEOUT": "5"}
     worker = CeleryWorker(
-        env, concurrency=1, queues="probes", name="probe", log_path=tmp_path / "w.log"
+        env, app=APP, concurrency=1, queues="probes", name="probe", log_path=tmp_path / "w.log"
     )
     worker.start()
     try:
@@ -199,7 +203,12 @@ def test_killed_probe_gives_its_slot_back(stack: dict[str, Any], tmp_path: Path)
         model.clear_faults()
         wait_for(lambda: breaker.status().probes_in_use == 0, 10, "the lease to run out")  # type: ignore[union-attr]
         worker = CeleryWorker(
-            env, concurrency=1, queues="probes", name="probe2", log_path=tmp_path / "w2.log"
+            env,
+            app=APP,
+            concurrency=1,
+            queues="probes",
+            name="probe2",
+            log_path=tmp_path / "w2.log",
         ).start()
         assert result.get(timeout=60)["label"] == "setosa"
         assert breaker.state is State.CLOSED
@@ -217,7 +226,7 @@ def test_short_visibility_timeout_causes_no_duplicates(
     stack["breaker"].reset()
     env = {**stack["env"], "CBTASKS_VISIBILITY_TIMEOUT": "2"}
     worker = CeleryWorker(
-        env, concurrency=2, queues="short", name="short", log_path=tmp_path / "w.log"
+        env, app=APP, concurrency=2, queues="short", name="short", log_path=tmp_path / "w.log"
     )
     worker.start()
     try:
@@ -276,7 +285,7 @@ def test_parked_requests_survive_restarts_and_run_once(
     lot = ParkingLot(breaker.store.client, "cbtasks", "iris-model")
     env = stack["env"]
     first = CeleryWorker(
-        env, concurrency=2, queues="parking", name="p1", log_path=tmp_path / "1.log"
+        env, app=APP, concurrency=2, queues="parking", name="p1", log_path=tmp_path / "1.log"
     )
     first.start()
     try:
@@ -290,7 +299,12 @@ def test_parked_requests_survive_restarts_and_run_once(
     breaker.force_close()
     workers = [
         CeleryWorker(
-            env, concurrency=2, queues="parking", name=f"r{i}", log_path=tmp_path / f"r{i}.log"
+            env,
+            app=APP,
+            concurrency=2,
+            queues="parking",
+            name=f"r{i}",
+            log_path=tmp_path / f"r{i}.log",
         )
         for i in range(2)
     ]
@@ -340,7 +354,7 @@ def test_outage_with_rabbitmq_as_broker(stack: dict[str, Any], tmp_path: Path) -
     )
     client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
     worker = CeleryWorker(
-        env, concurrency=2, queues=queue, name="rabbit", log_path=tmp_path / "w.log"
+        env, app=APP, concurrency=2, queues=queue, name="rabbit", log_path=tmp_path / "w.log"
     )
     worker.start()
     try:

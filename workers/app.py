@@ -11,14 +11,13 @@ CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_METRICS_PORT
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from typing import Any
 
 from celery import Celery, signals
 
-from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask, EndpointFailure
+from cbtasks import BreakerPolicy, CallerError, CircuitBreakerTask
 from cbtasks.clients import http_client
 from cbtasks.clients.grpc import grpc_client
 from cbtasks.fallbacks import DefaultPrediction
@@ -74,7 +73,7 @@ def _serve_metrics(**_: Any) -> None:
     """The worker's main process serves every pool process's metrics on CBTASKS_METRICS_PORT."""
     if config.metrics_port:
         from cbtasks import RedisStore
-        from cbtasks.metrics import serve_worker_metrics
+        from cbtasks.ops.metrics import serve_worker_metrics
 
         serve_worker_metrics(RedisStore(config.redis_url), config.metrics_port)
 
@@ -126,64 +125,6 @@ def predict_or_default(self: CircuitBreakerTask, features: Any) -> dict[str, Any
 
 
 @app.task(
-    base=CircuitBreakerTask,
-    bind=True,
-    breaker="iris-model",
-    max_deferrals=2,
-    defer_jitter=0.1,
-    name="workers.predict_impatient",
-)
-def predict_impatient(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
-    """Deferred at most twice, then fails visibly with CircuitOpenError."""
-    return call_model(self, features)
-
-
-@app.task(
-    base=CircuitBreakerTask,
-    bind=True,
-    breaker="iris-model",
-    max_retries=3,
-    default_retry_delay=0.1,
-    name="workers.retry_twice",
-)
-def retry_twice(self: CircuitBreakerTask) -> dict[str, Any]:
-    """Asks for two retries of its own; reports the retry and deferral counts it saw."""
-    if self.request.retries < 2:
-        raise self.retry()
-    return {
-        "retries": self.request.retries,
-        "deferrals": getattr(self.request, "cbtasks_deferrals", None) or 0,
-    }
-
-
-@app.task(
-    base=CircuitBreakerTask,
-    bind=True,
-    breaker="slow-probe-model",
-    breaker_policy=BreakerPolicy(failure_threshold=1, open_seconds=0.5, probe_lease_seconds=2.0),
-    name="workers.predict_short_lease",
-)
-def predict_short_lease(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
-    """A breaker whose probes hold their slot for 2 s at most (the probe-lease test)."""
-    return call_model(self, features)
-
-
-@app.task(
-    bind=True,
-    autoretry_for=(EndpointFailure,),
-    retry_backoff=0.5,
-    retry_backoff_max=10,
-    retry_jitter=True,
-    max_retries=None,
-    name="workers.predict_autoretry",
-)
-def predict_autoretry(self: Any, features: Any) -> dict[str, Any]:
-    """The baseline the benchmarks compare against: plain Celery autoretry, no breaker."""
-    payload = {"features": validate_features(features)}
-    return http_client(config.model_url).predict(payload, request_id=self.request.id)
-
-
-@app.task(
     base=CircuitBreakerTask, bind=True, breaker="iris-model-grpc", name="workers.predict_grpc"
 )
 def predict_grpc(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
@@ -192,7 +133,3 @@ def predict_grpc(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
         raise CallerError("set CBTASKS_MODEL_GRPC_TARGET (host:port) to call the model over gRPC")
     payload = {"features": validate_features(features)}
     return grpc_client(config.model_grpc_target).predict(payload, request_id=self.request.id)
-
-
-with contextlib.suppress(ImportError):  # the comparison baselines, with the bench extra
-    import workers.baselines  # noqa: F401

@@ -85,7 +85,11 @@ class ModelServer:
 
 
 class CeleryWorker:
-    """``celery -A workers.app worker`` as its own process group (prefork children included)."""
+    """``celery -A <app> worker`` as its own process group (prefork children included).
+
+    ``app`` is the module holding the Celery app: ``workers.app`` (the example
+    app), ``tests.worker_tasks`` or ``bench.baselines``.
+    """
 
     def __init__(
         self,
@@ -95,8 +99,10 @@ class CeleryWorker:
         queues: str = "celery",
         name: str = "w1",
         log_path: Path | None = None,
+        app: str = "workers.app",
     ) -> None:
         self.env = {**os.environ, **env}
+        self.app = app
         self.concurrency = concurrency
         self.queues = queues
         self.name = name
@@ -107,7 +113,7 @@ class CeleryWorker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+                sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-l", "warning", "-c", str(self.concurrency), "-Q", self.queues,
                 "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
                 "--without-heartbeat",

@@ -2,6 +2,7 @@
 
 from ._base import BreakerStatus, Store
 from ._memory import MemoryStore
-from ._redis import OnError, RedisStore
+from ._outage import OnError
+from ._redis import RedisStore
 
 __all__ = ["BreakerStatus", "MemoryStore", "OnError", "RedisStore", "Store"]

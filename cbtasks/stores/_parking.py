@@ -2,23 +2,32 @@
 
 One sorted set per breaker, scored by when each request was parked, so
 release is oldest first; the messages themselves in a hash beside it. All
-keys share the breaker's hash tag. Release is one script: it hands each
-request to exactly one releaser, only while the circuit is closed, at a
-bounded rate, under a lease so a releaser that dies loses nothing.
+keys share the breaker's hash tag. Release is one script (``release.lua``):
+it hands each request to exactly one releaser at the pace the breaker
+allows (none while open, one per probe interval while it may probe, a slow
+start once closed), under a lease so a releaser that dies loses nothing.
 """
 
 from __future__ import annotations
 
 import json
-from importlib import resources
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import redis
 
-__all__ = ["ParkingLot"]
+from ._scripts import CLOCK, lua
 
-_LUA = resources.files("cbtasks.stores") / "lua"
-_CLOCK = (_LUA / "clock.lua").read_text()
+__all__ = ["ParkingLot", "Released"]
+
+
+class Released(NamedTuple):
+    """What one release step handed out, and how long until the next may hand out more."""
+
+    #: (request id, message) pairs to re-publish, then :meth:`ParkingLot.ack`.
+    requests: list[tuple[str, dict[str, Any]]]
+    #: Seconds until more may go (0: now), or None: not until news (or a re-check).
+    wait: float | None
 
 
 class ParkingLot:
@@ -27,35 +36,50 @@ class ParkingLot:
     def __init__(self, client: redis.Redis, prefix: str, breaker: str) -> None:
         base = f"{prefix}:{{{breaker}}}"
         self.client = client
+        self.prefix = prefix
         self.breaker = breaker
         self._parked, self._data = f"{base}:parked", f"{base}:parked:data"
-        self._releasing, self._bucket = f"{base}:releasing", f"{base}:release-rate"
+        self._releasing, self._ramp = f"{base}:releasing", f"{base}:release-ramp"
         self._state = f"{base}:s"
-        self._park = client.register_script(_CLOCK + (_LUA / "park.lua").read_text())
-        self._release = client.register_script(_CLOCK + (_LUA / "release.lua").read_text())
-        self._ack = client.register_script((_LUA / "ack.lua").read_text())
+        self._wake_channel = f"{prefix}:parked"
+        self._park = client.register_script(CLOCK + lua("park"))
+        self._release = client.register_script(CLOCK + lua("release"))
+        self._ack = client.register_script(lua("ack"))
 
-    def park(self, request_id: str, message: dict[str, Any]) -> int:
+    def park(self, request_id: str, message: dict[str, Any], now: float | None = None) -> int:
         """Keep ``message`` until the circuit closes; returns how many are parked."""
         keys = [self._parked, self._data]
-        return int(self._park(keys=keys, args=[request_id, json.dumps(message), ""]))
+        args = [request_id, json.dumps(message), _ms(now), self._wake_channel, self.breaker]
+        return int(self._park(keys=keys, args=args))
 
     def release(
-        self, rate: float, burst: int, lease_seconds: float, probe_interval: float = 1.0
-    ) -> list[tuple[str, dict[str, Any]]]:
-        """Requests to re-publish now: up to ``rate`` a second while the circuit is closed,
-        one every ``probe_interval`` seconds while it may probe, none while it is open."""
-        keys = [self._parked, self._data, self._releasing, self._state, self._bucket]
-        args: list[float | str] = [
-            rate,
-            burst,
+        self,
+        rate: float,
+        max_rate: float = math.inf,
+        lease_seconds: float = 30.0,
+        probe_interval: float = 1.0,
+        most: int = 100,
+        now: float | None = None,
+    ) -> Released:
+        """Hand out what may go now: see the module's docstring for the pace.
+
+        ``rate`` is where the slow start begins (per second), ``max_rate`` where
+        it stops growing; ``now`` (seconds) replaces Redis's clock in tests.
+        """
+        keys = [self._parked, self._data, self._releasing, self._state, self._ramp]
+        cap = 0 if math.isinf(max_rate) else max_rate
+        args: list[str | int] = [
+            repr(float(rate)),
+            repr(float(cap)),
             int(lease_seconds * 1000),
-            "",
+            _ms(now),
             int(probe_interval * 1000),
+            most,
         ]
         raw = self._release(keys=keys, args=args)
+        wait_ms = int(raw[0])
         out = []
-        for i in range(0, len(raw), 2):
+        for i in range(1, len(raw), 2):
             request_id = raw[i].decode()
             try:
                 out.append((request_id, json.loads(raw[i + 1])))
@@ -63,7 +87,7 @@ class ParkingLot:
                 # Unreadable: keep it visible for an operator rather than drop it.
                 self.client.hset(f"{self._data}:unreadable", request_id, raw[i + 1])
                 self.ack([request_id])
-        return out
+        return Released(out, None if wait_ms < 0 else wait_ms / 1000)
 
     def ack(self, request_ids: list[str]) -> None:
         """These were re-published: forget them."""
@@ -77,3 +101,7 @@ class ParkingLot:
         pipe.zcard(self._releasing)
         parked, releasing = pipe.execute()
         return int(parked) + int(releasing)
+
+
+def _ms(now: float | None) -> str:
+    return "" if now is None else str(int(now * 1000))

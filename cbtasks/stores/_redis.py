@@ -10,61 +10,29 @@ in a background thread and updates its local views within milliseconds.
 
 from __future__ import annotations
 
-import enum
 import logging
-import os
 import random
-import threading
 import time
 from collections.abc import Callable
-from importlib import resources
 from typing import Any
 
 import redis
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError
-from redis.retry import Retry
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._machine import CLOSED, HALF_OPEN, OPEN, Transition
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, LocalView, Reply, validate_name
+from ._connection import describe_client, make_client
 from ._memory import MemoryStore
+from ._news import REDIS_DOWN, ProcessNews
+from ._outage import OnError, Outage
+from ._scripts import MACHINE_SCRIPTS
 
-__all__ = ["OnError", "RedisStore"]
+__all__ = ["RedisStore"]
 
 log = logging.getLogger("cbtasks.redis")
-
-# Errors that mean "Redis cannot be reached now", as opposed to a bug.
-_OUTAGE_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
-
-
-class OnError(enum.StrEnum):
-    """What breakers do while Redis cannot be reached."""
-
-    #: Each process keeps its own in-memory breaker until Redis returns.
-    LOCAL = "local"
-    #: Admit every call (fail open).
-    ADMIT = "admit"
-    #: Reject every call with CircuitOpenError (fail closed).
-    REJECT = "reject"
-
-
-def _load_scripts() -> dict[str, str]:
-    lua = resources.files("cbtasks.stores") / "lua"
-    clock = (lua / "clock.lua").read_text()
-    machine = clock + (lua / "common.lua").read_text()
-    scripts = {
-        op: machine + "\n" + (lua / f"{op}.lua").read_text()
-        for op in ("admit", "record", "control", "status")
-    }
-    # The healthy path's script does without the machine: only the clock.
-    scripts["success"] = clock + (lua / "success.lua").read_text()
-    return scripts
-
-
-_SCRIPTS = _load_scripts()
 
 
 class RedisStore:
@@ -104,7 +72,7 @@ class RedisStore:
                 f"retry_interval must be a number of seconds above 0 and at most 3600, "
                 f"got {retry_interval!r}"
             )
-        self.client = _client(url_or_client, timeout)
+        self.client = make_client(url_or_client, timeout)
         self.prefix = prefix
         self.timeout = timeout
         self.retry_interval = retry_interval
@@ -114,15 +82,11 @@ class RedisStore:
         self.local_clock: Callable[[], float] = clock or time.monotonic
         self._shas: dict[str, str] = {}
         self._fixed: dict[str, tuple[bytes, ...]] = {}
-        self._views: dict[str, LocalView] = {}
-        self._views_lock = threading.Lock()
         self._local = MemoryStore()
-        self._outage_started: float | None = None
-        self._retry_at = 0.0
-        self._listener: _NewsListener | None = None
-        self._pid = os.getpid()
-        #: Redis calls that failed, and calls decided by ``on_error`` meanwhile.
-        self.error_count = 0
+        self.outage = Outage(self.on_error, retry_interval)
+        #: This process's views of the breakers, kept current by the news.
+        self.news = ProcessNews(self.client, prefix, self.local_clock, self._outage, retry_interval)
+        #: Calls decided by ``on_error`` while Redis was unreachable.
         self.fallback_decisions = 0
         #: Called with the exception each time a Redis call fails (metrics hook).
         self.on_store_error: Callable[[BaseException], None] | None = None
@@ -136,12 +100,7 @@ class RedisStore:
     # -- the Store interface -------------------------------------------------
 
     def view(self, name: str) -> LocalView:
-        self._ensure_listener()
-        with self._views_lock:
-            view = self._views.get(name)
-            if view is None:
-                view = self._views[name] = LocalView()
-            return view
+        return self.news.view(name)
 
     def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
         raw = self._run("admit", name, policy, probe_id)
@@ -220,7 +179,7 @@ class RedisStore:
                 key.decode()[start:-3]
                 for key in self.client.scan_iter(match=f"{self.prefix}:{{*}}:s", count=500)
             }
-        except _OUTAGE_ERRORS as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailableError(self._unreachable(exc)) from exc
         return sorted(found)
 
@@ -230,7 +189,7 @@ class RedisStore:
         """Raise StoreUnavailableError, saying what to check, if Redis is unreachable."""
         try:
             self.client.ping()
-        except _OUTAGE_ERRORS as exc:
+        except REDIS_DOWN as exc:
             raise StoreUnavailableError(self._unreachable(exc)) from exc
         except redis.RedisError as exc:
             raise StoreError(
@@ -240,13 +199,11 @@ class RedisStore:
     @property
     def available(self) -> bool:
         """False while Redis is thought unreachable (an outage is in progress)."""
-        return self._outage_started is None
+        return self.outage.started is None
 
     def close(self) -> None:
         """Stop the news listener and close the connections."""
-        if self._listener is not None:
-            self._listener.stop()
-            self._listener = None
+        self.news.stop()
         self.client.close()
 
     # -- internals -------------------------------------------------------------
@@ -260,7 +217,7 @@ class RedisStore:
 
     def _evalsha(self, op: str, name: str, argv: tuple[Any, ...], strict: bool = False) -> Any:
         """One script call; None while Redis is unreachable (unless ``strict``)."""
-        if self._outage_started is not None and not strict and time.monotonic() < self._retry_at:
+        if not strict and self.outage.skip_redis():
             self.fallback_decisions += 1
             return None
         try:
@@ -273,7 +230,7 @@ class RedisStore:
                 reply = self.client.execute_command(  # type: ignore[no-untyped-call]
                     "EVALSHA", self._sha(op), *argv
                 )
-        except _OUTAGE_ERRORS as exc:
+        except REDIS_DOWN as exc:
             self._outage(exc)
             if strict:
                 raise StoreUnavailableError(self._unreachable(exc)) from exc
@@ -281,8 +238,10 @@ class RedisStore:
             return None
         except redis.RedisError as exc:
             raise StoreError(f"breaker {name!r}: Redis {op} script failed: {exc}") from exc
-        if self._outage_started is not None:
-            self._recovered()
+        if self.outage.started is not None:
+            self.outage.ended(describe_client(self.client))
+            self._local = MemoryStore()  # the shared state is the truth again
+            self._forget_views()
         return reply
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
@@ -303,7 +262,7 @@ class RedisStore:
     def _sha(self, op: str) -> str:
         sha = self._shas.get(op)
         if sha is None:
-            sha = self._shas[op] = self.client.script_load(_SCRIPTS[op])
+            sha = self._shas[op] = self.client.script_load(MACHINE_SCRIPTS[op])
         return sha
 
     def _reply(
@@ -332,32 +291,15 @@ class RedisStore:
         return _uncacheable(Reply(admitted, None, retry_ms, 0, 0, 0, 0, 0, ()))
 
     def _outage(self, exc: BaseException) -> None:
-        self.error_count += 1
-        self._retry_at = time.monotonic() + self.retry_interval
         if self.on_store_error is not None:
             self.on_store_error(exc)
-        if self._outage_started is None:
-            self._outage_started = time.monotonic()
-            # Cached "closed" views would skip on_error: every call must ask now.
-            self._forget_views()
-            log.warning(
-                "%s; breakers now %s until it returns (on_error=%r)",
-                self._unreachable(exc),
-                _ON_ERROR_MEANING[self.on_error],
-                self.on_error.value,
-            )
+        # Cached "closed" views would skip on_error: every call must ask now.
+        self.outage.failed(self._unreachable(exc), self._forget_views)
 
-    def _recovered(self) -> None:
-        assert self._outage_started is not None
-        seconds = time.monotonic() - self._outage_started
-        self._outage_started = None
-        self._local = MemoryStore()  # the shared state is the truth again
-        self._forget_views()
-        log.warning(
-            "Redis at %s is reachable again after %.1fs; breakers use the shared state",
-            describe_client(self.client),
-            seconds,
-        )
+    @property
+    def error_count(self) -> int:
+        """Redis calls that failed."""
+        return self.outage.error_count
 
     def _unreachable(self, exc: BaseException) -> str:
         return (
@@ -366,134 +308,12 @@ class RedisStore:
         )
 
     def _forget_views(self) -> None:
-        with self._views_lock:
-            for view in self._views.values():
-                view.forget()
+        self.news.forget_views()
 
-    def _on_news(self, name: str, version: int, state: int, remaining: int, mode: int) -> None:
-        view = self._views.get(name)
-        if view is not None:
-            view.apply(state, remaining, mode, version, self.local_clock())
-
-    def _ensure_listener(self) -> None:
-        if self._pid != os.getpid():
-            # A forked child (Celery prefork): the parent's thread did not come along.
-            self._pid = os.getpid()
-            self._listener = None
-            self._forget_views()
-        if self._listener is None:
-            self._listener = _NewsListener(self)
-            self._listener.start()
-
-
-_ON_ERROR_MEANING = {
-    OnError.LOCAL: "keep a local breaker in each process",
-    OnError.ADMIT: "admit every call",
-    OnError.REJECT: "reject every call",
-}
+    def add_news_hook(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park."""
+        self.news.add_hook(hook)
 
 
 def _uncacheable(reply: Reply) -> Reply:
     return reply._replace(cacheable=False)
-
-
-class _NewsListener:
-    """A daemon thread that applies published state changes to local views."""
-
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"cbtasks-news-{store.prefix}", daemon=True
-        )
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(2.0)  # it wakes at least every 0.5 s
-
-    def _run(self) -> None:
-        store = self._store
-        while not self._stopped.is_set():
-            pubsub = store.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
-            try:
-                pubsub.subscribe(store.channel)
-                # News sent while we were not listening is lost: ask afresh.
-                store._forget_views()
-                while not self._stopped.is_set():
-                    try:
-                        message = pubsub.get_message(timeout=0.5)
-                    except redis.TimeoutError:
-                        continue
-                    if message is not None and message["type"] == "message":
-                        _apply_news(store, message["data"])
-            except _OUTAGE_ERRORS as exc:
-                # Often the first sign of an outage: calls stop trusting cached views.
-                if not self._stopped.is_set():
-                    store._outage(exc)
-                self._stopped.wait(store.retry_interval)
-            except Exception:
-                log.exception("breaker news listener failed; reconnecting")
-                self._stopped.wait(store.retry_interval)
-            finally:
-                try:
-                    pubsub.close()
-                except Exception:
-                    log.debug("closing the news subscription failed", exc_info=True)
-
-
-def _apply_news(store: RedisStore, data: bytes) -> None:
-    try:
-        name, version, state, remaining, mode = data.decode().split("\n")
-        store._on_news(name, int(version), int(state), int(remaining), int(mode))
-    except ValueError:
-        log.warning("ignoring malformed breaker news on %s: %r", store.channel, data[:200])
-
-
-def _client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis:
-    if isinstance(url_or_client, redis.Redis):
-        return url_or_client
-    if not isinstance(url_or_client, str):
-        raise PolicyError(
-            "RedisStore needs a Redis URL or a redis.Redis client, "
-            f"got {type(url_or_client).__name__}"
-        )
-    try:
-        return redis.Redis.from_url(
-            url_or_client,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # One try per call: on_error decides, rather than 10 retries stalling it.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
-    except (ValueError, TypeError) as exc:
-        raise PolicyError(
-            f"malformed Redis URL {redact_url(url_or_client)!r}: {exc}. "
-            "Use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
-        ) from None
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0] if ":" in credentials else ""
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
-
-
-def describe_client(client: redis.Redis) -> str:
-    """Where a client connects, never with its password."""
-    kwargs = client.connection_pool.connection_kwargs
-    if "path" in kwargs:
-        return f"unix://{kwargs['path']}"
-    scheme = (
-        "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
-    )
-    host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
-    return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"

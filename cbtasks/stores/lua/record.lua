@@ -27,6 +27,9 @@ local function record()
   local failed = outcome == 1
   if failed then
     set('cf', S.cf + 1)
+    -- Every failure in a closed circuit, ever: the parking lot's release
+    -- ramp halves on each (release.lua). Not part of the machine's state.
+    redis.call('HINCRBY', H, 'ft', 1)
     if W.honor_retry_after == 1 and retry_after_ms > 0 then
       return trip(string.format('endpoint asked to retry after %d ms', retry_after_ms), retry_after_ms)
     end

@@ -1,43 +1,81 @@
 -- Hand out parked requests to re-publish, oldest first, each to exactly one
--- caller: at most `rate` per second (a token bucket) while the circuit is
--- closed, one per probe interval while it may probe, none while it is open. A handed-out request sits in KEYS[3] under a lease until
--- ack.lua removes it; a lease that runs out (the releaser died) puts it back.
+-- caller, at the pace the breaker allows:
+--  * open, before its probe window: none;
+--  * may probe (open period over, or half-open): one per probe interval, so
+--    that parked traffic itself can probe the endpoint (with every request
+--    parked, nothing else would, and nothing would close the circuit);
+--  * closed: slow start. The rate starts at the base rate when the circuit
+--    closes and doubles every second while it stays closed, up to the cap; a
+--    failure recorded meanwhile halves it (the breaker's 'ft' counts them), a
+--    trip stops it, and the next close starts again from the base rate.
+-- A handed-out request sits in KEYS[3] under a lease until ack.lua removes
+-- it; a lease that runs out (the releaser died) puts it back in front.
+-- Nothing is written when there is nothing to hand out.
 -- KEYS[1] parked zset, KEYS[2] data hash, KEYS[3] releasing zset,
--- KEYS[4] the breaker's state hash, KEYS[5] the bucket hash.
--- ARGV[1] rate per second, ARGV[2] burst, ARGV[3] lease ms, ARGV[4] now or '',
--- ARGV[5] ms between requests released to probe.
--- Returns {id1, json1, id2, json2, ...}.
+-- KEYS[4] the breaker's state hash, KEYS[5] the ramp hash.
+-- ARGV[1] base rate per second, ARGV[2] the cap (0: none), ARGV[3] lease ms,
+-- ARGV[4] now in ms or '', ARGV[5] ms between probe releases, ARGV[6] most
+-- to hand out at once.
+-- Returns {wait_ms, id1, json1, id2, json2, ...}: wait_ms is 0 when it
+-- handed some out, -1 when only news can change the answer (nothing parked,
+-- forced open), else the ms until it may hand out more.
 local now = now_ms(ARGV[4])
-local rate, burst, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local base, cap, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local probe_every, most = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZREM', KEYS[3], id)
   redis.call('ZADD', KEYS[1], 0, id)  -- back to the front of the line
 end
 
-local breaker = redis.call('HMGET', KEYS[4], 'st', 'md', 'ou')
-local state, mode = tonumber(breaker[1]) or 0, tonumber(breaker[2]) or 0
-if mode == 1 then return {} end  -- forced open: wait for an operator
+local parked = redis.call('ZCARD', KEYS[1])
+if parked == 0 then return {-1} end
+local b = redis.call('HMGET', KEYS[4], 'st', 'md', 'ou', 'vn', 'ft')
+local state, mode = tonumber(b[1]) or 0, tonumber(b[2]) or 0
+if mode == 1 then return {-1} end  -- forced open: an operator's close is news
 local n
 if state ~= 0 then
-  -- Open: nothing until the probe window. Then one request at a time, every
-  -- probe_interval ms, so that parked traffic itself can probe the endpoint
-  -- (with every request parked, nothing else would, and nothing would close it).
-  if state == 1 and now < (tonumber(breaker[3]) or 0) then return {} end
+  local open_until = tonumber(b[3]) or 0
+  if state == 1 and now < open_until then return {open_until - now} end
   local last = tonumber(redis.call('HGET', KEYS[5], 'probe_ts')) or 0
-  if now - last < tonumber(ARGV[5]) then return {} end
+  if now - last < probe_every then return {probe_every - (now - last)} end
   redis.call('HSET', KEYS[5], 'probe_ts', now)
-  n = math.min(1, redis.call('ZCARD', KEYS[1]))
+  n = 1
 else
-  local bucket = redis.call('HMGET', KEYS[5], 'tokens', 'ts')
-  local tokens, ts = tonumber(bucket[1]) or burst, tonumber(bucket[2]) or now
-  tokens = math.min(burst, tokens + math.max(0, now - ts) * rate / 1000)
-  n = math.min(math.floor(tokens), redis.call('ZCARD', KEYS[1]))
-  redis.call('HSET', KEYS[5], 'tokens', tostring(tokens - math.max(n, 0)), 'ts', now)
+  local version, failures = tonumber(b[4]) or 0, tonumber(b[5]) or 0
+  local r = redis.call('HMGET', KEYS[5], 'vn', 'rate', 'ts', 'tokens', 'ft')
+  local rate, tokens, seen
+  if tonumber(r[1]) ~= version then
+    -- A new closed period: one second's worth at the base rate to start.
+    rate, tokens, seen = base, base, failures
+  else
+    local ts = tonumber(r[3])
+    rate, tokens, seen = tonumber(r[2]), tonumber(r[4]), tonumber(r[5])
+    local elapsed = math.max(0, now - ts) / 1000
+    local grown = rate * 2 ^ elapsed
+    if cap > 0 then grown = math.min(grown, cap) end
+    -- Tokens accrue at the mean of the rate over the interval.
+    tokens = tokens + elapsed * (rate + grown) / 2
+    rate = grown
+    if failures > seen then
+      rate = math.max(base, rate / 2 ^ math.min(failures - seen, 30))
+    end
+    seen = failures
+  end
+  if cap > 0 then rate = math.min(rate, cap) end
+  tokens = math.min(tokens, math.max(rate, 1))  -- at most one second's worth banked
+  n = math.min(math.floor(tokens), parked, most)
+  if n < 1 then
+    if tonumber(r[1]) ~= version or tonumber(r[5]) ~= seen then
+      redis.call('HSET', KEYS[5], 'vn', version, 'rate', rate, 'ts', now, 'tokens', tokens, 'ft', seen)
+    end
+    return {math.ceil((1 - tokens) * 1000 / rate)}
+  end
+  redis.call('HSET', KEYS[5], 'vn', version, 'rate', rate, 'ts', now,
+    'tokens', tokens - n, 'ft', seen)
 end
-if n <= 0 then return {} end
 
-local reply = {}
+local reply = {0}
 local popped = redis.call('ZPOPMIN', KEYS[1], n)
 for i = 1, #popped, 2 do
   local id = popped[i]

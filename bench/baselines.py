@@ -1,7 +1,9 @@
 """What users pick instead of cbtasks today, for the benchmarks to compare against.
 
-pybreaker is a bench-only dependency (``pip install '.[bench]'``): without it
-these tasks are simply not registered.
+    celery -A bench.baselines worker
+
+The example app's tasks plus plain Celery autoretry and pybreaker (a
+bench-only dependency, ``pip install '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ from typing import Any
 import pybreaker
 import redis
 
-from cbtasks import EndpointFailure
+from cbtasks import BreakerPolicy, EndpointFailure
 from cbtasks.clients import http_client
 from workers.app import app, config, validate_features
+
+__all__ = ["app"]
+
+if os.environ.get("CBTASKS_BENCH_OPEN_SECONDS"):
+    # The bench's scenarios choose the open period (the example app's is 2 s).
+    app.conf.cbtasks_policy = BreakerPolicy(
+        failure_threshold=5,
+        open_seconds=float(os.environ["CBTASKS_BENCH_OPEN_SECONDS"]),
+        half_open_probes=2,
+    )
 
 _breakers: dict[tuple[int, str], pybreaker.CircuitBreaker] = {}
 
@@ -30,7 +42,7 @@ def _breaker(kind: str) -> pybreaker.CircuitBreaker:
             )
         _breakers[key] = pybreaker.CircuitBreaker(
             fail_max=5,
-            reset_timeout=2,
+            reset_timeout=float(os.environ.get("CBTASKS_BENCH_OPEN_SECONDS", "2")),
             state_storage=storage,
             exclude=[lambda e: not isinstance(e, EndpointFailure)],
         )
@@ -63,3 +75,18 @@ def predict_pybreaker_redis(self: Any, features: Any) -> dict[str, Any]:
 def predict_pybreaker_memory(self: Any, features: Any) -> dict[str, Any]:
     """pybreaker in each process's memory, retried with backoff when open or failing."""
     return _predict("memory", self, features)
+
+
+@app.task(
+    bind=True,
+    autoretry_for=(EndpointFailure,),
+    retry_backoff=0.5,
+    retry_backoff_max=10,
+    retry_jitter=True,
+    max_retries=None,
+    name="workers.predict_autoretry",
+)
+def predict_autoretry(self: Any, features: Any) -> dict[str, Any]:
+    """The baseline the benchmarks compare against: plain Celery autoretry, no breaker."""
+    payload = {"features": validate_features(features)}
+    return http_client(config.model_url).predict(payload, request_id=self.request.id)

@@ -5,7 +5,7 @@
     cbtasks watch [--interval S]    a live view
     cbtasks batch INPUT.jsonl --task MODULE.TASK --out OUTPUT.jsonl
     cbtasks metrics [--port N]              Prometheus metrics of the breakers in Redis
-    cbtasks demo                            the demo (see ``python -m cbtasks.demo``)
+    cbtasks demo                            the demo (see ``python -m cbtasks.ops.demo``)
 
 Every verb that talks to Redis takes ``--redis-url``, by default the
 ``CBTASKS_REDIS_URL`` environment variable. Exit codes: 0 done, 1 failed
@@ -22,10 +22,10 @@ import sys
 import time
 from typing import Any
 
-from ._errors import PolicyError, StoreError, StoreUnavailableError
-from ._policy import BreakerPolicy
-from .stores import BreakerStatus, RedisStore
-from .stores._parking import ParkingLot
+from .._errors import PolicyError, StoreError, StoreUnavailableError
+from .._policy import BreakerPolicy
+from ..stores import BreakerStatus, RedisStore
+from ..stores._parking import ParkingLot
 
 COMMANDS = {
     "open": "force_open",
@@ -238,7 +238,7 @@ def parser() -> argparse.ArgumentParser:
     metrics.set_defaults(run=cmd_metrics)
     demo = verbs.add_parser("demo", help="the demo: a batch through an outage")
     demo.add_argument(
-        "demo_args", nargs=argparse.REMAINDER, help="options for python -m cbtasks.demo"
+        "demo_args", nargs=argparse.REMAINDER, help="options for python -m cbtasks.ops.demo"
     )
     demo.set_defaults(run=cmd_demo)
     return top

@@ -20,10 +20,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ._policy import BreakerPolicy
-from ._state import StateChange
-from .stores import RedisStore
-from .stores._parking import ParkingLot
+from .._policy import BreakerPolicy
+from .._state import StateChange
+from ..stores import RedisStore
+from ..stores._parking import ParkingLot
 
 __all__ = ["BreakerCollector", "Metrics", "metrics", "serve_store_metrics", "serve_worker_metrics"]
 

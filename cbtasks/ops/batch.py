@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
-from .fallbacks import is_fallback
+from ..fallbacks import is_fallback
 
 
 class BatchError(Exception):

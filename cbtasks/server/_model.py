@@ -1,0 +1,106 @@
+"""The reference model and the server's shared state: faults to inject, counts per phase."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field
+
+FEATURES = 4
+
+
+class PredictRequest(BaseModel):
+    """Four measurements of an iris flower, in cm."""
+
+    features: Annotated[
+        list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=4, max_length=4)
+    ]
+
+
+class Faults(BaseModel):
+    """What goes wrong, and how, until cleared."""
+
+    error_rate: float = Field(default=0.0, ge=0, le=1)
+    latency_ms: float = Field(default=0.0, ge=0, le=60_000)
+    outage_seconds: float = Field(default=0.0, ge=0, le=3600)
+    status_code: int = Field(default=503, ge=400, le=599)
+    retry_after: float | None = Field(default=None, ge=0, le=3600)
+
+
+class Phase(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+
+
+@dataclass
+class PhaseStats:
+    requests: int = 0
+    ok: int = 0
+    failed: int = 0
+    peak_in_flight: int = 0
+
+
+class ServerState:
+    """Faults and counts, shared by the HTTP app and the gRPC service (threads: locked)."""
+
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.outage_until = 0.0
+        self.phase = "default"
+        self.in_flight = 0
+        self.phases: dict[str, PhaseStats] = {}
+        # Request ids that got an answer: a second call with one is a duplicate execution.
+        self.answered_ids: set[str] = set()
+        self.calls_after_success = 0
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+
+    def begin(self, request_id: str | None) -> PhaseStats:
+        """A request arrived: count it, in its phase, with the concurrency it makes."""
+        with self._lock:
+            phase = self.phases.setdefault(self.phase, PhaseStats())
+            phase.requests += 1
+            self.in_flight += 1
+            phase.peak_in_flight = max(phase.peak_in_flight, self.in_flight)
+            if request_id in self.answered_ids:
+                self.calls_after_success += 1
+            return phase
+
+    def failing(self) -> Faults | None:
+        """The faults to answer with, if this request is to fail."""
+        down = time.monotonic() < self.outage_until
+        if down or (self.faults.error_rate and self._rng.random() < self.faults.error_rate):
+            return self.faults
+        return None
+
+    def end(self, phase: PhaseStats, request_id: str | None, ok: bool) -> None:
+        with self._lock:
+            self.in_flight -= 1
+            if ok:
+                phase.ok += 1
+                if request_id:
+                    self.answered_ids.add(request_id)
+            else:
+                phase.failed += 1
+
+
+class IrisModel:
+    """A logistic regression trained at start-up on scikit-learn's iris data set."""
+
+    def __init__(self) -> None:
+        from sklearn.datasets import load_iris
+        from sklearn.linear_model import LogisticRegression
+
+        data = load_iris()
+        self.labels = [str(name) for name in data.target_names]
+        self.model = LogisticRegression(max_iter=500).fit(data.data, data.target)
+
+    def predict(self, features: list[float]) -> dict[str, Any]:
+        probabilities = self.model.predict_proba([features])[0]
+        return {
+            "label": self.labels[int(probabilities.argmax())],
+            "probabilities": [round(float(p), 6) for p in probabilities],
+        }

@@ -1,0 +1,97 @@
+"""The reference model over HTTP: FastAPI with fault injection and per-phase counts."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ._model import Faults, IrisModel, Phase, PredictRequest, ServerState
+
+__all__ = ["create_app"]
+
+
+def create_app(state: ServerState | None = None, model: IrisModel | None = None) -> FastAPI:
+    """The HTTP app; a fresh model and no faults unless given."""
+    model = model or IrisModel()
+    state = state or ServerState()
+    app = FastAPI(title="cbtasks reference model server")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def malformed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # A body that is not even JSON is as malformed as a wrong field: 422 for both.
+        status = 422 if exc.status_code == 400 else exc.status_code
+        return JSONResponse({"detail": exc.detail}, status_code=status)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/predict")
+    async def predict(
+        body: PredictRequest,
+        request_id: Annotated[str | None, Header(alias="X-Request-ID")] = None,
+    ) -> Any:
+        phase = state.begin(request_id)
+        ok = False
+        try:
+            if state.faults.latency_ms:
+                await asyncio.sleep(state.faults.latency_ms / 1000)
+            faults = state.failing()
+            if faults is not None:
+                headers = {}
+                if faults.retry_after is not None:
+                    headers["Retry-After"] = str(round(faults.retry_after))
+                return JSONResponse(
+                    {"detail": "injected failure"}, status_code=faults.status_code, headers=headers
+                )
+            answer = model.predict(body.features)
+            ok = True
+            return answer
+        finally:
+            state.end(phase, request_id, ok)
+
+    @app.put("/admin/faults")
+    async def set_faults(faults: Faults) -> dict[str, Any]:
+        state.faults = faults
+        state.outage_until = (
+            time.monotonic() + faults.outage_seconds if faults.outage_seconds else 0.0
+        )
+        return faults.model_dump()
+
+    @app.delete("/admin/faults")
+    async def clear_faults() -> dict[str, Any]:
+        state.faults = Faults()
+        state.outage_until = 0.0
+        return state.faults.model_dump()
+
+    @app.put("/admin/phase")
+    async def set_phase(phase: Phase) -> dict[str, str]:
+        state.phase = phase.name
+        return {"phase": phase.name}
+
+    @app.get("/admin/stats")
+    async def get_stats() -> dict[str, Any]:
+        return {
+            "phase": state.phase,
+            "in_flight": state.in_flight,
+            "down": time.monotonic() < state.outage_until,
+            "phases": {name: vars(s) for name, s in state.phases.items()},
+            "requests": sum(s.requests for s in state.phases.values()),
+            "ok": sum(s.ok for s in state.phases.values()),
+            "calls_after_success": state.calls_after_success,
+        }
+
+    @app.delete("/admin/stats")
+    async def reset_stats() -> dict[str, str]:
+        state.phases.clear()
+        state.answered_ids.clear()
+        state.calls_after_success = 0
+        state.phase = "default"
+        return {"phase": state.phase}
+
+    return app

@@ -1,0 +1,56 @@
+"""Redis clients for the stores: short timeouts, no retries, and URLs told without passwords."""
+
+from __future__ import annotations
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .._errors import PolicyError
+
+
+def make_client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis:
+    """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds."""
+    if isinstance(url_or_client, redis.Redis):
+        return url_or_client
+    if not isinstance(url_or_client, str):
+        raise PolicyError(
+            "RedisStore needs a Redis URL or a redis.Redis client, "
+            f"got {type(url_or_client).__name__}"
+        )
+    try:
+        return redis.Redis.from_url(
+            url_or_client,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            # One try per call: on_error decides, rather than 10 retries stalling it.
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=30,
+        )
+    except (ValueError, TypeError) as exc:
+        raise PolicyError(
+            f"malformed Redis URL {redact_url(url_or_client)!r}: {exc}. "
+            "Use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
+        ) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0] if ":" in credentials else ""
+    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+
+
+def describe_client(client: redis.Redis) -> str:
+    """Where a client connects, never with its password."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    scheme = (
+        "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
+    )
+    host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
+    return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"

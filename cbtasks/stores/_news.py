@@ -1,0 +1,205 @@
+"""News: a daemon thread per process that hears what other processes publish.
+
+Two channels: ``<prefix>:news`` carries each state change
+(``name\\nversion\\nstate\\nremaining_ms\\nmode``), ``<prefix>:parked`` the
+name of a breaker whose parking lot was empty and now holds a request. A
+message is a hint, never the truth: handlers use it to look again sooner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import redis
+
+from ._base import LocalView
+
+log = logging.getLogger("cbtasks.redis")
+
+# Errors that mean "Redis cannot be reached now", as opposed to a bug.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+class News(NamedTuple):
+    """One published state change of a breaker."""
+
+    name: str
+    version: int
+    state: int
+    remaining_ms: int
+    mode: int
+
+
+def parse_news(data: bytes) -> News | None:
+    """The state change in ``data``, or None if it is not one."""
+    try:
+        name, version, state, remaining, mode = data.decode().split("\n")
+        return News(name, int(version), int(state), int(remaining), int(mode))
+    except ValueError:  # UnicodeDecodeError is one too
+        return None
+
+
+class NewsListener:
+    """Subscribes to ``handlers``' channels and passes each message's data to its handler.
+
+    ``on_subscribed`` runs after each (re)subscription (news sent meanwhile is
+    lost), ``on_outage`` with the error when Redis cannot be reached.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        handlers: dict[str, Callable[[bytes], None]],
+        *,
+        on_subscribed: Callable[[], None],
+        on_outage: Callable[[BaseException], None],
+        retry_interval: float,
+        name: str,
+    ) -> None:
+        self._client = client
+        self._handlers = handlers
+        self._on_subscribed = on_subscribed
+        self._on_outage = on_outage
+        self._retry_interval = retry_interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(2.0)  # it wakes at least every 0.5 s
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            try:
+                pubsub.subscribe(*self._handlers)
+                self._on_subscribed()
+                while not self._stopped.is_set():
+                    try:
+                        message = pubsub.get_message(timeout=0.5)
+                    except redis.TimeoutError:
+                        continue
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(message)
+            except REDIS_DOWN as exc:
+                # Often the first sign of an outage: calls stop trusting cached views.
+                if not self._stopped.is_set():
+                    self._on_outage(exc)
+                self._stopped.wait(self._retry_interval)
+            except Exception:
+                log.exception("breaker news listener failed; reconnecting")
+                self._stopped.wait(self._retry_interval)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    log.debug("closing the news subscription failed", exc_info=True)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel = message["channel"]
+        handler = self._handlers.get(channel.decode() if isinstance(channel, bytes) else channel)
+        if handler is not None:
+            handler(message["data"])
+
+
+class ProcessNews:
+    """This process's views of breakers, kept current by a :class:`NewsListener`.
+
+    The listener starts with the first view asked for, and again in a forked
+    child (Celery's prefork pool), where the parent's thread did not come along.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        prefix: str,
+        clock: Callable[[], float],
+        on_outage: Callable[[BaseException], None],
+        retry_interval: float,
+    ) -> None:
+        self.client = client
+        self.prefix = prefix
+        self.channel = f"{prefix}:news"
+        #: Where a parking lot that was empty announces its first request.
+        self.parked_channel = f"{prefix}:parked"
+        self._clock = clock
+        self._on_outage = on_outage
+        self._retry_interval = retry_interval
+        self._views: dict[str, LocalView] = {}
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[str], None]] = []
+        self._listener: NewsListener | None = None
+        self._pid = os.getpid()
+
+    def view(self, name: str) -> LocalView:
+        """The shared view of breaker ``name`` in this process."""
+        self._ensure_listener()
+        with self._lock:
+            view = self._views.get(name)
+            if view is None:
+                view = self._views[name] = LocalView()
+            return view
+
+    def add_hook(self, hook: Callable[[str], None]) -> None:
+        """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park.
+
+        Hooks run on the news thread and must be quick (setting an event).
+        """
+        self._ensure_listener()
+        self._hooks.append(hook)
+
+    def forget_views(self) -> None:
+        """Every view asks the store next time: news may have been missed."""
+        with self._lock:
+            for view in self._views.values():
+                view.forget()
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+
+    def _on_news(self, data: bytes) -> None:
+        news = parse_news(data)
+        if news is None:
+            log.warning("ignoring malformed breaker news on %s: %r", self.channel, data[:200])
+            return
+        view = self._views.get(news.name)
+        if view is not None:
+            view.apply(news.state, news.remaining_ms, news.mode, news.version, self._clock())
+        self._tell_hooks(news.name)
+
+    def _on_parked(self, data: bytes) -> None:
+        self._tell_hooks(data.decode(errors="replace"))
+
+    def _tell_hooks(self, name: str) -> None:
+        for hook in self._hooks:
+            try:
+                hook(name)
+            except Exception:
+                log.exception("breaker news hook %r failed", hook)
+
+    def _ensure_listener(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._listener = None
+            self._hooks.clear()  # the threads that set them stayed in the parent
+            self.forget_views()
+        if self._listener is None:
+            self._listener = NewsListener(
+                self.client,
+                {self.channel: self._on_news, self.parked_channel: self._on_parked},
+                on_subscribed=self.forget_views,
+                on_outage=self._on_outage,
+                retry_interval=self._retry_interval,
+                name=f"cbtasks-news-{self.prefix}",
+            )
+            self._listener.start()

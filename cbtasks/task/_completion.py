@@ -1,0 +1,46 @@
+"""The completion guard: a task id whose call succeeded is not called again when redelivered.
+
+While Redis is down the guard can be neither read nor written: the task goes
+on without it (a redelivery then may call the endpoint again), as failing
+every task during a Redis outage would be worse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ..stores._news import REDIS_DOWN
+
+log = logging.getLogger("cbtasks.task")
+
+
+class CompletionGuard:
+    """Marks of completed task ids, with their results, kept ``ttl`` seconds in Redis."""
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client = client
+        self.prefix = prefix
+
+    def _key(self, task_id: str) -> str:
+        return f"{self.prefix}:done:{task_id}"
+
+    def result_of(self, task_id: str) -> tuple[Any] | None:
+        """``(result,)`` if ``task_id`` completed before, else None."""
+        try:
+            raw = self.client.get(self._key(task_id))
+        except REDIS_DOWN:
+            return None
+        return None if raw is None else (json.loads(raw),)
+
+    def mark(self, task_id: str, result: Any, ttl: float) -> None:
+        """Remember that ``task_id`` completed with ``result``."""
+        try:
+            encoded = json.dumps(result)
+        except (TypeError, ValueError):
+            encoded = "null"  # the mark is what matters; Celery reports the error itself
+        try:
+            self.client.set(self._key(task_id), encoded, px=int(ttl * 1000))
+        except REDIS_DOWN as exc:
+            log.warning("cannot mark task %s completed (%s)", task_id, exc)

@@ -1,0 +1,115 @@
+"""The releaser: a thread in each worker's main process that re-publishes parked requests.
+
+It sleeps while nothing can be released: with nothing parked or the circuit
+forced open it waits for news (a state change, or the first request parked);
+while the circuit is open it waits until the probe window. One read-only
+re-check every ``RECHECK_SECONDS`` covers a news message that was lost. Once
+the circuit closes, ``release.lua`` paces the backlog with a slow start.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+from ..stores._news import REDIS_DOWN
+from ..stores._parking import ParkingLot
+
+log = logging.getLogger("cbtasks.task")
+
+#: At most this long between two looks at a lot, news or not. With the news
+#: listener's health check (one PING per 30 s), an idle worker sends about
+#: 0.2 commands a second per releaser.
+RECHECK_SECONDS = 6.0
+#: How long a handed-out request may take to be re-published before another
+#: releaser takes it over.
+LEASE_SECONDS = 30.0
+#: Publish to the broker in batches of at most this many.
+BATCH = 100
+
+
+class Releaser:
+    """Releases one breaker's parked requests, publishing each with ``publish``."""
+
+    _running: ClassVar[dict[tuple[int, str], Releaser]] = {}
+    _lock = threading.Lock()
+
+    def __init__(
+        self,
+        lot: ParkingLot,
+        publish: Callable[[str, dict[str, Any]], None],
+        *,
+        rate: float,
+        max_rate: float = math.inf,
+        probe_interval: float = 1.0,
+    ) -> None:
+        self.lot = lot
+        self.publish = publish
+        self.rate = rate
+        self.max_rate = max_rate
+        self.probe_interval = probe_interval
+        self.wake = threading.Event()
+        #: Requests this releaser has re-published.
+        self.released = 0
+
+    @classmethod
+    def ensure(cls, key: str, make: Callable[[], Releaser], subscribe: Any) -> Releaser:
+        """The running releaser for ``key`` in this process, started if there is none.
+
+        ``subscribe(hook)`` registers ``hook(name)`` to be called on news.
+        """
+        with cls._lock:
+            full_key = (os.getpid(), key)
+            releaser = cls._running.get(full_key)
+            if releaser is None:
+                releaser = cls._running[full_key] = make()
+                subscribe(releaser.hear)
+                thread = threading.Thread(
+                    target=releaser.run, name=f"cbtasks-release-{key}", daemon=True
+                )
+                thread.start()
+            return releaser
+
+    def hear(self, name: str) -> None:
+        """News of breaker ``name``: look again now if it is ours."""
+        if name == self.lot.breaker:
+            self.wake.set()
+
+    def step(self) -> float | None:
+        """Release what may go now; returns the seconds to wait (None: until news)."""
+        batch = self.lot.release(
+            self.rate,
+            self.max_rate,
+            lease_seconds=LEASE_SECONDS,
+            probe_interval=self.probe_interval,
+            most=BATCH,
+        )
+        done = []
+        try:
+            for request_id, message in batch.requests:
+                self.publish(request_id, message)
+                done.append(request_id)
+        finally:
+            self.lot.ack(done)  # what failed to publish comes back when its lease ends
+            self.released += len(done)
+        return 0.0 if done else batch.wait
+
+    def run(self) -> None:
+        while True:
+            # Cleared before looking: news that comes while we look wakes the next wait.
+            self.wake.clear()
+            try:
+                wait = self.step()
+            except REDIS_DOWN as exc:
+                log.warning("cannot release parked requests of %s (%s)", self.lot.breaker, exc)
+                wait = 5.0
+            except Exception:
+                log.exception("releasing parked requests of %s failed", self.lot.breaker)
+                wait = 1.0
+            if wait == 0:
+                continue
+            self.wake.wait(RECHECK_SECONDS if wait is None else min(wait, RECHECK_SECONDS))

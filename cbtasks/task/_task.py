@@ -1,0 +1,278 @@
+"""CircuitBreakerTask: a Celery task base class that consults a breaker first.
+
+    @app.task(base=CircuitBreakerTask, bind=True, breaker="model-a")
+    def predict(self, features):
+        return http_client(URL).predict({"features": features})
+
+Before the task body runs, the breaker named ``breaker`` (shared by every
+worker on every host through Redis) admits the call or rejects it. A rejected
+request, or one whose call failed with an endpoint failure, is deferred:
+re-published with the same task id and a countdown (``defer="countdown"``) or
+parked in Redis until the circuit closes (``defer="park"``), without touching
+the task's own retry budget. Past ``max_deferrals`` or ``defer_deadline`` it
+gets its ``fallback``, or fails with :class:`~cbtasks.CircuitOpenError`.
+
+Options are task attributes or decorator options, falling back to
+``app.conf.cbtasks_<option>`` and then to the defaults in ``_options``, as
+Celery's own task options do. ``app.conf.cbtasks_redis_url`` names the Redis that holds
+breaker state, parked requests and completion marks (default: the broker URL
+when the broker is Redis).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from time import perf_counter
+from typing import Any
+
+import celery
+from celery import signals
+from celery.exceptions import Ignore, Reject, Retry
+
+from .. import fallbacks as fb
+from .._errors import CircuitOpenError
+from .._policy import BreakerPolicy
+from .._state import Outcome
+from ..ops.metrics import metrics
+from ..stores._news import REDIS_DOWN
+from ._deferral import (
+    DEADLINE,
+    DEFERRALS,
+    collect_now_and_then,
+    countdown,
+    header,
+    parked_message,
+)
+from ._options import validate_options
+from ._parts import ProcessParts
+
+__all__ = ["CircuitBreakerTask"]
+
+log = logging.getLogger("cbtasks.task")
+
+
+class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
+    """A task whose calls to a model endpoint go through a shared circuit breaker."""
+
+    #: The breaker's name; tasks sharing it share one circuit. Default: the task's name.
+    breaker: str | None = None
+    #: A BreakerPolicy; default ``app.conf.cbtasks_policy`` (a policy or a dict of its fields).
+    breaker_policy: BreakerPolicy | None = None
+    #: What a rejected request does: "defer" (default), "fallback" or "fail".
+    on_open: str | None = None
+    #: How it is deferred: "countdown" (default) or "park".
+    defer: str | None = None
+    #: A fallback from cbtasks.fallbacks, or a callable taking the task's arguments.
+    fallback: Any = None
+    #: Deferrals allowed before the request gets its fallback or fails.
+    max_deferrals: int | None = None
+    #: Seconds after its first deferral that a request stops being deferred.
+    defer_deadline: float | None = None
+    #: Seconds of random spread added to each countdown.
+    defer_jitter: float | None = None
+    #: Parked requests re-published per second when the circuit closes; the
+    #: rate doubles every second while it stays closed (slow start).
+    release_rate: float | None = None
+    #: Where the slow start stops growing (default: no cap, the workers'
+    #: concurrency is the limit).
+    max_release_rate: float | None = None
+    #: Seconds a completed task id is remembered (no second call if redelivered).
+    completion_ttl: float | None = None
+    #: A full garbage collection every this many deferrals per process (0: never).
+    gc_every: int | None = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Celery builds a subclass per decorated function, with the decorator's
+        # options as class attributes: bad options fail here, at registration.
+        super().__init_subclass__(**kwargs)
+        validate_options(cls, getattr(cls, "name", None) or cls.__name__)
+
+    # -- the run -----------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly or request.is_eager:
+            return self._call_in_place(args, kwargs)
+        done = self._completion(request.id)
+        if done is not None:
+            log.info(
+                "task %s[%s] completed before: not calling the endpoint again",
+                self.name,
+                request.id,
+            )
+            return done[0]
+        guard = self.cbtasks_breaker
+        # Deferral happens after the except blocks, never inside one: an
+        # exception kept alive there (as a raised Ignore's __context__) holds
+        # its traceback's frames in reference cycles until a full garbage
+        # collection, which is how plain retries bloat workers in an outage.
+        rejection: CircuitOpenError | None = None
+        try:
+            probe = guard.admit()
+        except CircuitOpenError as exc:
+            rejection = exc.with_traceback(None)
+        if rejection is not None:
+            metrics().call(guard.name, "rejected")
+            return self._rejected(rejection, args, kwargs)
+        start = perf_counter()
+        failure: CircuitOpenError | None = None
+        try:
+            result = self.run(*args, **kwargs)
+        except (Ignore, Reject):
+            guard.record(probe, Outcome.IGNORED)
+            metrics().call(guard.name, "ignored")
+            raise
+        except Retry as exc:
+            # The task's own retry: its cause counts, its budget is its own.
+            cause = exc.exc if isinstance(exc.exc, BaseException) else None
+            if cause is None:
+                guard.record(probe, Outcome.IGNORED)
+            else:
+                guard.record_exception(probe, cause, _ms_since(start))
+            raise
+        except Exception as exc:
+            guard.record_exception(probe, exc, _ms_since(start))
+            outcome = guard.classify(exc)
+            metrics().call(guard.name, outcome.name.lower())
+            # An endpoint failure is handled as a rejection would be (deferred,
+            # or answered by the fallback); with on_open="fail" it is raised.
+            if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
+                raise
+            # Only plain values leave this block (see above).
+            retry_after = float(getattr(exc, "retry_after", None) or 0.0)
+            failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
+        if failure is not None:
+            return self._rejected(failure, args, kwargs)
+        elapsed_ms = _ms_since(start)
+        guard.record(probe, Outcome.SUCCESS, elapsed_ms)
+        slow_seconds = guard.policy.slow_call_seconds
+        slow = slow_seconds is not None and elapsed_ms > slow_seconds * 1000
+        metrics().call(guard.name, "slow" if slow else "success")
+        if probe is not None:
+            metrics().call(guard.name, "probe")
+        self._complete(request.id, result)
+        fallback = self._fallback
+        if isinstance(fallback, fb.CachedResult):
+            try:
+                fallback.remember(self, args, kwargs, result)
+            except REDIS_DOWN as exc:
+                log.warning("cannot cache the result of %s (%s)", self.name, exc)
+        return result
+
+    def _call_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Called directly or eagerly: no queue to defer to, so fall back or raise."""
+        try:
+            return self.cbtasks_breaker.call(super().__call__, *args, **kwargs)
+        except CircuitOpenError as exc:
+            if self._fallback is None:
+                raise
+            return self._answer_with_fallback(exc, args, kwargs)
+
+    # -- rejection -------------------------------------------------------------------
+
+    def _rejected(
+        self, exc: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        on_open = self._option("on_open")
+        if on_open == "fallback" and self._fallback is not None:
+            return self._answer_with_fallback(exc, args, kwargs)
+        if on_open == "fail":
+            self._event("task-circuit_open", exc, action="failed")
+            raise exc
+        request = self.request
+        deferrals = int(header(request, DEFERRALS) or 0)
+        deadline = float(header(request, DEADLINE) or time.time() + self._option("defer_deadline"))
+        if deferrals >= self._option("max_deferrals") or time.time() >= deadline:
+            why = "deadline passed" if time.time() >= deadline else f"{deferrals} deferrals"
+            exhausted = CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; gave up: {why}")
+            if self._fallback is not None:
+                return self._answer_with_fallback(exhausted, args, kwargs)
+            self._event("task-circuit_open", exhausted, action="failed")
+            raise exhausted
+        headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline}
+        collect_now_and_then(int(self._option("gc_every")))
+        mode = self._option("defer")
+        metrics().deferral(exc.name, mode)
+        if mode == "park" and self._parked(args, kwargs, headers):
+            self._event("task-circuit_open", exc, action="parked", deferrals=deferrals + 1)
+        else:
+            wait = countdown(self.app, exc.retry_after, self._option("defer_jitter"))
+            self.signature_from_request(
+                request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
+            ).apply_async()
+            self._event("task-circuit_open", exc, action="deferred", countdown=wait)
+        raise Ignore()
+
+    def _answer_with_fallback(
+        self, exc: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        fallback = self._fallback
+        assert fallback is not None
+        try:
+            value = fallback(self, args, kwargs)
+        except fb.NoFallback as miss:
+            self._event("task-circuit_open", exc, action="failed")
+            raise CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}") from exc
+        self._event("task-circuit_fallback", exc, kind=fallback.kind)
+        metrics().fallback(exc.name, fallback.kind)
+        return fb.mark(fallback.kind, value, exc.reason)
+
+    # -- parking -------------------------------------------------------------------
+
+    def _parked(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]
+    ) -> bool:
+        """Park the request; False if Redis cannot take it now (then: a countdown)."""
+        try:
+            self._park(args, kwargs, headers)
+        except REDIS_DOWN as exc:
+            log.warning(
+                "cannot park %s[%s] (%s): deferring it by countdown",
+                self.name,
+                self.request.id,
+                exc,
+            )
+            return False
+        return True
+
+    def _park(self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]) -> None:
+        self.cbtasks_parking.park(self.request.id, parked_message(self, args, kwargs, headers))
+
+    # -- the completion guard ---------------------------------------------------------
+
+    def _completion(self, task_id: str) -> tuple[Any] | None:
+        done: tuple[Any] | None = self.cbtasks_completions.result_of(task_id)
+        return done
+
+    def _complete(self, task_id: str, result: Any) -> None:
+        self.cbtasks_completions.mark(task_id, result, self._option("completion_ttl"))
+
+    @property
+    def _fallback(self) -> fb.Fallback | None:
+        return fb.as_fallback(self.fallback)
+
+    def _event(self, type_: str, exc: CircuitOpenError, **fields: Any) -> None:
+        """A custom task event: Flower shows the task as CIRCUIT_OPEN / CIRCUIT_FALLBACK."""
+        try:
+            self.send_event(
+                type_, breaker=exc.name, reason=exc.reason, retry_after=exc.retry_after, **fields
+            )
+        except Exception:  # events are for watching: never fail the task over one
+            log.debug("could not send %s for %s", type_, self.request.id, exc_info=True)
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _start_releasers(sender: Any = None, **_: Any) -> None:
+    """The worker's main process releases parked requests: one releaser per breaker and worker.
+
+    Not the pool processes: releasing needs no task slot, and one releaser
+    per worker keeps an idle fleet's Redis traffic to one re-check per worker.
+    """
+    for task in list(celery.current_app.tasks.values()):
+        if isinstance(task, CircuitBreakerTask) and task._option("defer") == "park":
+            task.cbtasks_releaser()
+
+
+def _ms_since(start: float) -> float:
+    return (perf_counter() - start) * 1000
