@@ -13,7 +13,9 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
+from ._async import guard_async
 from ._errors import CircuitOpenError, PolicyError
+from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
@@ -44,7 +46,10 @@ class CircuitBreaker:
     The full form: ``CircuitBreaker(name, policy=BreakerPolicy(...),
     store=RedisStore(...))``: every process using the same name and store
     shares one circuit. ``listeners`` are called with a :class:`StateChange`
-    for each transition this process makes.
+    for each transition this process makes. With ``health_check`` (a callable
+    returning true when the endpoint looks healthy), one process of the fleet
+    calls it every ``health_interval`` seconds while the circuit is open, and
+    a pass makes it half-open at once; only the probes then close it.
     """
 
     def __init__(
@@ -57,6 +62,8 @@ class CircuitBreaker:
         reset_timeout: float | None = None,
         fallback: Callable[..., Any] | None = None,
         listeners: Iterable[Listener] = (),
+        health_check: HealthCheck | None = None,
+        health_interval: float = 1.0,
     ) -> None:
         policy = with_shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
         if name is None:
@@ -82,6 +89,15 @@ class CircuitBreaker:
         self._failures = policy.failure_exceptions
         self._ignored = policy.ignored_exceptions
         self._open_calls = threading.local()
+        self._health = health_checker(
+            self.name,
+            self.store,
+            self._view,
+            health_check,
+            health_interval,
+            self.health_passed,
+            self.status,
+        )
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, policy={self.policy!r}, store={self.store!r})"
@@ -121,33 +137,11 @@ class CircuitBreaker:
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (a plain or an async function) so each call is guarded."""
         if inspect.iscoroutinefunction(fn):
-            return cast(Callable[P, R], self._wrap_async(fn))
+            return cast(Callable[P, R], guard_async(self, fn))
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             return self.call(fn, *args, **kwargs)
-
-        guarded.breaker = self  # type: ignore[attr-defined]
-        return guarded
-
-    def _wrap_async(self, fn: Callable[P, Any]) -> Callable[P, Any]:
-        @functools.wraps(fn)
-        async def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-            try:
-                probe = self.admit()
-            except CircuitOpenError:
-                if self.fallback is None:
-                    raise
-                result = self.fallback(*args, **kwargs)
-                return await result if inspect.isawaitable(result) else result
-            start = perf_counter()
-            try:
-                result = await fn(*args, **kwargs)
-            except BaseException as exc:
-                self.record_exception(probe, exc, (perf_counter() - start) * 1000)
-                raise
-            self.record(probe, Outcome.SUCCESS, (perf_counter() - start) * 1000)
-            return result
 
         guarded.breaker = self  # type: ignore[attr-defined]
         return guarded
@@ -263,6 +257,15 @@ class CircuitBreaker:
         """Leave shadow mode (or a forced open): the policy decides again."""
         self._control("enable")
 
+    def health_passed(self) -> None:
+        """A health check passed: an open circuit goes half-open now (probes decide the rest)."""
+        self._control("healthy")
+
+    @property
+    def health(self) -> HealthChecker | None:
+        """The health checker, if a ``health_check`` was given."""
+        return self._health
+
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(StateChange)`` on every transition this process makes."""
         self._listeners.append(listener)
@@ -271,6 +274,8 @@ class CircuitBreaker:
         self._learn(self.store.control(self.name, self._wire, op))
 
     def _learn(self, reply: Reply) -> None:
+        if self._health is not None:
+            self._health.ensure_running()  # again after a fork
         if reply.cacheable:
             self._view.apply(
                 reply.state,

@@ -166,8 +166,19 @@ def record(
 
 
 def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition]:
-    """Apply an operator's command: force_open, force_close, reset, disable, enable."""
+    """Apply a command: force_open, force_close, reset, disable, enable (an operator's),
+    or healthy (a health check passed: an open circuit goes half-open now)."""
     before = snap.state
+    if op == "healthy":
+        # A health check opens the door, only real calls (probes) close it.
+        # Never against an operator's forced open; no change, no news.
+        if snap.state != OPEN or snap.mode == Mode.FORCED_OPEN:
+            return []
+        snap.state = HALF_OPEN
+        snap.probes.clear()
+        snap.probe_successes = 0
+        snap.version += 1
+        return [(OPEN, HALF_OPEN, "health check passed")]
     snap.version += 1
     if op == "force_open":
         snap.mode = Mode.FORCED_OPEN

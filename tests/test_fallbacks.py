@@ -69,3 +69,15 @@ def test_bad_fallbacks_fail_early() -> None:
         fb.EnqueueForLater("")
     with pytest.raises(TypeError, match="callable"):
         fb.as_fallback(42)
+
+
+def test_cached_result_is_keyed_on_keyword_arguments_too(redis_url: str) -> None:
+    """A result saved for predict(x=1) is never the answer for predict(x=2)."""
+    task = FakeTask(redis_url)
+    cache = fb.CachedResult(ttl=60, otherwise=None)
+    cache.remember(task, (), {"x": 1}, "one")
+    assert cache(task, (), {"x": 1}) == "one"
+    with pytest.raises(fb.NoFallback):
+        cache(task, (), {"x": 2})
+    with pytest.raises(fb.NoFallback):
+        cache(task, (1,), {})  # the same value passed by position is another call

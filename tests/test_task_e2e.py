@@ -158,12 +158,29 @@ def test_deferrals_do_not_touch_the_tasks_own_retries(fresh: dict[str, Any]) -> 
     events = _EventLog(tasks.app)
     fresh["breaker"].force_open()
     result = tasks.retry_twice.delay()
-    wait_for(lambda: events.count(result.id, "task-circuit_open") >= 2, 60, "two deferrals")
+    # More deferrals than the two retries it asks for: a deferral that counted
+    # as a retry would leave it with retries >= 3 and no retry of its own.
+    wait_for(lambda: events.count(result.id, "task-circuit_open") >= 3, 60, "three deferrals")
     fresh["breaker"].force_close()
     answer = result.get(timeout=60)
     assert answer["retries"] == 2
-    assert answer["deferrals"] >= 2
+    assert answer["deferrals"] >= 3
     events.stop()
+
+
+def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[str, Any]) -> None:
+    """The completion guard: the same task id a second time gets the stored result, no call."""
+    tasks, model = fresh["tasks"], fresh["model"]
+    events = _EventLog(tasks.app)
+    first = tasks.predict.apply_async((FEATURES,), task_id="same-request-1").get(timeout=30)
+    tasks.predict.apply_async((FEATURES,), task_id="same-request-1")
+    # The result backend already holds the first answer: wait for the second run itself.
+    wait_for(lambda: events.count("same-request-1", "task-succeeded") >= 2, 30, "the second run")
+    events.stop()
+    assert first["label"] == "setosa"
+    stats = model.stats()
+    assert stats["requests"] == 1
+    assert stats["calls_after_success"] == 0
 
 
 def test_registration_rejects_unknown_options() -> None:

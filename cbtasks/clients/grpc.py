@@ -75,6 +75,18 @@ class GRPCModelClient:
             raise EndpointFailure(f"{self.target}: the answer is not a JSON object: {raw[:200]!r}")
         return body
 
+    def healthy(self, timeout: float = 2.0) -> bool:
+        """True when the channel connects within ``timeout`` seconds; never raises.
+
+        For a breaker's ``health_check``: it may end an open period early, and
+        only real predictions then close the circuit.
+        """
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except Exception:  # grpc.FutureTimeoutError, or a closed channel
+            return False
+        return True
+
     def close(self) -> None:
         self._channel.close()
 

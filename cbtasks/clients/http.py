@@ -81,6 +81,17 @@ class HTTPModelClient:
             )
         return body
 
+    def healthy(self, path: str = "/healthz", timeout: float = 2.0) -> bool:
+        """True when ``GET path`` answers 2xx within ``timeout`` seconds; never raises.
+
+        For a breaker's ``health_check``: it may end an open period early, and
+        only real predictions then close the circuit.
+        """
+        try:
+            return self._client.get(path, timeout=timeout).is_success
+        except Exception:  # any failure to answer is "not healthy"
+            return False
+
     def close(self) -> None:
         self._client.close()
 

@@ -94,6 +94,9 @@ class Metrics:
         self.fallbacks = Counter(
             "cbtasks_fallbacks", "Requests answered by a fallback", ["breaker", "kind"]
         )
+        self.health_checks = Counter(
+            "cbtasks_health_checks", "Health checks made while open", ["breaker", "result"]
+        )
         self.store_errors = Counter(
             "cbtasks_store_errors", "Failed Redis calls of the breaker store"
         )
@@ -115,6 +118,10 @@ class Metrics:
     def fallback(self, breaker: str, kind: str) -> None:
         if self.enabled:
             self.fallbacks.labels(breaker, kind).inc()
+
+    def health_check(self, breaker: str, healthy: bool) -> None:
+        if self.enabled:
+            self.health_checks.labels(breaker, "healthy" if healthy else "unhealthy").inc()
 
     def store_error(self, exc: BaseException) -> None:
         if self.enabled:

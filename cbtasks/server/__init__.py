@@ -6,7 +6,7 @@ A logistic regression is trained at start-up on the iris data set that ships
 with scikit-learn (no downloads). Endpoints:
 
 - ``POST /predict`` ``{"features": [4 numbers]}`` -> ``{"label", "probabilities"}``
-- ``GET /healthz``
+- ``GET /healthz``: 200, or 503 during an injected outage (not for an error rate)
 - with ``--grpc-port``, the same model and faults as the gRPC method
   ``/cbtasks.Model/Predict`` (JSON messages; see ``cbtasks.server.grpc``)
 - ``PUT /admin/faults`` sets error rate, added latency, an outage for N

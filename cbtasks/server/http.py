@@ -28,7 +28,12 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
         return JSONResponse({"detail": exc.detail}, status_code=status)
 
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    async def healthz() -> Any:
+        # Down during an injected outage (as a crashed server would be); an
+        # injected error rate leaves it up, as a health endpoint that does not
+        # exercise the model would.
+        if time.monotonic() < state.outage_until:
+            return JSONResponse({"status": "down"}, status_code=503)
         return {"status": "ok"}
 
     @app.post("/predict")

@@ -114,7 +114,11 @@ class LocalView:
 
 
 class Store(Protocol):
-    """Where breakers keep their state. Each method is one atomic step."""
+    """Where breakers keep their state. Each method is one atomic step.
+
+    MemoryStore and RedisStore spell these signatures out again on purpose:
+    a Protocol is matched by structure, and mypy checks each store against it.
+    """
 
     #: The clock, in seconds, that a LocalView's ``reject_until`` is read on.
     local_clock: Callable[[], float]
@@ -149,4 +153,12 @@ class Store(Protocol):
 
     def names(self) -> list[str]:
         """The names of every breaker with state in this store."""
+        ...
+
+    def claim(self, name: str, what: str, ttl_ms: int) -> bool:
+        """Take the fleet's turn at ``what`` for breaker ``name`` for ``ttl_ms``.
+
+        True for exactly one caller until the turn runs out (a health check
+        made by one process for the whole fleet); False when Redis is down.
+        """
         ...

@@ -35,6 +35,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._snapshots: dict[str, machine.Snapshot] = {}
         self._views: dict[str, LocalView] = {}
+        self._claims: dict[tuple[str, str], int] = {}
 
     def __repr__(self) -> str:
         return f"MemoryStore(breakers={len(self._snapshots)})"
@@ -121,6 +122,14 @@ class MemoryStore:
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._snapshots)
+
+    def claim(self, name: str, what: str, ttl_ms: int) -> bool:
+        with self._lock:
+            now = self._now_ms()
+            if self._claims.get((name, what), 0) > now:
+                return False
+            self._claims[(name, what)] = now + ttl_ms
+            return True
 
     def _now_ms(self) -> int:
         return int(self.local_clock() * 1000)

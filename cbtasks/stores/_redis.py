@@ -11,6 +11,7 @@ in a background thread and updates its local views within milliseconds.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import redis
 from redis.exceptions import NoScriptError
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
-from .._machine import CLOSED, HALF_OPEN, OPEN, Transition
+from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, LocalView, Reply, validate_name
@@ -28,7 +29,7 @@ from ._connection import describe_client, make_client
 from ._memory import MemoryStore
 from ._news import REDIS_DOWN, ProcessNews
 from ._outage import OnError, Outage
-from ._scripts import MACHINE_SCRIPTS
+from ._scripts import MACHINE_SCRIPTS, parse_reply
 
 __all__ = ["RedisStore"]
 
@@ -107,9 +108,7 @@ class RedisStore:
         if raw is None:
             return self._fallback_admit(name, policy, probe_id)
         admitted, is_probe, retry_after_ms = raw[0], raw[1], raw[2]
-        return self._reply(
-            name, raw, 3, bool(admitted), probe_id if is_probe else None, retry_after_ms
-        )
+        return parse_reply(raw, 3, bool(admitted), probe_id if is_probe else None, retry_after_ms)
 
     def record(
         self,
@@ -144,12 +143,12 @@ class RedisStore:
                 reply = self._local.record(name, policy, probe_id, outcome, slow, retry_after_ms)
                 return _uncacheable(reply)
             return _uncacheable(Reply(True, None, 0, 0, 0, 0, 0, 0, ()))
-        return self._reply(name, raw, 0)
+        return parse_reply(raw, 0)
 
     def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
         raw = self._run("control", name, policy, op, strict=True)
         assert raw is not None
-        return self._reply(name, raw, 0)
+        return parse_reply(raw, 0)
 
     def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
         raw = self._run("status", name, policy, strict=True)
@@ -182,6 +181,14 @@ class RedisStore:
         except REDIS_DOWN as exc:
             raise StoreUnavailableError(self._unreachable(exc)) from exc
         return sorted(found)
+
+    def claim(self, name: str, what: str, ttl_ms: int) -> bool:
+        key = f"{self.prefix}:{{{validate_name(name)}}}:claim:{what}"
+        try:
+            return bool(self.client.set(key, os.getpid(), nx=True, px=max(1, ttl_ms)))
+        except REDIS_DOWN as exc:
+            self._outage(exc)
+            return False
 
     # -- operations ------------------------------------------------------------
 
@@ -264,24 +271,6 @@ class RedisStore:
         if sha is None:
             sha = self._shas[op] = self.client.script_load(MACHINE_SCRIPTS[op])
         return sha
-
-    def _reply(
-        self,
-        name: str,
-        raw: list[Any],
-        at: int,
-        admitted: bool = True,
-        probe_id: str | None = None,
-        retry_after_ms: int = 0,
-    ) -> Reply:
-        state, remaining, mode, version, now = raw[at : at + 5]
-        rest = raw[at + 5 :]
-        transitions: tuple[Transition, ...] = tuple(
-            (rest[i], rest[i + 1], rest[i + 2].decode()) for i in range(0, len(rest) - 2, 3)
-        )
-        return Reply(
-            admitted, probe_id, retry_after_ms, state, remaining, mode, version, now, transitions
-        )
 
     def _fallback_admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
         if self.on_error is OnError.LOCAL:

@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "prefix": "cbtasks",
     "on_error": "local",
     "gc_every": 25,
+    "health_check": None,
+    "health_interval": 1.0,
 }
 _NUMBERS = (
     "max_deferrals",
@@ -33,6 +35,7 @@ _NUMBERS = (
     "release_rate",
     "max_release_rate",
     "completion_ttl",
+    "health_interval",
 )
 
 
@@ -59,6 +62,9 @@ def validate_options(cls: type, name: str) -> None:
     policy = getattr(cls, "breaker_policy", None)
     if policy is not None and not isinstance(policy, BreakerPolicy):
         raise PolicyError(f"task {name}: breaker_policy must be a BreakerPolicy, got {policy!r}")
+    check = getattr(cls, "health_check", None)
+    if check is not None and not callable(check):
+        raise PolicyError(f"task {name}: health_check must be callable, got {check!r}")
     try:
         fb.as_fallback(getattr(cls, "fallback", None))
     except TypeError as exc:
@@ -69,6 +75,12 @@ def validate_options(cls: type, name: str) -> None:
             raise PolicyError(
                 f"task {name}: {number} must be a number of at least 0, got {value!r}"
             )
+
+
+def health_check_of(task: celery.Task) -> Any:
+    """The task's ``health_check`` as given: read from the class, so a function stays unbound."""
+    check = getattr(type(task), "health_check", None)
+    return check if check is not None else task.app.conf.get("cbtasks_health_check")
 
 
 def policy_of(task: celery.Task) -> BreakerPolicy:

@@ -18,7 +18,7 @@ from ..stores._connection import describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
 from ._deferral import publish_parked
-from ._options import option, policy_of, redis_url
+from ._options import health_check_of, option, policy_of, redis_url
 from ._releaser import Releaser
 
 
@@ -66,12 +66,17 @@ class ProcessParts:
         )
 
     def _make_breaker(self) -> CircuitBreaker:
-        return CircuitBreaker(
+        breaker = CircuitBreaker(
             self.breaker or self.name,
             policy=self._policy(),
             store=self.cbtasks_store,
             listeners=[metrics().transition],
+            health_check=health_check_of(self),
+            health_interval=float(self._option("health_interval")),
         )
+        if breaker.health is not None:
+            breaker.health.on_result = metrics().health_check
+        return breaker
 
     def _policy(self) -> BreakerPolicy:
         return policy_of(self)

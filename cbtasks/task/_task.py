@@ -79,6 +79,12 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
     max_release_rate: float | None = None
     #: Seconds a completed task id is remembered (no second call if redelivered).
     completion_ttl: float | None = None
+    #: A callable returning true when the endpoint looks healthy: while the
+    #: circuit is open one process of the fleet calls it every
+    #: ``health_interval`` seconds, and a pass makes it half-open at once.
+    health_check: Any = None
+    #: Seconds between health checks while the circuit is open.
+    health_interval: float | None = None
     #: A full garbage collection every this many deferrals per process (0: never).
     gc_every: int | None = None
 

@@ -1,6 +1,19 @@
--- ARGV[5] the command: force_open, force_close, reset, disable, enable.
+-- ARGV[5] the command: force_open, force_close, reset, disable, enable (an
+-- operator's), or healthy (a health check passed: open goes half-open now).
 local op = ARGV[5]
 local before = S.st
+if op == 'healthy' then
+  -- A health check opens the door, only real calls (probes) close it. Never
+  -- against an operator's forced open; no change, no news.
+  if S.st == OPEN and S.md ~= FORCED_OPEN then
+    set('st', HALF_OPEN)
+    redis.call('DEL', PROBES)
+    set('ps', 0)
+    set('vn', S.vn + 1)
+    transitions[#transitions + 1] = {OPEN, HALF_OPEN, 'health check passed'}
+  end
+  return finish({})
+end
 set('vn', S.vn + 1)
 if op == 'force_open' then
   set('md', FORCED_OPEN); set('st', OPEN); set('ou', now)

@@ -1,0 +1,124 @@
+"""Health checks: while a circuit is open, one process of the fleet asks the endpoint.
+
+A check that passes ends the open period early (half-open); it never closes
+the circuit. Envoy's docs warn that a health check which does not exercise
+the real request path un-ejects hosts too early: here only real calls (the
+probes) decide whether the circuit closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+
+from ._errors import PolicyError
+from ._state import Mode, State
+from .stores._base import BreakerStatus, LocalView, Store
+
+log = logging.getLogger("cbtasks")
+
+HealthCheck = Callable[[], object]
+
+
+class HealthChecker:
+    """A daemon thread per breaker and process; calls ``check()`` while the circuit is open.
+
+    Every ``interval`` seconds each process whose view says "open" asks the
+    store for the fleet's turn (a lease of ``interval``): exactly one calls
+    ``check()``. A truthy answer sends the ``healthy`` command. ``on_result``
+    (metrics) hears each answer. A check that raises counts as unhealthy.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        store: Store,
+        view: LocalView,
+        check: HealthCheck,
+        interval: float,
+        on_healthy: Callable[[], object],
+        read_status: Callable[[], BreakerStatus | None],
+        on_result: Callable[[str, bool], None] | None = None,
+    ) -> None:
+        self.read_status = read_status
+        self.name = name
+        self.store = store
+        self.view = view
+        self.check = check
+        self.on_healthy = on_healthy
+        self.interval = interval
+        self.on_result = on_result
+        #: Checks this process made, and how many passed.
+        self.checks = 0
+        self.passed = 0
+        self._pid = 0
+        self._stopped = threading.Event()
+
+    def ensure_running(self) -> None:
+        """Start the thread, again in a forked child (Celery's prefork pool)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._stopped = threading.Event()
+            name = f"cbtasks-health-{self.name}"
+            threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _run(self) -> None:
+        stopped = self._stopped
+        while not stopped.wait(self.interval):
+            try:
+                self._once()
+            except Exception:
+                log.exception("breaker %r: health check round failed", self.name)
+
+    def _once(self) -> None:
+        view = self.view
+        if view.closed:
+            return
+        if view.version < 0:
+            # Nothing heard yet, or forgotten (news may have been missed): ask.
+            status = self.read_status()
+            if status is None or status.state is not State.OPEN or status.mode is Mode.FORCED_OPEN:
+                return
+        elif self.store.local_clock() >= view.reject_until or view.mode == Mode.FORCED_OPEN:
+            return
+        if not self.store.claim(self.name, "health", int(self.interval * 1000)):
+            return  # another process has this round
+        try:
+            healthy = bool(self.check())
+        except Exception as exc:
+            log.debug("breaker %r: health check raised %r", self.name, exc)
+            healthy = False
+        self.checks += 1
+        if self.on_result is not None:
+            self.on_result(self.name, healthy)
+        if healthy:
+            self.passed += 1
+            self.on_healthy()
+
+
+def health_checker(
+    name: str,
+    store: Store,
+    view: LocalView,
+    check: HealthCheck | None,
+    interval: object,
+    on_healthy: Callable[[], object],
+    read_status: Callable[[], BreakerStatus | None],
+) -> HealthChecker | None:
+    """A running checker for ``check``, or None without one; PolicyError on bad values."""
+    if check is None:
+        return None
+    if not callable(check):
+        raise PolicyError(f"health_check must be callable, got {check!r}")
+    if not isinstance(interval, int | float) or not 0 < interval <= 3600:
+        raise PolicyError(
+            f"health_interval must be seconds above 0 and at most 3600, got {interval!r}"
+        )
+    checker = HealthChecker(name, store, view, check, float(interval), on_healthy, read_status)
+    checker.ensure_running()
+    return checker

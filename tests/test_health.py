@@ -1,0 +1,180 @@
+"""Health checks: they end an open period early, never close a circuit, and one process checks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from cbtasks import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    EndpointFailure,
+    RedisStore,
+    State,
+    StateChange,
+    Store,
+)
+from cbtasks._health import HealthChecker
+from cbtasks._testing.processes import ModelServer
+from cbtasks.clients import http_client
+from tests.conftest import FakeClock, wait_for
+
+POLICY = BreakerPolicy(failure_threshold=1, open_seconds=300)
+
+
+@pytest.fixture(autouse=True)
+def stop_checkers(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every health checker a test starts is stopped after it."""
+    started: list[HealthChecker] = []
+    start = HealthChecker.ensure_running
+
+    def ensure_running(self: HealthChecker) -> None:
+        started.append(self)
+        start(self)
+
+    monkeypatch.setattr(HealthChecker, "ensure_running", ensure_running)
+    yield
+    for checker in started:
+        checker.stop()
+
+
+def down() -> None:
+    raise EndpointFailure("503")
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    with pytest.raises(EndpointFailure):
+        breaker.call(down)
+    assert breaker.state is State.OPEN
+
+
+def test_a_passing_check_makes_an_open_circuit_half_open(name: str, store: Store) -> None:
+    """Long before the open period ends, a passing check lets a probe through; it closes."""
+    events: list[StateChange] = []
+    breaker = CircuitBreaker(
+        name,
+        policy=POLICY,
+        store=store,
+        listeners=[events.append],
+        health_check=lambda: True,
+        health_interval=0.05,
+    )
+    trip(breaker)
+    wait_for(lambda: breaker.state is State.HALF_OPEN, 5, "the check to half-open it")
+    assert breaker.call(lambda: "ok") == "ok"
+    assert breaker.state is State.CLOSED
+    reasons = [(e.to_state, e.reason) for e in events]
+    assert (State.HALF_OPEN, "health check passed") in reasons
+
+
+def test_a_failing_or_raising_check_keeps_it_open(name: str, store: Store) -> None:
+    """False, or an exception, changes nothing: the circuit stays open."""
+    answers: Iterator[bool | Exception] = iter([False, RuntimeError("no route"), False])
+
+    def check() -> bool:
+        answer = next(answers, False)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    breaker = CircuitBreaker(
+        name, policy=POLICY, store=store, health_check=check, health_interval=0.05
+    )
+    trip(breaker)
+    health = breaker.health
+    assert health is not None
+    clock = store.local_clock
+    if isinstance(clock, FakeClock):  # claims run out on the store's clock
+        wait_for(lambda: health.checks >= 1, 5, "a check")
+        clock.advance(0.1)
+    wait_for(lambda: health.checks >= 2, 5, "two checks")
+    assert health.passed == 0
+    assert breaker.state is State.OPEN
+
+
+def test_a_health_check_leaves_a_forced_open_alone(name: str, store: Store) -> None:
+    """An operator's forced open is not the health check's to end."""
+    breaker = CircuitBreaker(name, policy=POLICY, store=store)
+    breaker.force_open()
+    breaker.health_passed()
+    assert breaker.state is State.OPEN
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: None)
+
+
+def test_one_process_of_the_fleet_has_each_turn(name: str, store: Store, clock: FakeClock) -> None:
+    """A turn goes to one caller until it runs out."""
+    assert store.claim(name, "health", 1000) is True
+    assert store.claim(name, "health", 1000) is False
+    clock.advance(1.0)
+    if isinstance(store, RedisStore):  # Redis times keys out on its own clock
+        wait_for(lambda: store.claim(name, "health", 1000), 3, "the turn to run out")
+    else:
+        assert store.claim(name, "health", 1000) is True
+
+
+def test_bad_health_options_are_refused(name: str) -> None:
+    """A health check that cannot work fails when the breaker is made."""
+    from cbtasks import PolicyError
+
+    with pytest.raises(PolicyError, match="callable"):
+        CircuitBreaker(name, health_check="http://model/healthz")  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="health_interval"):
+        CircuitBreaker(name, health_check=lambda: True, health_interval=0)
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[ModelServer]:
+    with ModelServer() as server:
+        yield server
+
+
+def test_a_lying_health_endpoint_never_closes_the_circuit(
+    model: ModelServer, redis_url: str, name: str
+) -> None:
+    """/healthz answers 200 while every prediction fails: half-open, probe fails, open again."""
+    model.faults(error_rate=1.0)
+    client = http_client(model.url)
+    store = RedisStore(redis_url)
+    events: list[StateChange] = []
+    breaker = CircuitBreaker(
+        name,
+        policy=BreakerPolicy(failure_threshold=1, open_seconds=300, half_open_probes=1),
+        store=store,
+        listeners=[events.append],
+        health_check=client.healthy,
+        health_interval=0.05,
+    )
+
+    def predict() -> object:
+        return client.predict({"features": [5.1, 3.5, 1.4, 0.2]})
+
+    try:
+        assert client.healthy()
+        with pytest.raises(EndpointFailure):
+            breaker.call(predict)
+        for _ in range(3):
+            wait_for(lambda: breaker.state is State.HALF_OPEN, 5, "the health check")
+            with pytest.raises(EndpointFailure):
+                breaker.call(predict)  # the probe: a real prediction, and it fails
+            assert breaker.state is State.OPEN
+        assert State.CLOSED not in [e.to_state for e in events]
+        assert breaker.health is not None and breaker.health.passed >= 3
+    finally:
+        if breaker.health is not None:
+            breaker.health.stop()
+        model.clear_faults()
+        store.close()
+
+
+def test_healthz_is_down_during_an_injected_outage(model: ModelServer) -> None:
+    """The reference server's health endpoint fails during an outage, as a dead server's would."""
+    client = http_client(model.url)
+    model.faults(outage_seconds=30)
+    try:
+        assert client.healthy() is False
+    finally:
+        model.clear_faults()
+    assert client.healthy() is True
