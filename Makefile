@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean
+.PHONY: test lint typecheck pytest demo bench clean mutate
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -32,3 +32,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Mutation testing of the core, the policy, the fallbacks, the clients and the
+# deferral logic against the fast tests ([tool.mutmut] in pyproject.toml); not
+# part of make test. Prints the score and the surviving mutants.
+mutate: $(STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2 || true
+	$(BIN)/mutmut export-cicd-stats
+	$(BIN)/mutmut results
+	$(BIN)/python -m tests.mutation_score

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import redis
 
+from bench._memory import MemoryWatch
 from bench._timing import table
 from cbtasks import CircuitBreaker, RedisStore
 from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
@@ -43,50 +43,6 @@ VARIANTS = {
     "pybreaker redis + retry": "workers.predict_pybreaker_redis",
     "pybreaker memory + retry": "workers.predict_pybreaker_memory",
 }
-
-
-class MemoryWatch:
-    """Resident memory of a worker's process tree, per process, sampled in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.root = psutil.Process(pid)
-        self.baseline: dict[int, int] = {}
-        self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> dict[int, int]:
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-            return {p.pid: p.memory_info().rss for p in procs if p.is_running()}
-        except psutil.Error:
-            return {}
-
-    @property
-    def peak(self) -> int:
-        """The highest total seen."""
-        return sum(self.peaks.values())
-
-    @property
-    def worst_growth(self) -> int:
-        """The most any one process grew over its baseline."""
-        return max(
-            (peak - self.baseline.get(pid, peak) for pid, peak in self.peaks.items()), default=0
-        )
-
-    def start(self) -> MemoryWatch:
-        self.baseline = self.sample()
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.25):
-            for pid, rss in self.sample().items():
-                self.peaks[pid] = max(self.peaks.get(pid, 0), rss)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def _stack(
@@ -165,16 +121,21 @@ def outage_run(
         stats = model.stats()
         commandstats = client.info("commandstats")
         commands = sum(v["calls"] for v in commandstats.values())
+
+        def per_task(command: str) -> float:
+            return round(commandstats.get(f"cmdstat_{command}", {}).get("calls", 0) / tasks, 1)
+
         return {
             "endpoint calls in outage": stats["phases"].get("outage", {}).get("requests", 0),
             "peak concurrency after": stats["phases"].get("recovery", {}).get("peak_in_flight", 0),
             "recovery to last done (s)": round(done - recovered, 1),
             "Redis commands per task": round(commands / tasks, 1),
-            "of which scripts": round(
-                sum(v["calls"] for k, v in commandstats.items() if k.startswith("cmdstat_eval"))
-                / tasks,
-                1,
-            ),
+            # What clients send, by who sends it (a script's own commands are
+            # counted in the total too): cbtasks' scripts (breaker, parking),
+            # the completion guard's GET and SET, and Celery's broker messages.
+            "scripts (EVALSHA)": per_task("evalsha"),
+            "guard GET+SET": round(per_task("get") + per_task("set"), 1),
+            "broker messages (LPUSH)": per_task("lpush"),
             "worker peak RSS (MB)": round(memory.peak / 2**20),
             "lost": lost,
             "duplicates": stats["calls_after_success"],

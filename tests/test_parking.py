@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -167,5 +168,45 @@ def test_a_lost_news_message_is_caught_by_the_recheck(
         wait_for(lambda: releaser.wake.is_set() is False, 2, "the releaser to sleep")
         breaker.force_close()
         wait_for(lambda: published == ["a"], 3, "the re-check to release it")
+    finally:
+        store.close()
+
+
+def test_an_expired_request_leaves_the_lot_while_open(parts: dict[str, Any]) -> None:
+    """Its `expires` passed: handed out as expired even while the circuit is open."""
+    lot, clock, breaker = parts["lot"], parts["clock"], parts["breaker"]
+    trip(breaker)
+    lot.park("soon", {"task": "t", "i": 0}, now=clock.now, expires_at=clock.now + 2)
+    lot.park("later", {"task": "t", "i": 1}, now=clock.now, expires_at=clock.now + 60)
+    lot.park("never", {"task": "t", "i": 2}, now=clock.now)
+    first = lot.release(20.0, now=clock.now)
+    assert first.expired == [] and first.requests == []
+    assert first.wait == pytest.approx(2.0, abs=0.002)  # woken when the first one expires
+    clock.advance(2)
+    batch = lot.release(20.0, now=clock.now)
+    assert [request_id for request_id, _ in batch.expired] == ["soon"]
+    assert batch.requests == []
+    assert lot.count() == 2
+
+
+def test_a_releaser_revokes_what_expired(redis_url: str, name: str) -> None:
+    """The releaser hands expired requests to its expire callback, not to publish."""
+    store = RedisStore(redis_url)
+    breaker = CircuitBreaker(name, policy=POLICY, store=store)
+    lot = ParkingLot(store.client, "cbtasks", name)
+    published: list[str] = []
+    expired: list[str] = []
+    try:
+        breaker.force_open()
+        releaser = Releaser(
+            lot,
+            lambda request_id, _: published.append(request_id),
+            expire=lambda request_id, _: expired.append(request_id),
+            rate=20,
+        )
+        lot.park("a", {"task": "t"}, expires_at=time.time() + 0.3)
+        threading.Thread(target=releaser.run, daemon=True).start()
+        wait_for(lambda: expired == ["a"], 3, "the expired request")
+        assert published == [] and lot.count() == 0
     finally:
         store.close()

@@ -172,15 +172,35 @@ def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[s
     """The completion guard: the same task id a second time gets the stored result, no call."""
     tasks, model = fresh["tasks"], fresh["model"]
     events = _EventLog(tasks.app)
+    # Events sent before the receiver listens are lost: wait until it hears one.
+    wait_for(
+        lambda: (
+            events.count(tasks.predict.delay(FEATURES).id, "task-received") > 0
+            or events.total("task-succeeded") > 0
+        ),
+        30,
+        "the event receiver",
+    )
+    model.reset_stats()
     first = tasks.predict.apply_async((FEATURES,), task_id="same-request-1").get(timeout=30)
+    wait_for(lambda: events.count("same-request-1", "task-succeeded") >= 1, 30, "the first run")
     tasks.predict.apply_async((FEATURES,), task_id="same-request-1")
-    # The result backend already holds the first answer: wait for the second run itself.
     wait_for(lambda: events.count("same-request-1", "task-succeeded") >= 2, 30, "the second run")
     events.stop()
     assert first["label"] == "setosa"
-    stats = model.stats()
-    assert stats["requests"] == 1
-    assert stats["calls_after_success"] == 0
+    # The server counts a call whose request id (the task id) was answered before.
+    assert model.stats()["calls_after_success"] == 0
+
+
+def test_an_expired_parked_request_is_revoked_while_the_circuit_stays_open(
+    fresh: dict[str, Any],
+) -> None:
+    """Parked with expires=2: REVOKED when it expires, not held until the circuit closes."""
+    fresh["breaker"].force_open()
+    result = fresh["tasks"].predict_parked.apply_async((FEATURES,), expires=2)
+    wait_for(lambda: _state(result) == "REVOKED", 30, "the expired request to be revoked")
+    assert fresh["breaker"].state is State.OPEN
+    assert fresh["model"].stats()["requests"] == 0
 
 
 def test_registration_rejects_unknown_options() -> None:
@@ -277,6 +297,9 @@ class _EventLog:
 
     def count(self, task_id: str, kind: str) -> int:
         return self.seen[(task_id, kind)]
+
+    def total(self, kind: str) -> int:
+        return sum(n for (_, seen_kind), n in self.seen.items() if seen_kind == kind)
 
     def stop(self) -> None:
         self._receiver.should_stop = True

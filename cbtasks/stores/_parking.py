@@ -28,6 +28,8 @@ class Released(NamedTuple):
     requests: list[tuple[str, dict[str, Any]]]
     #: Seconds until more may go (0: now), or None: not until news (or a re-check).
     wait: float | None
+    #: (request id, message) pairs whose ``expires`` passed: gone from the lot.
+    expired: list[tuple[str, dict[str, Any]]]
 
 
 class ParkingLot:
@@ -41,15 +43,32 @@ class ParkingLot:
         self._parked, self._data = f"{base}:parked", f"{base}:parked:data"
         self._releasing, self._ramp = f"{base}:releasing", f"{base}:release-ramp"
         self._state = f"{base}:s"
+        self._expiries = f"{base}:parked:expires"
         self._wake_channel = f"{prefix}:parked"
         self._park = client.register_script(CLOCK + lua("park"))
         self._release = client.register_script(CLOCK + lua("release"))
         self._ack = client.register_script(lua("ack"))
 
-    def park(self, request_id: str, message: dict[str, Any], now: float | None = None) -> int:
-        """Keep ``message`` until the circuit closes; returns how many are parked."""
-        keys = [self._parked, self._data]
-        args = [request_id, json.dumps(message), _ms(now), self._wake_channel, self.breaker]
+    def park(
+        self,
+        request_id: str,
+        message: dict[str, Any],
+        now: float | None = None,
+        expires_at: float | None = None,
+    ) -> int:
+        """Keep ``message`` until the circuit closes, or until ``expires_at`` (epoch seconds).
+
+        Returns how many are parked.
+        """
+        keys = [self._parked, self._data, self._expiries]
+        args = [
+            request_id,
+            json.dumps(message),
+            _ms(now),
+            self._wake_channel,
+            self.breaker,
+            _ms(expires_at),
+        ]
         return int(self._park(keys=keys, args=args))
 
     def release(
@@ -66,7 +85,14 @@ class ParkingLot:
         ``rate`` is where the slow start begins (per second), ``max_rate`` where
         it stops growing; ``now`` (seconds) replaces Redis's clock in tests.
         """
-        keys = [self._parked, self._data, self._releasing, self._state, self._ramp]
+        keys = [
+            self._parked,
+            self._data,
+            self._releasing,
+            self._state,
+            self._ramp,
+            self._expiries,
+        ]
         cap = 0 if math.isinf(max_rate) else max_rate
         args: list[str | int] = [
             repr(float(rate)),
@@ -77,22 +103,42 @@ class ParkingLot:
             most,
         ]
         raw = self._release(keys=keys, args=args)
-        wait_ms = int(raw[0])
+        wait_ms, expired_count = int(raw[0]), int(raw[1])
+        pairs = [(raw[i].decode(), raw[i + 1]) for i in range(2, len(raw), 2)]
+        expired = [(rid, self._read(rid, data)) for rid, data in pairs[:expired_count]]
         out = []
-        for i in range(1, len(raw), 2):
-            request_id = raw[i].decode()
-            try:
-                out.append((request_id, json.loads(raw[i + 1])))
-            except ValueError:
-                # Unreadable: keep it visible for an operator rather than drop it.
-                self.client.hset(f"{self._data}:unreadable", request_id, raw[i + 1])
-                self.ack([request_id])
-        return Released(out, None if wait_ms < 0 else wait_ms / 1000)
+        for request_id, data in pairs[expired_count:]:
+            message = self._read(request_id, data)
+            if message is None:
+                self.ack([request_id])  # kept aside by _read for an operator
+            else:
+                out.append((request_id, message))
+        return Released(
+            out,
+            None if wait_ms < 0 else wait_ms / 1000,
+            [(rid, message) for rid, message in expired if message is not None],
+        )
+
+    def _read(self, request_id: str, data: bytes) -> dict[str, Any] | None:
+        try:
+            message = json.loads(data)
+        except ValueError:
+            message = None
+        if not isinstance(message, dict):
+            # Unreadable: keep it visible for an operator rather than drop it.
+            self.client.hset(f"{self._data}:unreadable", request_id, data)
+            return None
+        return message
 
     def ack(self, request_ids: list[str]) -> None:
         """These were re-published: forget them."""
         if request_ids:
             self._ack(keys=[self._releasing, self._data, self._parked], args=request_ids)
+
+    def expires_of(self, request_id: str) -> float | None:
+        """When a parked request expires (epoch seconds), if it does."""
+        score = self.client.zscore(self._expiries, request_id)
+        return None if score is None else float(score) / 1000
 
     def count(self) -> int:
         """Requests parked or being released."""

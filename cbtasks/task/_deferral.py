@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+from datetime import datetime
 from typing import Any
 
 import celery
@@ -68,6 +69,28 @@ def publish_parked(app: celery.Celery, request_id: str, message: dict[str, Any])
         queue=message["queue"],
         **message["options"],
     )
+
+
+def expires_at(message: dict[str, Any]) -> float | None:
+    """When a parked request expires (epoch seconds), from its ``expires`` option."""
+    expires = message["options"].get("expires")
+    if expires is None:
+        return None
+    if isinstance(expires, int | float):
+        return float(expires)
+    try:
+        return datetime.fromisoformat(str(expires)).timestamp()
+    except ValueError:
+        return None  # Celery checks it again when the request is published
+
+
+def revoke_expired(app: celery.Celery, request_id: str, message: dict[str, Any]) -> None:
+    """A parked request expired: REVOKED in the result backend and to Flower, as Celery does."""
+    app.backend.mark_as_revoked(request_id, "expired")
+    with app.events.default_dispatcher() as dispatcher:
+        dispatcher.send(
+            "task-revoked", uuid=request_id, terminated=False, signum=None, expired=True
+        )
 
 
 _deferrals = itertools.count(1)

@@ -17,7 +17,7 @@ from ..stores import RedisStore
 from ..stores._connection import describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
-from ._deferral import publish_parked
+from ._deferral import publish_parked, revoke_expired
 from ._options import health_check_of, option, policy_of, redis_url
 from ._releaser import Releaser
 
@@ -97,6 +97,7 @@ class ProcessParts:
             return Releaser(
                 self.cbtasks_parking,
                 functools.partial(publish_parked, self.app),
+                expire=functools.partial(revoke_expired, self.app),
                 rate=float(self._option("release_rate")),
                 max_rate=float(self._option("max_release_rate")),
             )

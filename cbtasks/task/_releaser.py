@@ -1,6 +1,8 @@
 """The releaser: a thread in each worker's main process that re-publishes parked requests.
 
-It sleeps while nothing can be released: with nothing parked or the circuit
+Parked requests whose ``expires`` passes are handed to ``expire`` (the
+task revokes them, as Celery's own expiry would) whatever the circuit's
+state. It sleeps while nothing can be released: with nothing parked or the circuit
 forced open it waits for news (a state change, or the first request parked);
 while the circuit is open it waits until the probe window. One read-only
 re-check every ``RECHECK_SECONDS`` covers a news message that was lost. Once
@@ -43,18 +45,21 @@ class Releaser:
         lot: ParkingLot,
         publish: Callable[[str, dict[str, Any]], None],
         *,
+        expire: Callable[[str, dict[str, Any]], None] | None = None,
         rate: float,
         max_rate: float = math.inf,
         probe_interval: float = 1.0,
     ) -> None:
         self.lot = lot
         self.publish = publish
+        self.expire = expire
         self.rate = rate
         self.max_rate = max_rate
         self.probe_interval = probe_interval
         self.wake = threading.Event()
-        #: Requests this releaser has re-published.
+        #: Requests this releaser has re-published, and revoked as expired.
         self.released = 0
+        self.expired = 0
 
     @classmethod
     def ensure(cls, key: str, make: Callable[[], Releaser], subscribe: Any) -> Releaser:
@@ -88,6 +93,10 @@ class Releaser:
             probe_interval=self.probe_interval,
             most=BATCH,
         )
+        for request_id, message in batch.expired:
+            if self.expire is not None:
+                self.expire(request_id, message)
+            self.expired += 1
         done = []
         try:
             for request_id, message in batch.requests:
@@ -96,7 +105,7 @@ class Releaser:
         finally:
             self.lot.ack(done)  # what failed to publish comes back when its lease ends
             self.released += len(done)
-        return 0.0 if done else batch.wait
+        return 0.0 if done or batch.expired else batch.wait
 
     def run(self) -> None:
         while True:

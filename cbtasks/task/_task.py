@@ -41,6 +41,7 @@ from ._deferral import (
     DEFERRALS,
     collect_now_and_then,
     countdown,
+    expires_at,
     header,
     parked_message,
 )
@@ -243,7 +244,8 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         return True
 
     def _park(self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]) -> None:
-        self.cbtasks_parking.park(self.request.id, parked_message(self, args, kwargs, headers))
+        message = parked_message(self, args, kwargs, headers)
+        self.cbtasks_parking.park(self.request.id, message, expires_at=expires_at(message))
 
     # -- the completion guard ---------------------------------------------------------
 

@@ -12,13 +12,16 @@
 -- it; a lease that runs out (the releaser died) puts it back in front.
 -- Nothing is written when there is nothing to hand out.
 -- KEYS[1] parked zset, KEYS[2] data hash, KEYS[3] releasing zset,
--- KEYS[4] the breaker's state hash, KEYS[5] the ramp hash.
+-- KEYS[4] the breaker's state hash, KEYS[5] the ramp hash, KEYS[6] expiries
+-- (zset: id -> when the request expires, ms). Expired requests leave the lot
+-- whatever the circuit's state, to be revoked by the caller.
 -- ARGV[1] base rate per second, ARGV[2] the cap (0: none), ARGV[3] lease ms,
 -- ARGV[4] now in ms or '', ARGV[5] ms between probe releases, ARGV[6] most
 -- to hand out at once.
--- Returns {wait_ms, id1, json1, id2, json2, ...}: wait_ms is 0 when it
+-- Returns {wait_ms, n_expired, id1, json1, id2, json2, ...}: the first
+-- n_expired pairs expired, the rest are to re-publish. wait_ms is 0 when it
 -- handed some out, -1 when only news can change the answer (nothing parked,
--- forced open), else the ms until it may hand out more.
+-- forced open), else the ms until it may hand out more (or one expires).
 local now = now_ms(ARGV[4])
 local base, cap, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local probe_every, most = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -28,17 +31,38 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
   redis.call('ZADD', KEYS[1], 0, id)  -- back to the front of the line
 end
 
+local expired = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', now, 'LIMIT', 0, most)) do
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[1], id)
+  expired[#expired + 1] = id
+  expired[#expired + 1] = redis.call('HGET', KEYS[2], id) or ''
+  redis.call('HDEL', KEYS[2], id)
+end
+-- Wait no longer than until the next request expires.
+local next_expiry = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')[2]
+local function waiting(ms)
+  if #expired > 0 then ms = 0 end
+  if next_expiry then
+    local until_expiry = math.max(tonumber(next_expiry) - now, 0)
+    if ms < 0 or until_expiry < ms then ms = until_expiry end
+  end
+  local reply = {ms, #expired / 2}
+  for _, v in ipairs(expired) do reply[#reply + 1] = v end
+  return reply
+end
+
 local parked = redis.call('ZCARD', KEYS[1])
-if parked == 0 then return {-1} end
+if parked == 0 then return waiting(-1) end
 local b = redis.call('HMGET', KEYS[4], 'st', 'md', 'ou', 'vn', 'ft')
 local state, mode = tonumber(b[1]) or 0, tonumber(b[2]) or 0
-if mode == 1 then return {-1} end  -- forced open: an operator's close is news
+if mode == 1 then return waiting(-1) end  -- forced open: an operator's close is news
 local n
 if state ~= 0 then
   local open_until = tonumber(b[3]) or 0
-  if state == 1 and now < open_until then return {open_until - now} end
+  if state == 1 and now < open_until then return waiting(open_until - now) end
   local last = tonumber(redis.call('HGET', KEYS[5], 'probe_ts')) or 0
-  if now - last < probe_every then return {probe_every - (now - last)} end
+  if now - last < probe_every then return waiting(probe_every - (now - last)) end
   redis.call('HSET', KEYS[5], 'probe_ts', now)
   n = 1
 else
@@ -69,17 +93,18 @@ else
     if tonumber(r[1]) ~= version or tonumber(r[5]) ~= seen then
       redis.call('HSET', KEYS[5], 'vn', version, 'rate', rate, 'ts', now, 'tokens', tokens, 'ft', seen)
     end
-    return {math.ceil((1 - tokens) * 1000 / rate)}
+    return waiting(math.ceil((1 - tokens) * 1000 / rate))
   end
   redis.call('HSET', KEYS[5], 'vn', version, 'rate', rate, 'ts', now,
     'tokens', tokens - n, 'ft', seen)
 end
 
-local reply = {0}
+local reply = waiting(0)
 local popped = redis.call('ZPOPMIN', KEYS[1], n)
 for i = 1, #popped, 2 do
   local id = popped[i]
   redis.call('ZADD', KEYS[3], now + lease, id)
+  redis.call('ZREM', KEYS[6], id)
   reply[#reply + 1] = id
   reply[#reply + 1] = redis.call('HGET', KEYS[2], id) or ''
 end
