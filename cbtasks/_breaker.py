@@ -32,6 +32,8 @@ Listener = Callable[[StateChange], object]
 
 _unnamed = itertools.count(1)
 _DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
+# An endpoint's Retry-After keeps the circuit open that long, up to an hour.
+_MAX_RETRY_AFTER_MS = 3_600_000
 
 
 class CircuitBreaker:
@@ -89,14 +91,9 @@ class CircuitBreaker:
         self._failures = policy.failure_exceptions
         self._ignored = policy.ignored_exceptions
         self._open_calls = threading.local()
+        self._longest_open_ms = int(policy.longest_open_seconds * 1000)
         self._health = health_checker(
-            self.name,
-            self.store,
-            self._view,
-            health_check,
-            health_interval,
-            self.health_passed,
-            self.status,
+            self.name, self.store, health_check, health_interval, self.health_passed
         )
 
     def __repr__(self) -> str:
@@ -206,6 +203,7 @@ class CircuitBreaker:
         """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned."""
         slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
+        retry_after_ms = min(retry_after_ms, _MAX_RETRY_AFTER_MS)  # an endpoint's word, bounded
         reply = self.store.record(self.name, self._wire, probe, outcome, slow, retry_after_ms)
         if reply.version > self._view.version or reply.transitions:
             self._learn(reply)
@@ -277,9 +275,15 @@ class CircuitBreaker:
         if self._health is not None:
             self._health.ensure_running()  # again after a fork
         if reply.cacheable:
+            if self._health is not None:
+                self._health.observe(
+                    reply.state, reply.remaining_ms, reply.mode, self.store.local_clock()
+                )
             self._view.apply(
                 reply.state,
-                reply.remaining_ms,
+                # Never trust a state hash longer than the policy allows (it
+                # could be forged): past that, this process asks again.
+                min(reply.remaining_ms, self._longest_open_ms),
                 reply.mode,
                 reply.version,
                 self.store.local_clock(),

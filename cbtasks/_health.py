@@ -14,8 +14,9 @@ import threading
 from collections.abc import Callable
 
 from ._errors import PolicyError
-from ._state import Mode, State
-from .stores._base import BreakerStatus, LocalView, Store
+from ._machine import OPEN
+from ._state import Mode
+from .stores._base import Store
 
 log = logging.getLogger("cbtasks")
 
@@ -25,8 +26,8 @@ HealthCheck = Callable[[], object]
 class HealthChecker:
     """A daemon thread per breaker and process; calls ``check()`` while the circuit is open.
 
-    Every ``interval`` seconds each process whose view says "open" asks the
-    store for the fleet's turn (a lease of ``interval``): exactly one calls
+    Every ``interval`` seconds each process that a store reply told "open"
+    asks the store for the fleet's turn (a lease of ``interval``): exactly one calls
     ``check()``. A truthy answer sends the ``healthy`` command. ``on_result``
     (metrics) hears each answer. A check that raises counts as unhealthy.
     """
@@ -35,17 +36,13 @@ class HealthChecker:
         self,
         name: str,
         store: Store,
-        view: LocalView,
         check: HealthCheck,
         interval: float,
         on_healthy: Callable[[], object],
-        read_status: Callable[[], BreakerStatus | None],
         on_result: Callable[[str, bool], None] | None = None,
     ) -> None:
-        self.read_status = read_status
         self.name = name
         self.store = store
-        self.view = view
         self.check = check
         self.on_healthy = on_healthy
         self.interval = interval
@@ -53,8 +50,21 @@ class HealthChecker:
         #: Checks this process made, and how many passed.
         self.checks = 0
         self.passed = 0
+        #: Until when, on the store's local clock, a reply said the circuit is open.
+        self.open_until = 0.0
+        self.forced_open = False
         self._pid = 0
         self._stopped = threading.Event()
+
+    def observe(self, state: int, remaining_ms: int, mode: int, now: float) -> None:
+        """What a store reply said: open (until when), forced open, or neither.
+
+        Only replies count, never news (a hint anyone could forge) nor a
+        forgotten view: a process that has not heard from the store itself
+        leaves the checking to those that have.
+        """
+        self.forced_open = mode == Mode.FORCED_OPEN
+        self.open_until = now + remaining_ms / 1000 if state == OPEN else 0.0
 
     def ensure_running(self) -> None:
         """Start the thread, again in a forked child (Celery's prefork pool)."""
@@ -76,15 +86,7 @@ class HealthChecker:
                 log.exception("breaker %r: health check round failed", self.name)
 
     def _once(self) -> None:
-        view = self.view
-        if view.closed:
-            return
-        if view.version < 0:
-            # Nothing heard yet, or forgotten (news may have been missed): ask.
-            status = self.read_status()
-            if status is None or status.state is not State.OPEN or status.mode is Mode.FORCED_OPEN:
-                return
-        elif self.store.local_clock() >= view.reject_until or view.mode == Mode.FORCED_OPEN:
+        if self.forced_open or self.store.local_clock() >= self.open_until:
             return
         if not self.store.claim(self.name, "health", int(self.interval * 1000)):
             return  # another process has this round
@@ -104,11 +106,9 @@ class HealthChecker:
 def health_checker(
     name: str,
     store: Store,
-    view: LocalView,
     check: HealthCheck | None,
     interval: object,
     on_healthy: Callable[[], object],
-    read_status: Callable[[], BreakerStatus | None],
 ) -> HealthChecker | None:
     """A running checker for ``check``, or None without one; PolicyError on bad values."""
     if check is None:
@@ -119,6 +119,6 @@ def health_checker(
         raise PolicyError(
             f"health_interval must be seconds above 0 and at most 3600, got {interval!r}"
         )
-    checker = HealthChecker(name, store, view, check, float(interval), on_healthy, read_status)
+    checker = HealthChecker(name, store, check, float(interval), on_healthy)
     checker.ensure_running()
     return checker

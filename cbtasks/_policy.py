@@ -142,6 +142,15 @@ class BreakerPolicy:
         """True when a failure or slow-call rate is checked."""
         return self.failure_rate is not None or self.slow_call_rate is not None
 
+    @property
+    def longest_open_seconds(self) -> float:
+        """The longest open period the backoff can give, jitter included.
+
+        A process trusts no longer one (a forged state hash, an hour's
+        Retry-After) without asking the store again.
+        """
+        return self.max_open_seconds * (1 + self.jitter)
+
     def wire(self) -> PolicyWire:
         """The numbers the state machine needs, as stores pass them around."""
         window = self.window

@@ -101,3 +101,15 @@ def test_bad_target() -> None:
     """A URL is not a gRPC target: the error says what is."""
     with pytest.raises(ValueError, match="host:port"):
         GRPCModelClient("http://model:50051")
+
+
+def test_a_request_that_cannot_be_encoded_is_the_callers_error() -> None:
+    """NaN is refused before any call (it used to come back INTERNAL, an endpoint failure)."""
+    client = GRPCModelClient(f"127.0.0.1:{free_port()}", timeout=1)  # nothing listens: never called
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=60)
+    try:
+        with pytest.raises(CallerError, match="finite numbers"):
+            breaker.call(client.predict, {"features": [1.0, float("nan"), 3.0, 4.0]})
+    finally:
+        client.close()
+    assert breaker.state is State.CLOSED

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -126,3 +127,15 @@ def test_bad_base_url() -> None:
     """The client says what a base URL must look like."""
     with pytest.raises(ValueError, match="http://"):
         HTTPModelClient("model:8000")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 1e999, object()])
+def test_a_request_that_cannot_be_encoded_is_the_callers_error(bad: Any) -> None:
+    """NaN, Infinity or a value JSON cannot hold: CallerError, nothing sent, breaker untouched."""
+    sent: list[httpx.Request] = []
+    transport = httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200, json={}))
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=60)
+    with pytest.raises(CallerError, match="finite numbers"):
+        breaker.call(predict, "http://model", [1.0, 2.0, bad, 4.0], transport=transport)
+    assert sent == []
+    assert breaker.state is State.CLOSED

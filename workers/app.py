@@ -11,6 +11,7 @@ CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_METRICS_PORT
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Any
@@ -82,8 +83,11 @@ def validate_features(features: Any) -> list[float]:
     """Four numbers, or a CallerError saying what is wrong (it never trips the breaker)."""
     if not isinstance(features, list) or len(features) != 4:
         raise CallerError(f"features must be a list of 4 numbers, got {features!r:.100}")
-    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in features):
-        raise CallerError(f"features must all be numbers, got {features!r:.100}")
+    if not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+        for x in features
+    ):
+        raise CallerError(f"features must all be finite numbers, got {features!r:.100}")
     return [float(x) for x in features]
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import grpc
 
 from .._errors import CallerError, EndpointFailure
+from ._encoding import encode_request
 from ._pool import per_process
 from .http import parse_retry_after
 
@@ -46,7 +47,7 @@ class GRPCModelClient:
         self._channel = grpc.insecure_channel(target)
         self._call = self._channel.unary_unary(
             method,
-            request_serializer=lambda message: json.dumps(message).encode(),
+            request_serializer=lambda encoded: encoded,  # encode_request did it
             response_deserializer=lambda raw: raw,
         )
 
@@ -56,8 +57,9 @@ class GRPCModelClient:
     def predict(self, payload: dict[str, Any], *, request_id: str | None = None) -> dict[str, Any]:
         """Send ``payload`` and return the JSON object answered."""
         metadata = (("x-request-id", request_id),) if request_id else None
+        encoded = encode_request(payload)
         try:
-            raw = self._call(payload, timeout=self.timeout, metadata=metadata)
+            raw = self._call(encoded, timeout=self.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details()

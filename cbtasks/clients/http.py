@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from .._errors import CallerError, EndpointFailure
+from ._encoding import encode_request
 from ._pool import per_process
 
 __all__ = ["HTTPModelClient", "http_client"]
@@ -50,9 +51,12 @@ class HTTPModelClient:
         self, payload: dict[str, Any], *, path: str = "/predict", request_id: str | None = None
     ) -> dict[str, Any]:
         """POST ``payload`` as JSON and return the JSON object answered."""
-        headers = {"X-Request-ID": request_id} if request_id else None
+        body = encode_request(payload)
+        headers = {"Content-Type": "application/json"}
+        if request_id:
+            headers["X-Request-ID"] = request_id
         try:
-            response = self._client.post(path, json=payload, headers=headers)
+            response = self._client.post(path, content=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise EndpointFailure(f"{self.base_url}{path} timed out: {exc}") from exc
         except httpx.TransportError as exc:
@@ -70,16 +74,16 @@ class HTTPModelClient:
                 status=status,
             )
         try:
-            body = response.json()
+            answer = response.json()
         except ValueError:
-            body = None
-        if not isinstance(body, dict):
+            answer = None
+        if not isinstance(answer, dict):
             raise EndpointFailure(
                 f"{self.base_url}{path} answered {status} with a body that is not a JSON object: "
                 f"{response.text[:200]!r}",
                 status=status,
             )
-        return body
+        return answer
 
     def healthy(self, path: str = "/healthz", timeout: float = 2.0) -> bool:
         """True when ``GET path`` answers 2xx within ``timeout`` seconds; never raises.

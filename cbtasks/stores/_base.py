@@ -74,12 +74,12 @@ class BreakerStatus:
 
 
 class LocalView:
-    """What one process last heard of a breaker, so most calls skip the store.
+    """What one process last heard from the store of a breaker, so most calls skip it.
 
     ``closed`` means admit without asking; ``reject_until`` (on the store's
     local clock) means reject without asking until then. Anything else asks.
-    News carries the breaker's version, so older news never overwrites newer
-    and a late echo of news we already have does not restart a countdown.
+    Replies carry the breaker's version, so an older reply never overwrites a
+    newer one; news of a newer version makes the process ask again (:meth:`hint`).
     """
 
     __slots__ = ("_lock", "closed", "mode", "reject_until", "version")
@@ -92,7 +92,7 @@ class LocalView:
         self._lock = threading.Lock()
 
     def apply(self, state: int, remaining_ms: int, mode: int, version: int, now: float) -> None:
-        """Take news of the breaker's state, unless newer news came first."""
+        """Take a store's reply about the breaker's state, unless a newer one came first."""
         with self._lock:
             if version <= self.version:
                 return  # old news, or news we already have (a late echo of our own)
@@ -100,6 +100,18 @@ class LocalView:
             self.mode = int(mode)
             self.closed = state == CLOSED and mode != Mode.FORCED_OPEN
             self.reject_until = now + remaining_ms / 1000 if state == OPEN else 0.0
+
+    def hint(self, version: int) -> None:
+        """News of a newer version: ask the store next time (news is a hint, never the state).
+
+        Anyone who can write to Redis can publish; so news only makes a
+        process look again, and what it then caches comes from a script's reply.
+        """
+        with self._lock:
+            if version > self.version:
+                self.closed = False
+                self.reject_until = 0.0
+                self.version = -1
 
     def hold_off(self, until: float) -> None:
         """Reject locally until ``until``: every probe slot is taken."""

@@ -3,7 +3,8 @@
 Two channels: ``<prefix>:news`` carries each state change
 (``name\\nversion\\nstate\\nremaining_ms\\nmode``), ``<prefix>:parked`` the
 name of a breaker whose parking lot was empty and now holds a request. A
-message is a hint, never the truth: handlers use it to look again sooner.
+message is a hint, never the truth (anyone who can write to Redis can
+publish): it makes a process ask the store again, or a releaser look again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -121,7 +123,6 @@ class ProcessNews:
         self,
         client: redis.Redis,
         prefix: str,
-        clock: Callable[[], float],
         on_outage: Callable[[BaseException], None],
         retry_interval: float,
     ) -> None:
@@ -130,7 +131,6 @@ class ProcessNews:
         self.channel = f"{prefix}:news"
         #: Where a parking lot that was empty announces its first request.
         self.parked_channel = f"{prefix}:parked"
-        self._clock = clock
         self._on_outage = on_outage
         self._retry_interval = retry_interval
         self._views: dict[str, LocalView] = {}
@@ -138,6 +138,8 @@ class ProcessNews:
         self._hooks: list[Callable[[str], None]] = []
         self._listener: NewsListener | None = None
         self._pid = os.getpid()
+        self._malformed = 0
+        self._next_malformed_log = 0.0
 
     def view(self, name: str) -> LocalView:
         """The shared view of breaker ``name`` in this process."""
@@ -170,11 +172,20 @@ class ProcessNews:
     def _on_news(self, data: bytes) -> None:
         news = parse_news(data)
         if news is None:
-            log.warning("ignoring malformed breaker news on %s: %r", self.channel, data[:200])
+            self._malformed += 1
+            now = time.monotonic()
+            if now >= self._next_malformed_log:  # garbage must not flood the log
+                self._next_malformed_log = now + 60
+                log.warning(
+                    "ignoring malformed breaker news on %s (%d so far), latest: %r",
+                    self.channel,
+                    self._malformed,
+                    data[:200],
+                )
             return
         view = self._views.get(news.name)
         if view is not None:
-            view.apply(news.state, news.remaining_ms, news.mode, news.version, self._clock())
+            view.hint(news.version)
         self._tell_hooks(news.name)
 
     def _on_parked(self, data: bytes) -> None:

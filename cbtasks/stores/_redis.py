@@ -85,8 +85,8 @@ class RedisStore:
         self._fixed: dict[str, tuple[bytes, ...]] = {}
         self._local = MemoryStore()
         self.outage = Outage(self.on_error, retry_interval)
-        #: This process's views of the breakers, kept current by the news.
-        self.news = ProcessNews(self.client, prefix, self.local_clock, self._outage, retry_interval)
+        #: This process's views of the breakers; news makes them ask again.
+        self.news = ProcessNews(self.client, prefix, self._outage, retry_interval)
         #: Calls decided by ``on_error`` while Redis was unreachable.
         self.fallback_decisions = 0
         #: Called with the exception each time a Redis call fails (metrics hook).
