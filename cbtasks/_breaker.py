@@ -79,6 +79,13 @@ class CircuitBreaker:
             raise PolicyError(f"fallback must be callable, got {fallback!r}")
         self.name = validate_name(name)
         self.policy = policy
+        if store is not None and not all(
+            callable(getattr(store, op, None)) for op in ("view", "admit", "record", "control")
+        ):
+            raise PolicyError(
+                f"store must be a MemoryStore, a RedisStore or another Store, got {store!r}; "
+                "to share state through Redis pass store=RedisStore('redis://...')"
+            )
         self.store: Store = store if store is not None else MemoryStore()
         self.fallback = fallback
         self._listeners: list[Listener] = list(listeners)

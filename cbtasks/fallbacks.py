@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from .stores._news import REDIS_TROUBLE
 
 __all__ = [
     "CachedResult",
@@ -32,6 +35,8 @@ __all__ = [
     "is_fallback",
     "mark",
 ]
+
+log = logging.getLogger("cbtasks.fallbacks")
 
 #: The key that marks a result as a fallback's.
 MARK = "cbtasks_fallback"
@@ -130,7 +135,11 @@ class CachedResult:
         task.cbtasks_redis.set(self.key(task, args, kwargs), encoded, px=int(self.ttl * 1000))
 
     def __call__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        cached = task.cbtasks_redis.get(self.key(task, args, kwargs))
+        try:
+            cached = task.cbtasks_redis.get(self.key(task, args, kwargs))
+        except REDIS_TROUBLE as exc:  # the cache is out of reach: a miss, not a failure
+            log.warning("cannot read the cached result of %s (%s)", task.name, exc)
+            cached = None
         if cached is not None:
             return json.loads(cached)
         if self.otherwise is not None:

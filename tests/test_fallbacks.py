@@ -81,3 +81,10 @@ def test_cached_result_is_keyed_on_keyword_arguments_too(redis_url: str) -> None
         cache(task, (), {"x": 2})
     with pytest.raises(fb.NoFallback):
         cache(task, (1,), {})  # the same value passed by position is another call
+
+
+def test_an_unreachable_cache_is_a_miss(redis_url: str) -> None:
+    """Redis out of reach: the fallback behind the cache answers, nothing is raised."""
+    task = FakeTask("redis://127.0.0.1:1/0")  # nothing listens on port 1
+    backed = fb.CachedResult(ttl=60, otherwise=fb.DefaultPrediction("unknown"))
+    assert backed(task, ([1, 2, 3, 4],), {}) == "unknown"

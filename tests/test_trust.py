@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
 import redis
+from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cbtasks import BreakerPolicy, CircuitBreaker, RedisStore, State
+from cbtasks import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitBreakerTask,
+    PolicyError,
+    RedisStore,
+    State,
+)
 from cbtasks.stores._news import parse_news
+from cbtasks.task._completion import CompletionGuard
+from cbtasks.task._task import _check_options
 from tests.conftest import wait_for
 
 
@@ -25,9 +40,9 @@ def test_forged_news_cannot_open_a_circuit(redis_url: str, name: str) -> None:
             5,
             "the forged news to be heard",
         )
+        # The forged news made it ask the store, which says closed: calls go through.
         assert breaker.call(lambda: "still ok") == "still ok"
         assert breaker.state is State.CLOSED
-        assert heard.closed  # learnt again from the store's reply
     finally:
         store.close()
 
@@ -79,3 +94,81 @@ def test_the_news_parser_takes_any_bytes(data: bytes) -> None:
     """Arbitrary bytes: a parsed message or None, never an exception."""
     news = parse_news(data)
     assert news is None or isinstance(news.version, int)
+
+
+def test_redis_answering_with_errors_follows_on_error(redis_url: str, name: str) -> None:
+    """A key of the wrong type: the call is made (on_error='local'), its own outcome kept."""
+    store = RedisStore(redis_url)
+    breaker = CircuitBreaker(name, store=store)
+    redis.Redis.from_url(redis_url).set(f"cbtasks:{{{name}}}:s", "not a hash")
+    try:
+        assert breaker.call(lambda: "answered") == "answered"
+        with pytest.raises(ZeroDivisionError):  # the call's own error, not a StoreError
+            breaker.call(lambda: 1 / 0)
+        assert store.error_count >= 1
+    finally:
+        store.close()
+
+
+def test_the_completion_guard_survives_a_wrong_type(redis_url: str) -> None:
+    """A completion key of the wrong type: no mark found, none written, no exception."""
+    client = redis.Redis.from_url(redis_url)
+    client.hset("cbtasks:done:task-1", "x", "y")
+    guard = CompletionGuard(client, "cbtasks")
+    assert guard.result_of("task-1") is None
+    guard.mark("task-1", {"label": "setosa"}, ttl=60)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"breaker": "my model"},
+        {"completion_ttl": 0},
+        {"completion_ttl": math.inf},
+        {"gc_every": math.nan},
+        {"defer_jitter": math.nan},
+        {"release_rate": 0},
+        {"release_rate": math.nan},
+        {"max_deferrals": 2.5},
+        {"health_interval": -1},
+        {"on_error": "explode"},
+    ],
+)
+def test_task_options_that_cannot_work_fail_at_registration(options: dict[str, Any]) -> None:
+    """Each used to pass registration and fail every task at run time, or silently."""
+
+    def predict() -> None:
+        """A task that must never be registered."""
+
+    app = Celery("registration", set_as_current=False)
+    option = next(iter(options))
+    with pytest.raises(PolicyError, match=option.split("_")[0]):
+        app.task(base=CircuitBreakerTask, shared=False, **options)(predict)
+        app.finalize(auto=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("on_open", "explode"), ("release_rate", math.nan), ("completion_ttl", 0)],
+)
+def test_app_settings_that_cannot_work_stop_the_worker_at_start(setting: str, value: Any) -> None:
+    """app.conf.cbtasks_on_open='explode' used to be treated as defer, silently."""
+    app = Celery("settings", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+    app.conf[f"cbtasks_{setting}"] = value
+
+    @app.task(base=CircuitBreakerTask, shared=False)
+    def predict() -> None:
+        """A task whose settings are bad."""
+
+    app.finalize(auto=True)
+    with pytest.raises(SystemExit, match=setting):
+        _check_options(sender=SimpleNamespace(app=app))
+
+
+def test_store_and_timeout_mistakes_are_policy_errors(name: str) -> None:
+    """A URL where a store goes, a timeout as a string: PolicyError saying what to pass."""
+    with pytest.raises(PolicyError, match="RedisStore"):
+        CircuitBreaker(name, store="redis://localhost:6379/0")  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="timeout"):
+        RedisStore("redis://localhost:6379/0", timeout="1")  # type: ignore[arg-type]

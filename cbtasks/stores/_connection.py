@@ -54,3 +54,21 @@ def describe_client(client: redis.Redis) -> str:
     )
     host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
     return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"
+
+
+def unreachable_message(client: redis.Redis, exc: BaseException) -> str:
+    """What went wrong talking to Redis, and what to check; never the password."""
+    if not isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+        return (
+            f"Redis at {describe_client(client)} refused the breaker's scripts "
+            f"({type(exc).__name__}: {exc}); check its keys, memory and ACL"
+        )
+    return (
+        f"cannot reach Redis at {describe_client(client)} "
+        f"({type(exc).__name__}: {exc}); check that it runs and that the URL is right"
+    )
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool)

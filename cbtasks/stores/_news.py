@@ -24,6 +24,9 @@ log = logging.getLogger("cbtasks.redis")
 
 # Errors that mean "Redis cannot be reached now", as opposed to a bug.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Those, or Redis answering with an error (a key of the wrong type, OOM, ACL):
+# what a task's own Redis calls (completion guard, cache, parking) survive.
+REDIS_TROUBLE = (redis.RedisError, OSError)
 
 
 class News(NamedTuple):

@@ -25,7 +25,7 @@ from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, LocalView, Reply, validate_name
-from ._connection import describe_client, make_client
+from ._connection import describe_client, is_number, make_client, unreachable_message
 from ._memory import MemoryStore
 from ._news import REDIS_DOWN, ProcessNews
 from ._outage import OnError, Outage
@@ -64,11 +64,11 @@ class RedisStore:
             raise PolicyError(f"on_error must be one of {choices}, got {on_error!r}") from None
         if not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix:
             raise PolicyError(f"prefix must be a non-empty string without braces, got {prefix!r}")
-        if not 0 < timeout <= 60:
+        if not is_number(timeout) or not 0 < timeout <= 60:
             raise PolicyError(
                 f"timeout must be a number of seconds above 0 and at most 60, got {timeout!r}"
             )
-        if not 0 < retry_interval <= 3600:
+        if not is_number(retry_interval) or not 0 < retry_interval <= 3600:
             raise PolicyError(
                 f"retry_interval must be a number of seconds above 0 and at most 3600, "
                 f"got {retry_interval!r}"
@@ -244,7 +244,14 @@ class RedisStore:
             self.fallback_decisions += 1
             return None
         except redis.RedisError as exc:
-            raise StoreError(f"breaker {name!r}: Redis {op} script failed: {exc}") from exc
+            # Redis answered, but with an error (a key of the wrong type, OOM,
+            # an ACL without EVALSHA): the shared state cannot be used either,
+            # so on_error decides, as in an outage, and says why.
+            if strict:
+                raise StoreError(f"breaker {name!r}: Redis {op} script failed: {exc}") from exc
+            self._outage(exc)
+            self.fallback_decisions += 1
+            return None
         if self.outage.started is not None:
             self.outage.ended(describe_client(self.client))
             self._local = MemoryStore()  # the shared state is the truth again
@@ -291,10 +298,7 @@ class RedisStore:
         return self.outage.error_count
 
     def _unreachable(self, exc: BaseException) -> str:
-        return (
-            f"cannot reach Redis at {describe_client(self.client)} "
-            f"({type(exc).__name__}: {exc}); check that it runs and that the URL is right"
-        )
+        return unreachable_message(self.client, exc)
 
     def _forget_views(self) -> None:
         self.news.forget_views()

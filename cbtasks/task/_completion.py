@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from ..stores._news import REDIS_DOWN
+from ..stores._news import REDIS_TROUBLE
 
 log = logging.getLogger("cbtasks.task")
 
@@ -30,7 +30,7 @@ class CompletionGuard:
         """``(result,)`` if ``task_id`` completed before, else None."""
         try:
             raw = self.client.get(self._key(task_id))
-        except REDIS_DOWN:
+        except REDIS_TROUBLE:
             return None
         return None if raw is None else (json.loads(raw),)
 
@@ -42,5 +42,5 @@ class CompletionGuard:
             encoded = "null"  # the mark is what matters; Celery reports the error itself
         try:
             self.client.set(self._key(task_id), encoded, px=int(ttl * 1000))
-        except REDIS_DOWN as exc:
+        except REDIS_TROUBLE as exc:
             log.warning("cannot mark task %s completed (%s)", task_id, exc)

@@ -10,6 +10,8 @@ import celery
 from .. import fallbacks as fb
 from .._errors import PolicyError
 from .._policy import BreakerPolicy
+from ..stores._base import validate_name
+from ..stores._outage import OnError
 
 ON_OPEN = ("defer", "fallback", "fail")
 DEFER = ("countdown", "park")
@@ -28,15 +30,17 @@ DEFAULTS: dict[str, Any] = {
     "health_check": None,
     "health_interval": 1.0,
 }
-_NUMBERS = (
-    "max_deferrals",
-    "defer_deadline",
-    "defer_jitter",
-    "release_rate",
-    "max_release_rate",
-    "completion_ttl",
-    "health_interval",
-)
+# Each number option: (least, most, whole numbers only, the least itself allowed).
+_NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
+    "max_deferrals": (0, 1e9, True, True),
+    "gc_every": (0, 1e9, True, True),
+    "defer_deadline": (0, 365 * 24 * 3600.0, False, False),
+    "defer_jitter": (0, 3600.0, False, True),
+    "release_rate": (0, 1e6, False, False),
+    "max_release_rate": (0, math.inf, False, False),
+    "completion_ttl": (0, 365 * 24 * 3600.0, False, False),
+    "health_interval": (0, 3600.0, False, False),
+}
 
 
 def option(task: celery.Task, name: str) -> Any:
@@ -48,32 +52,77 @@ def option(task: celery.Task, name: str) -> Any:
 
 
 def validate_options(cls: type, name: str) -> None:
-    """Raise PolicyError, naming the task and the option, for any option that cannot work."""
-    on_open = getattr(cls, "on_open", None)
+    """Raise PolicyError, naming the task and the option, for any option that cannot work.
+
+    Checks what the task class sets; :func:`validate_task` checks what it
+    ends up with, ``app.conf.cbtasks_*`` settings included.
+    """
+    _check(name, {key: getattr(cls, key, None) for key in (*DEFAULTS, "fallback", "breaker")})
+    policy = getattr(cls, "breaker_policy", None)
+    if policy is not None and not isinstance(policy, BreakerPolicy):
+        raise PolicyError(f"task {name}: breaker_policy must be a BreakerPolicy, got {policy!r}")
+
+
+def validate_task(task: celery.Task) -> None:
+    """Check every option as the task will use it (at worker start): PolicyError if one is bad."""
+    values = {key: option(task, key) for key in DEFAULTS if key != "health_check"}
+    values["health_check"] = health_check_of(task)
+    values["fallback"] = getattr(task, "fallback", None)
+    values["breaker"] = getattr(task, "breaker", None) or task.name
+    _check(task.name, values)
+    policy_of(task)
+    redis_url(task.app)
+
+
+def _check(name: str, values: dict[str, Any]) -> None:
+    on_open, defer = values.get("on_open"), values.get("defer")
+    on_error, prefix = values.get("on_error"), values.get("prefix")
+    if on_error is not None and on_error not in {e.value for e in OnError}:
+        choices = ", ".join(e.value for e in OnError)
+        raise PolicyError(f"task {name}: on_error must be one of {choices}, got {on_error!r}")
+    if prefix is not None and (
+        not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix
+    ):
+        raise PolicyError(
+            f"task {name}: prefix must be a non-empty string without braces, got {prefix!r}"
+        )
     if on_open is not None and on_open not in ON_OPEN:
         raise PolicyError(
             f"task {name}: on_open must be one of {', '.join(ON_OPEN)}, got {on_open!r}"
         )
-    defer = getattr(cls, "defer", None)
     if defer is not None and defer not in DEFER:
         raise PolicyError(f"task {name}: defer must be one of {', '.join(DEFER)}, got {defer!r}")
-    if on_open == "fallback" and getattr(cls, "fallback", None) is None:
+    if on_open == "fallback" and values.get("fallback") is None:
         raise PolicyError(f"task {name}: on_open='fallback' needs fallback=...")
-    policy = getattr(cls, "breaker_policy", None)
-    if policy is not None and not isinstance(policy, BreakerPolicy):
-        raise PolicyError(f"task {name}: breaker_policy must be a BreakerPolicy, got {policy!r}")
-    check = getattr(cls, "health_check", None)
+    check = values.get("health_check")
     if check is not None and not callable(check):
         raise PolicyError(f"task {name}: health_check must be callable, got {check!r}")
     try:
-        fb.as_fallback(getattr(cls, "fallback", None))
+        fb.as_fallback(values.get("fallback"))
     except TypeError as exc:
         raise PolicyError(f"task {name}: {exc}") from None
-    for number in _NUMBERS:
-        value = getattr(cls, number, None)
-        if value is not None and (not isinstance(value, int | float) or value < 0):
+    if values.get("breaker") is not None:
+        try:
+            validate_name(values["breaker"])
+        except PolicyError as exc:
+            raise PolicyError(f"task {name}: breaker: {exc}") from None
+    for number, (least, most, whole, least_ok) in _NUMBERS.items():
+        value = values.get(number)
+        if value is None:
+            continue
+        kind = "a whole number" if whole else "a number"
+        good = (
+            isinstance(value, int if whole else int | float)
+            and not isinstance(value, bool)
+            and not math.isnan(value)
+            and (least <= value if least_ok else least < value)
+            and value <= most
+        )
+        if not good:
+            bound = "at least" if least_ok else "above"
             raise PolicyError(
-                f"task {name}: {number} must be a number of at least 0, got {value!r}"
+                f"task {name}: {number} must be {kind} {bound} {least:g} and at most {most:g}, "
+                f"got {value!r}"
             )
 
 

@@ -31,11 +31,11 @@ from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import fallbacks as fb
-from .._errors import CircuitOpenError
+from .._errors import CircuitOpenError, PolicyError
 from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..ops.metrics import metrics
-from ..stores._news import REDIS_DOWN
+from ..stores._news import REDIS_TROUBLE
 from ._deferral import (
     DEADLINE,
     DEFERRALS,
@@ -45,7 +45,7 @@ from ._deferral import (
     header,
     parked_message,
 )
-from ._options import validate_options
+from ._options import validate_options, validate_task
 from ._parts import ProcessParts
 
 __all__ = ["CircuitBreakerTask"]
@@ -163,7 +163,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         if isinstance(fallback, fb.CachedResult):
             try:
                 fallback.remember(self, args, kwargs, result)
-            except REDIS_DOWN as exc:
+            except REDIS_TROUBLE as exc:
                 log.warning("cannot cache the result of %s (%s)", self.name, exc)
         return result
 
@@ -233,7 +233,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         """Park the request; False if Redis cannot take it now (then: a countdown)."""
         try:
             self._park(args, kwargs, headers)
-        except REDIS_DOWN as exc:
+        except REDIS_TROUBLE as exc:
             log.warning(
                 "cannot park %s[%s] (%s): deferring it by countdown",
                 self.name,
@@ -268,6 +268,20 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             )
         except Exception:  # events are for watching: never fail the task over one
             log.debug("could not send %s for %s", type_, self.request.id, exc_info=True)
+
+
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _check_options(sender: Any = None, **_: Any) -> None:
+    """Every option of every CircuitBreakerTask, app.conf included, before the worker starts."""
+    app = getattr(sender, "app", None) or celery.current_app
+    for task in list(app.tasks.values()):
+        if isinstance(task, CircuitBreakerTask):
+            try:
+                validate_task(task)
+            except PolicyError as exc:
+                log.critical("cbtasks: %s", exc)
+                # Celery logs and swallows a receiver's Exception: stop the worker.
+                raise SystemExit(f"cbtasks: {exc}") from None
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
