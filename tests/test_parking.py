@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -9,10 +10,14 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from cbtasks import BreakerPolicy, CircuitBreaker, Outcome, RedisStore, State
+from cbtasks import BreakerPolicy, CircuitBreaker, CircuitBreakerTask, Outcome, RedisStore, State
 from cbtasks.stores._parking import ParkingLot
 from cbtasks.task import _releaser
+from cbtasks.task._deferral import publish_parked
 from cbtasks.task._releaser import Releaser
 from tests.conftest import FakeClock, wait_for
 
@@ -209,4 +214,88 @@ def test_a_releaser_revokes_what_expired(redis_url: str, name: str) -> None:
         wait_for(lambda: expired == ["a"], 3, "the expired request")
         assert published == [] and lot.count() == 0
     finally:
+        store.close()
+
+
+def _poison_app(redis_url: str, breaker: str) -> tuple[Celery, list[dict[str, Any]]]:
+    """An app whose tasks record what would be published instead of sending it."""
+    app = Celery("poison", broker=redis_url, set_as_current=False)
+    app.conf.cbtasks_redis_url = redis_url
+    sent: list[dict[str, Any]] = []
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker=breaker, defer="park", name="mine")
+    def mine(x: int) -> int:
+        """Parks with this breaker."""
+        return x
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="elsewhere", name="other")
+    def other(x: int) -> int:
+        """Parks with another breaker."""
+        return x
+
+    @app.task(shared=False, name="plain")
+    def plain(x: int) -> int:
+        """Not a CircuitBreakerTask at all."""
+        return x
+
+    app.finalize(auto=True)
+    for task in (app.tasks["mine"], app.tasks["other"], app.tasks["plain"]):
+        task.apply_async = lambda *a, _n=task.name, **kw: sent.append({"task": _n, **kw})  # type: ignore[method-assign]
+    return app, sent
+
+
+def test_poison_goes_to_the_dead_letters_and_blocks_nothing(redis_url: str, name: str) -> None:
+    """A list, an unknown task, another breaker's task, a plain task, a forged task id: each is
+    put aside once, with its reason; the good requests around them are published."""
+    app, sent = _poison_app(redis_url, name)
+    store = RedisStore(redis_url)
+    lot = ParkingLot(store.client, "cbtasks", name)
+    good = {"task": "mine", "args": [1], "kwargs": {}, "retries": 0, "headers": {}}
+    good = {**good, "queue": None, "options": {"serializer": "pickle", "exchange": "x"}}
+    poison = {
+        "unknown": {**good, "task": "nope"},
+        "other": {**good, "task": "other"},
+        "plain": {**good, "task": "plain"},
+        "forged": {**good, "options": {"task_id": "someone-else"}},
+        "shape": {**good, "args": "not a list"},
+    }
+    lot.park("good-1", good)
+    for request_id, message in poison.items():
+        lot.park(request_id, message)
+    lot.client.hset(f"cbtasks:{{{name}}}:parked:data", "a-list", "[1, 2, 3]")
+    lot.client.zadd(f"cbtasks:{{{name}}}:parked", {"a-list": 1})
+    lot.park("good-2", good)
+    releaser = Releaser(lot, functools.partial(publish_parked, app, name), rate=100)
+    try:
+        assert releaser.step() == 0.0
+        assert releaser.step() in (None, 0.0)
+        assert sorted(m["task_id"] for m in sent) == ["good-1", "good-2"]
+        assert all("serializer" not in m and "exchange" not in m for m in sent)
+        dead = lot.dead_letters()
+        assert set(dead) == {*poison, "a-list"}
+        assert "not a CircuitBreakerTask" in dead["unknown"]["reason"]
+        assert "does not park with breaker" in dead["other"]["reason"]
+        assert lot.count() == 0 and lot.dead_count() == 6
+    finally:
+        store.close()
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=200))
+def test_any_bytes_parked_are_released_or_put_aside(redis_url: str, data: bytes) -> None:
+    """Whatever bytes sit in the lot: no exception out of the releaser, nothing left behind."""
+    app, _ = _poison_app(redis_url, "fuzzed")
+    store = RedisStore(redis_url)
+    lot = ParkingLot(store.client, "cbtasks", "fuzzed")
+    lot.client.hset("cbtasks:{fuzzed}:parked:data", "r", data)
+    lot.client.zadd("cbtasks:{fuzzed}:parked", {"r": 1})
+    releaser = Releaser(lot, functools.partial(publish_parked, app, "fuzzed"), rate=100)
+    try:
+        releaser.step()
+        assert lot.count() == 0
+        assert lot.dead_count() == 1
+    finally:
+        lot.client.delete("cbtasks:{fuzzed}:parked:dead")
         store.close()

@@ -66,11 +66,11 @@ def status_rows(store: RedisStore) -> list[dict[str, Any]]:
         status = store.status(name, BreakerPolicy().wire())
         if status is None:
             continue
-        rows.append(_as_dict(status, ParkingLot(store.client, store.prefix, name).count()))
+        rows.append(_as_dict(status, ParkingLot(store.client, store.prefix, name)))
     return rows
 
 
-def _as_dict(status: BreakerStatus, parked: int) -> dict[str, Any]:
+def _as_dict(status: BreakerStatus, lot: ParkingLot) -> dict[str, Any]:
     return {
         "name": status.name,
         "state": status.state.value,
@@ -81,14 +81,16 @@ def _as_dict(status: BreakerStatus, parked: int) -> dict[str, Any]:
         "window_calls": status.window_calls,
         "window_failures": status.window_failures,
         "probes_in_use": status.probes_in_use,
-        "parked": parked,
+        "parked": lot.count(),
+        # Parked requests that could not be released (poison), kept for an operator.
+        "dead_letters": lot.dead_count(),
     }
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no breakers yet (a breaker appears after its first call)"
-    header = ("NAME", "STATE", "MODE", "FAILURES", "OPEN UNTIL", "PROBES", "PARKED")
+    header = ("NAME", "STATE", "MODE", "FAILURES", "OPEN UNTIL", "PROBES", "PARKED", "DEAD")
     lines = [header]
     for row in rows:
         until = row["open_until"]
@@ -103,6 +105,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 else "-",
                 str(row["probes_in_use"]),
                 str(row["parked"]),
+                str(row["dead_letters"]),
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -134,7 +137,7 @@ def cmd_control(args: argparse.Namespace) -> int:
     store.control(args.name, BreakerPolicy().wire(), COMMANDS[args.verb])
     status = store.status(args.name, BreakerPolicy().wire())
     assert status is not None
-    row = _as_dict(status, ParkingLot(store.client, store.prefix, args.name).count())
+    row = _as_dict(status, ParkingLot(store.client, store.prefix, args.name))
     print(json.dumps(row) if args.json else f"{args.name}: {row['state']} ({row['mode']})")
     store.close()
     return 0

@@ -44,6 +44,7 @@ class ParkingLot:
         self._releasing, self._ramp = f"{base}:releasing", f"{base}:release-ramp"
         self._state = f"{base}:s"
         self._expiries = f"{base}:parked:expires"
+        self._dead = f"{base}:parked:dead"
         self._wake_channel = f"{prefix}:parked"
         self._park = client.register_script(CLOCK + lua("park"))
         self._release = client.register_script(CLOCK + lua("release"))
@@ -125,10 +126,35 @@ class ParkingLot:
         except ValueError:
             message = None
         if not isinstance(message, dict):
-            # Unreadable: keep it visible for an operator rather than drop it.
-            self.client.hset(f"{self._data}:unreadable", request_id, data)
+            self.dead_letter(request_id, data.decode(errors="replace"), "not a JSON object")
             return None
         return message
+
+    def dead_letter(self, request_id: str, message: Any, reason: str) -> None:
+        """Keep a request that cannot be released where an operator sees it, and drop it here.
+
+        ``cbtasks status`` counts them; they stay until deleted by hand.
+        """
+        record = json.dumps({"reason": reason, "message": message}, default=str)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self._dead, request_id, record)
+        pipe.zrem(self._releasing, request_id)
+        pipe.zrem(self._parked, request_id)
+        pipe.zrem(self._expiries, request_id)
+        pipe.hdel(self._data, request_id)
+        pipe.execute()
+
+    def dead_letters(self) -> dict[str, dict[str, Any]]:
+        """The requests put aside by :meth:`dead_letter`, by request id."""
+        raw = self.client.hgetall(self._dead)
+        return {
+            (key.decode() if isinstance(key, bytes) else key): json.loads(value)
+            for key, value in raw.items()
+        }
+
+    def dead_count(self) -> int:
+        """How many requests were put aside."""
+        return int(self.client.hlen(self._dead))
 
     def ack(self, request_ids: list[str]) -> None:
         """These were re-published: forget them."""

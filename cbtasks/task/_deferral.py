@@ -59,16 +59,74 @@ def parked_message(
     }
 
 
-def publish_parked(app: celery.Celery, request_id: str, message: dict[str, Any]) -> None:
-    """Publish a parked request again, under its own task id."""
-    app.tasks[message["task"]].apply_async(
-        message["args"],
-        message["kwargs"],
-        retries=message["retries"],
-        headers=message["headers"],
-        queue=message["queue"],
-        **message["options"],
-    )
+class PoisonMessage(ValueError):
+    """A parked message that must not be published: it goes to the dead letters."""
+
+
+# The only options a parked request is published again with: Celery's own
+# identity, time limits and workflow links; never a serializer or an exchange.
+_OPTIONS = (
+    "task_id",
+    "root_id",
+    "parent_id",
+    "group_id",
+    "group_index",
+    "shadow",
+    "expires",
+    "soft_time_limit",
+    "time_limit",
+    "link",
+    "link_error",
+    "chain",
+    "chord",
+)
+_NEVER = frozenset({"serializer", "compression", "content_type", "content_encoding", "exchange"})
+
+
+def publish_parked(
+    app: celery.Celery, breaker: str, request_id: str, message: dict[str, Any]
+) -> None:
+    """Publish a parked request again, under its own task id.
+
+    Only a task of ``breaker``'s own (a CircuitBreakerTask that parks there),
+    with its arguments and a fixed set of options; anything else raises
+    PoisonMessage, saying why.
+    """
+    name = message.get("task")
+    task = app.tasks.get(name) if isinstance(name, str) else None
+    if task is None or not hasattr(task, "cbtasks_parking"):
+        raise PoisonMessage(f"{name!r} is not a CircuitBreakerTask of this app")
+    if (getattr(task, "breaker", None) or task.name) != breaker:
+        raise PoisonMessage(f"{name!r} does not park with breaker {breaker!r}")
+    args, kwargs, retries = message.get("args"), message.get("kwargs"), message.get("retries")
+    headers, queue = message.get("headers"), message.get("queue")
+    options = message.get("options")
+    if not (
+        isinstance(args, list)
+        and isinstance(kwargs, dict)
+        and all(isinstance(key, str) for key in kwargs)
+        and isinstance(retries, int)
+        and retries >= 0
+        and isinstance(headers, dict)
+        and set(headers) <= {DEFERRALS, DEADLINE}
+        and (queue is None or isinstance(queue, str))
+        and isinstance(options, dict)
+    ):
+        raise PoisonMessage("malformed: args, kwargs, retries, headers, queue or options")
+    if options.get("task_id", request_id) != request_id:
+        raise PoisonMessage(f"its task_id is not {request_id!r}")
+    kept = {key: _without_transport(options[key]) for key in _OPTIONS if key in options}
+    kept["task_id"] = request_id
+    task.apply_async(args, kwargs, retries=retries, headers=headers, queue=queue, **kept)
+
+
+def _without_transport(value: Any) -> Any:
+    """A workflow link's options, minus any serializer, compression or exchange."""
+    if isinstance(value, dict):
+        return {k: _without_transport(v) for k, v in value.items() if k not in _NEVER}
+    if isinstance(value, list):
+        return [_without_transport(v) for v in value]
+    return value
 
 
 def expires_at(message: dict[str, Any]) -> float | None:

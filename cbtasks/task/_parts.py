@@ -96,7 +96,7 @@ class ProcessParts:
         def make() -> Releaser:
             return Releaser(
                 self.cbtasks_parking,
-                functools.partial(publish_parked, self.app),
+                functools.partial(publish_parked, self.app, self.cbtasks_breaker.name),
                 expire=functools.partial(revoke_expired, self.app),
                 rate=float(self._option("release_rate")),
                 max_rate=float(self._option("max_release_rate")),

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from ..stores._news import REDIS_DOWN
 from ..stores._parking import ParkingLot
+from ._deferral import PoisonMessage
 
 log = logging.getLogger("cbtasks.task")
 
@@ -60,6 +61,8 @@ class Releaser:
         #: Requests this releaser has re-published, and revoked as expired.
         self.released = 0
         self.expired = 0
+        #: Requests put aside as poison (see ParkingLot.dead_letter).
+        self.dead = 0
 
     @classmethod
     def ensure(cls, key: str, make: Callable[[], Releaser], subscribe: Any) -> Releaser:
@@ -100,7 +103,14 @@ class Releaser:
         done = []
         try:
             for request_id, message in batch.requests:
-                self.publish(request_id, message)
+                try:
+                    self.publish(request_id, message)
+                except PoisonMessage as exc:
+                    # Never retried, never blocking the rest: put aside for an operator.
+                    log.error("parked request %s of %s: %s", request_id, self.lot.breaker, exc)
+                    self.lot.dead_letter(request_id, message, str(exc))
+                    self.dead += 1
+                    continue
                 done.append(request_id)
         finally:
             self.lot.ack(done)  # what failed to publish comes back when its lease ends
