@@ -16,14 +16,18 @@ from cbtasks import (
     BreakerPolicy,
     CircuitBreaker,
     CircuitBreakerTask,
+    Outcome,
     PolicyError,
     RedisStore,
     State,
+    TimeWindow,
 )
+from cbtasks.ops.cli import status_rows
+from cbtasks.ops.metrics import BreakerCollector
 from cbtasks.stores._news import parse_news
 from cbtasks.task._completion import CompletionGuard
 from cbtasks.task._task import _check_options
-from tests.conftest import wait_for
+from tests.conftest import FakeClock, wait_for
 
 
 def test_forged_news_cannot_open_a_circuit(redis_url: str, name: str) -> None:
@@ -172,3 +176,61 @@ def test_store_and_timeout_mistakes_are_policy_errors(name: str) -> None:
         CircuitBreaker(name, store="redis://localhost:6379/0")  # type: ignore[arg-type]
     with pytest.raises(PolicyError, match="timeout"):
         RedisStore("redis://localhost:6379/0", timeout="1")  # type: ignore[arg-type]
+
+
+def test_an_operators_close_clears_a_time_window_whatever_policy_it_sends(
+    redis_url: str, name: str, clock: FakeClock
+) -> None:
+    """The CLI sends the default policy: a TimeWindow breaker's counts must not go negative."""
+    policy = BreakerPolicy(
+        failure_threshold=100, failure_rate=0.9, window=TimeWindow(seconds=10), min_calls=100
+    )
+    store = RedisStore(redis_url, clock=clock)
+    breaker = CircuitBreaker(name, policy=policy, store=store)
+    try:
+        for _ in range(5):
+            breaker.record(breaker.admit(), Outcome.FAILURE)
+        store.control(name, BreakerPolicy().wire(), "force_close")  # as `cbtasks close` does
+        clock.advance(11)
+        breaker.record(breaker.admit(), Outcome.SUCCESS)
+        status = breaker.status()
+        assert status is not None
+        assert (status.window_calls, status.window_failures) == (1, 0)
+    finally:
+        store.close()
+
+
+def test_corrupt_state_is_shown_as_such_and_the_rest_still_listed(redis_url: str) -> None:
+    """st=7, md=9, a key of the wrong type: `cbtasks status` and the metrics say "corrupt"
+    for those and list every other breaker, sorted before or after them."""
+    store = RedisStore(redis_url)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for name in ("a-fine", "z-fine"):
+            CircuitBreaker(name, store=store).call(lambda: None)
+        client.hset("cbtasks:{b-state}:s", mapping={"st": 7, "vn": 1})
+        client.hset("cbtasks:{c-mode}:s", mapping={"md": 9, "vn": 1})
+        client.set("cbtasks:{d-type}:s", "not a hash")
+        rows = {row["name"]: row["state"] for row in status_rows(store)}
+        assert rows == {
+            "a-fine": "closed",
+            "b-state": "corrupt",
+            "c-mode": "corrupt",
+            "d-type": "corrupt",
+            "z-fine": "closed",
+        }
+        families = {f.name: f for f in BreakerCollector(store).collect()}
+        states = {
+            (s.labels["breaker"], s.labels["state"])
+            for s in families["cbtasks_breaker_state"].samples
+            if s.value == 1.0
+        }
+        assert states == {
+            ("a-fine", "closed"),
+            ("b-state", "corrupt"),
+            ("c-mode", "corrupt"),
+            ("d-type", "corrupt"),
+            ("z-fine", "closed"),
+        }
+    finally:
+        store.close()

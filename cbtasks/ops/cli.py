@@ -63,7 +63,13 @@ def status_rows(store: RedisStore) -> list[dict[str, Any]]:
     """Every breaker in the store, as plain data."""
     rows = []
     for name in store.names():
-        status = store.status(name, BreakerPolicy().wire())
+        try:
+            status = store.status(name, BreakerPolicy().wire())
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:  # one corrupt breaker: show it, and the rest
+            rows.append({"name": name, "state": "corrupt", "error": str(exc)})
+            continue
         if status is None:
             continue
         rows.append(_as_dict(status, ParkingLot(store.client, store.prefix, name)))
@@ -93,6 +99,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
     header = ("NAME", "STATE", "MODE", "FAILURES", "OPEN UNTIL", "PROBES", "PARKED", "DEAD")
     lines = [header]
     for row in rows:
+        if row["state"] == "corrupt":
+            lines.append((row["name"], "corrupt", "-", "-", "-", "-", "-", "-"))
+            continue
         until = row["open_until"]
         lines.append(
             (

@@ -15,11 +15,13 @@ prometheus_client is imported only here, so the library works without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+from .._errors import StoreError, StoreUnavailableError
 from .._policy import BreakerPolicy
 from .._state import StateChange
 from ..stores import RedisStore
@@ -28,6 +30,8 @@ from ..stores._parking import ParkingLot
 __all__ = ["BreakerCollector", "Metrics", "metrics", "serve_store_metrics", "serve_worker_metrics"]
 
 STATES = ("closed", "open", "half_open")
+
+log = logging.getLogger("cbtasks.metrics")
 
 
 class BreakerCollector:
@@ -59,7 +63,14 @@ class BreakerCollector:
         wire = BreakerPolicy().wire()
         try:
             for name in self.store.names():
-                status = self.store.status(name, wire)
+                try:
+                    status = self.store.status(name, wire)
+                except StoreUnavailableError:
+                    raise
+                except StoreError as exc:  # one corrupt breaker: say so, keep the rest
+                    log.warning("metrics: %s", exc)
+                    state.add_metric([name, "corrupt"], 1.0)
+                    continue
                 if status is None:
                     continue
                 for value in STATES:
@@ -69,8 +80,8 @@ class BreakerCollector:
                 probes.add_metric([name], status.probes_in_use)
                 lot = ParkingLot(self.store.client, self.store.prefix, name)
                 parked.add_metric([name], lot.count())
-        except Exception:  # Redis is down: the scrape shows what it got, and the
-            pass  # per-process counters (store errors among them) still answer
+        except StoreUnavailableError as exc:  # the scrape shows what it got, and the
+            log.warning("metrics: %s", exc)  # per-process counters still answer
         yield from (state, failures, trips, probes, parked)
 
 

@@ -36,6 +36,9 @@ __all__ = ["RedisStore"]
 log = logging.getLogger("cbtasks.redis")
 
 
+_MODES = frozenset(int(mode) for mode in Mode)
+
+
 class RedisStore:
     """Keeps breaker state in Redis, shared by every process that uses it.
 
@@ -157,6 +160,11 @@ class RedisStore:
         trips, consecutive, calls, failures, slow, probes, open_until = raw[-7:]
         if not exists:
             return None
+        if not 0 <= state < len(STATE_BY_CODE) or mode not in _MODES:
+            raise StoreError(
+                f"breaker {name!r} has corrupt state in Redis (st={state!r}, md={mode!r}); "
+                f"`cbtasks reset {name}` writes it afresh"
+            )
         return BreakerStatus(
             name=name,
             state=STATE_BY_CODE[state],

@@ -44,11 +44,13 @@ end
 local function clear_window()
   set('nc', 0); set('nf', 0); set('ns', 0); set('rp', 0); set('le', 0)
   redis.call('DEL', RING)
-  if W.window_kind == 2 then
-    for i = 0, W.window_size - 1 do
-      redis.call('HDEL', H, 'b' .. i .. 'c', 'b' .. i .. 'f', 'b' .. i .. 's')
-    end
+  -- Every time-window bucket, whatever window the policy sent here has: an
+  -- operator's command (the CLI) may carry another policy than the workers'.
+  local buckets = {}
+  for _, field in ipairs(redis.call('HKEYS', H)) do
+    if string.match(field, '^b%d+[cfs]$') then buckets[#buckets + 1] = field end
   end
+  if #buckets > 0 then redis.call('HDEL', H, unpack(buckets)) end
 end
 
 local function open_duration_ms(trips)
