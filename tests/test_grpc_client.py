@@ -113,3 +113,20 @@ def test_a_request_that_cannot_be_encoded_is_the_callers_error() -> None:
     finally:
         client.close()
     assert breaker.state is State.CLOSED
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"1e999"])
+def test_the_server_refuses_numbers_json_cannot_hold(model: ModelServer, number: bytes) -> None:
+    """Sent raw (as another client might): INVALID_ARGUMENT, the caller's error, not INTERNAL."""
+    import grpc
+
+    assert model.grpc_target
+    with grpc.insecure_channel(model.grpc_target) as channel:
+        call = channel.unary_unary(
+            "/cbtasks.Model/Predict",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            call(b'{"features": [1, 2, ' + number + b", 4]}", timeout=10)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT

@@ -69,3 +69,36 @@ def test_bad_fault_settings_are_refused(client: httpx.Client) -> None:
     """The admin API validates too."""
     assert client.put("/admin/faults", json={"error_rate": 2}).status_code == 422
     assert client.put("/admin/faults", json={"status_code": 200}).status_code == 422
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize("path", ["/predict", "/admin/faults"])
+def test_numbers_json_cannot_hold_get_a_422(client: httpx.Client, path: str, number: str) -> None:
+    """NaN, Infinity and 1e999 are the caller's mistake (a 422), never a 500."""
+    body = (
+        f'{{"features": [1, 2, {number}, 4]}}'
+        if path == "/predict"
+        else f'{{"latency_ms": {number}}}'
+    )
+    method = client.post if path == "/predict" else client.put
+    response = method(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    client.delete("/admin/faults")
+
+
+def test_a_body_past_the_limit_gets_a_413(client: httpx.Client) -> None:
+    """Declared or streamed, a body over the limit is refused before it is read into memory."""
+    big = b'{"features": [' + b"1," * 40_000 + b"1]}"
+    declared = client.post("/predict", content=big, headers={"content-type": "application/json"})
+    assert declared.status_code == 413
+
+    def chunks() -> Iterator[bytes]:
+        yield b'{"features": ['
+        for _ in range(1000):
+            yield b"1," * 100
+
+    streamed = client.post(
+        "/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert streamed.status_code == 413
+    assert client.post("/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}).status_code == 200

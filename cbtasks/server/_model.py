@@ -17,18 +17,19 @@ class PredictRequest(BaseModel):
     """Four measurements of an iris flower, in cm."""
 
     features: Annotated[
-        list[Annotated[float, Field(ge=0, le=100)]], Field(min_length=4, max_length=4)
+        list[Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]],
+        Field(min_length=4, max_length=4),
     ]
 
 
 class Faults(BaseModel):
     """What goes wrong, and how, until cleared."""
 
-    error_rate: float = Field(default=0.0, ge=0, le=1)
-    latency_ms: float = Field(default=0.0, ge=0, le=60_000)
-    outage_seconds: float = Field(default=0.0, ge=0, le=3600)
+    error_rate: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
+    latency_ms: float = Field(default=0.0, ge=0, le=60_000, allow_inf_nan=False)
+    outage_seconds: float = Field(default=0.0, ge=0, le=3600, allow_inf_nan=False)
     status_code: int = Field(default=503, ge=400, le=599)
-    retry_after: float | None = Field(default=None, ge=0, le=3600)
+    retry_after: float | None = Field(default=None, ge=0, le=3600, allow_inf_nan=False)
 
 
 class Phase(BaseModel):

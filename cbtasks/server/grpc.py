@@ -25,9 +25,13 @@ _CODES = {429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILA
 
 def _decode(raw: bytes) -> Any:
     try:
-        return json.loads(raw)
-    except ValueError:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
         return None  # reported as INVALID_ARGUMENT by the handler
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
 
 
 def _encode(message: Any) -> bytes:

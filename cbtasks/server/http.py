@@ -7,12 +7,56 @@ import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._model import Faults, IrisModel, Phase, PredictRequest, ServerState
 
-__all__ = ["create_app"]
+__all__ = ["MAX_BODY_BYTES", "create_app"]
+
+#: Larger request bodies get a 413 before they are read into memory.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``max_bytes``, counted as it arrives."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(scope, receive, send)
+            return
+        seen, refused = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes and not refused:
+                # Answer now, and tell the app the client went away: it stops reading.
+                refused = True
+                await self._too_large(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body over {self.max_bytes} bytes"
+        await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
 def create_app(state: ServerState | None = None, model: IrisModel | None = None) -> FastAPI:
@@ -20,6 +64,17 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
     model = model or IrisModel()
     state = state or ServerState()
     app = FastAPI(title="cbtasks reference model server")
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Without the inputs: NaN or Infinity in them cannot be sent back as JSON
+        # (that was a 500, an endpoint failure, for the caller's mistake).
+        errors = [
+            {"loc": list(error.get("loc", ())), "msg": str(error.get("msg", ""))}
+            for error in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def malformed(request: Request, exc: StarletteHTTPException) -> JSONResponse:
