@@ -26,8 +26,10 @@ _CODES = {429: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILA
 def _decode(raw: bytes) -> Any:
     try:
         return json.loads(raw, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
-        return None  # reported as INVALID_ARGUMENT by the handler
+    except (ValueError, RecursionError) as exc:
+        # Not None: gRPC takes None for a failed deserializer and answers
+        # INTERNAL (an endpoint failure); the handler answers INVALID_ARGUMENT.
+        return f"not JSON a model can take ({exc})"
 
 
 def _no_constant(name: str) -> Any:
