@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from types import SimpleNamespace
 from typing import Any
 
@@ -234,3 +236,29 @@ def test_corrupt_state_is_shown_as_such_and_the_rest_still_listed(redis_url: str
         }
     finally:
         store.close()
+
+
+def test_the_redis_password_stays_out_of_celerys_reports() -> None:
+    """`celery inspect conf`, `celery report` and Flower print settings: masked there."""
+    from celery.app.utils import bugreport
+
+    app = Celery("report", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://ops:s3cret-pw@redis.internal:6379/0"
+    assert "s3cret-pw" not in json.dumps(app.conf.table(with_defaults=False), default=str)
+    assert "s3cret-pw" not in bugreport(app)
+
+
+@pytest.mark.parametrize("password", ["pa/ss-word", "pa#ss-word", "pa?ss-word", "pa@ss-word"])
+def test_a_malformed_url_never_prints_its_password(password: str) -> None:
+    """A '/', '#', '?' or '@' in a password used to print part of it in the error."""
+    url = f"redis://ops:{password}@redis.internal:6379/0"
+    try:
+        store = RedisStore(url)
+    except PolicyError as exc:
+        message = str(exc)
+    else:
+        message = repr(store) + str(store.outage.error_count)
+        store.close()
+    for piece in {password, *re.split(r"[/#?@]", password)}:
+        if len(piece) >= 3:
+            assert piece not in message, message

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -28,10 +30,33 @@ def make_client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis
             health_check_interval=30,
         )
     except (ValueError, TypeError) as exc:
+        why = scrub(str(exc), url_or_client)
         raise PolicyError(
-            f"malformed Redis URL {redact_url(url_or_client)!r}: {exc}. "
+            f"malformed Redis URL {redact_url(url_or_client)!r}: {why}. "
+            "Characters such as '/', '#', '?' or '@' in a password must be percent-encoded. "
             "Use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
         ) from None
+
+
+def password_of(url: str) -> str:
+    """The password in ``url`` as written (everything between the user and the last '@')."""
+    _, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return ""
+    credentials = rest.rpartition("@")[0]
+    return credentials.partition(":")[2] if ":" in credentials else credentials
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` without the password of ``url``, whole or any piece a parser split off."""
+    password = password_of(url)
+    if not password:
+        return text
+    pieces = sorted({password, *re.split(r"[/#?@:]", password)}, key=len, reverse=True)
+    for piece in pieces:
+        if len(piece) >= 3 or piece == password:
+            text = text.replace(piece, "***")
+    return text
 
 
 def redact_url(url: str) -> str:
@@ -41,7 +66,7 @@ def redact_url(url: str) -> str:
         return url
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0] if ":" in credentials else ""
-    return f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}"
+    return scrub(f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}", url)
 
 
 def describe_client(client: redis.Redis) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import celery
+from celery.app import utils as celery_utils
 
 from .. import fallbacks as fb
 from .._errors import PolicyError
@@ -158,3 +160,15 @@ def redis_url(app: celery.Celery) -> str:
         "set app.conf.cbtasks_redis_url to the Redis that keeps breaker state "
         "(the broker is not Redis, so it cannot be used)"
     )
+
+
+def hide_redis_url_from_reports() -> None:
+    """Make Celery mask ``cbtasks_redis_url`` where it shows settings.
+
+    ``celery inspect conf``, ``celery report`` and Flower's worker page print
+    the app's settings, masking those whose names look secret; a Redis URL
+    carries a password, and ``cbtasks_redis_url`` looks like none of them.
+    """
+    pattern = celery_utils.HIDDEN_SETTINGS.pattern
+    if "CBTASKS_REDIS_URL" not in pattern:
+        celery_utils.HIDDEN_SETTINGS = re.compile(f"{pattern}|CBTASKS_REDIS_URL", re.IGNORECASE)

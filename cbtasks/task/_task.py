@@ -45,10 +45,12 @@ from ._deferral import (
     header,
     parked_message,
 )
-from ._options import validate_options, validate_task
+from ._options import hide_redis_url_from_reports, validate_options, validate_task
 from ._parts import ProcessParts
 
 __all__ = ["CircuitBreakerTask"]
+
+hide_redis_url_from_reports()
 
 log = logging.getLogger("cbtasks.task")
 
