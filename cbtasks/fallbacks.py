@@ -135,15 +135,19 @@ class CachedResult:
         task.cbtasks_redis.set(self.key(task, args, kwargs), encoded, px=int(self.ttl * 1000))
 
     def __call__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return self.answer(task, args, kwargs)[1]
+
+    def answer(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, Any]:
+        """``(kind, value)``: "cached" and the result, else what ``otherwise`` answered."""
         try:
             cached = task.cbtasks_redis.get(self.key(task, args, kwargs))
         except REDIS_TROUBLE as exc:  # the cache is out of reach: a miss, not a failure
             log.warning("cannot read the cached result of %s (%s)", task.name, exc)
             cached = None
         if cached is not None:
-            return json.loads(cached)
+            return self.kind, json.loads(cached)
         if self.otherwise is not None:
-            return self.otherwise(task, args, kwargs)
+            return answer(self.otherwise, task, args, kwargs)
         raise NoFallback("no cached result for these arguments")
 
 
@@ -164,6 +168,16 @@ class EnqueueForLater:
     def __call__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         later = task.apply_async(args, kwargs, queue=self.queue, countdown=self.countdown or None)
         return {"queued": True, "task_id": later.id, "queue": self.queue}
+
+
+def answer(
+    fallback: Fallback, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[str, Any]:
+    """``(kind, value)``: the value and the kind of the fallback that actually answered
+    (a CachedResult with nothing cached answers with its ``otherwise``)."""
+    if isinstance(fallback, CachedResult):
+        return fallback.answer(task, args, kwargs)
+    return fallback.kind, fallback(task, args, kwargs)
 
 
 def as_fallback(value: Any) -> Fallback | None:

@@ -88,3 +88,12 @@ def test_an_unreachable_cache_is_a_miss(redis_url: str) -> None:
     task = FakeTask("redis://127.0.0.1:1/0")  # nothing listens on port 1
     backed = fb.CachedResult(ttl=60, otherwise=fb.DefaultPrediction("unknown"))
     assert backed(task, ([1, 2, 3, 4],), {}) == "unknown"
+
+
+def test_the_mark_names_the_fallback_that_answered(redis_url: str) -> None:
+    """A CachedResult with nothing cached answers with its `otherwise`: "default", not "cached"."""
+    task = FakeTask(redis_url)
+    cache = fb.CachedResult(ttl=60, otherwise=fb.DefaultPrediction(None))
+    assert fb.answer(cache, task, ([1, 2, 3, 4],), {}) == ("default", None)
+    cache.remember(task, ([1, 2, 3, 4],), {}, {"label": "setosa"})
+    assert fb.answer(cache, task, ([1, 2, 3, 4],), {}) == ("cached", {"label": "setosa"})

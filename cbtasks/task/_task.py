@@ -219,13 +219,13 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         fallback = self._fallback
         assert fallback is not None
         try:
-            value = fallback(self, args, kwargs)
+            kind, value = fb.answer(fallback, self, args, kwargs)
         except fb.NoFallback as miss:
             self._event("task-circuit_open", exc, action="failed")
             raise CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}") from exc
-        self._event("task-circuit_fallback", exc, kind=fallback.kind)
-        metrics().fallback(exc.name, fallback.kind)
-        return fb.mark(fallback.kind, value, exc.reason)
+        self._event("task-circuit_fallback", exc, kind=kind)
+        metrics().fallback(exc.name, kind)
+        return fb.mark(kind, value, exc.reason)
 
     # -- parking -------------------------------------------------------------------
 
