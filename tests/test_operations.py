@@ -72,6 +72,12 @@ def test_status_lists_every_breaker(fleet: dict[str, Any]) -> None:
     assert table.returncode == 0 and "model-a" in table.stdout and "closed" in table.stdout
     rows = json.loads(cli("status", "--json", env={"CBTASKS_REDIS_URL": url}).stdout)
     assert {"model-a", "model-b"} <= {row["name"] for row in rows}
+    CircuitBreaker("model-a", store=fleet["store"]).force_open()
+    lines = cli("status", "--redis-url", url).stdout.splitlines()
+    assert "TRIPS" in lines[0]
+    forced = next(line for line in lines if line.startswith("model-a"))
+    assert "until closed" in forced  # not a time already past
+    CircuitBreaker("model-a", store=fleet["store"]).reset()
 
 
 def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> None:
@@ -86,6 +92,8 @@ def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> Non
     assert breaker.state is State.OPEN
     assert cli("close", "model-c", "--redis-url", url).returncode == 0
     assert breaker.state is State.CLOSED
+    for verb in ("close", "reset", "disable", "enable"):  # the README's --yes works everywhere
+        assert cli(verb, "model-c", "--yes", "--redis-url", url).returncode == 0, verb
     disabled = json.loads(cli("disable", "model-c", "--json", "--redis-url", url).stdout)
     assert disabled["mode"] == "disabled"
     assert (
@@ -100,6 +108,8 @@ def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> Non
         (("status", "--redis-url", "redis://127.0.0.1:1/0"), 2, "cannot reach Redis"),
         (("status", "--redis-url", "http://x"), 2, "redis://"),
         (("watch", "--interval", "-1"), 2, "must be above 0"),
+        (("watch", "--count", "0"), 2, "at least 1"),
+        (("watch", "--count", "-1"), 2, "at least 1"),
         (("frobnicate",), 2, "invalid choice"),
     ],
 )

@@ -96,22 +96,22 @@ def _as_dict(status: BreakerStatus, lot: ParkingLot) -> dict[str, Any]:
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no breakers yet (a breaker appears after its first call)"
-    header = ("NAME", "STATE", "MODE", "FAILURES", "OPEN UNTIL", "PROBES", "PARKED", "DEAD")
+    header = (
+        "NAME", "STATE", "MODE", "FAILURES", "TRIPS", "OPEN UNTIL", "PROBES", "PARKED", "DEAD",
+    )  # fmt: skip
     lines = [header]
     for row in rows:
         if row["state"] == "corrupt":
-            lines.append((row["name"], "corrupt", "-", "-", "-", "-", "-", "-"))
+            lines.append((row["name"], "corrupt", *("-" * (len(header) - 2))))
             continue
-        until = row["open_until"]
         lines.append(
             (
                 row["name"],
                 row["state"],
                 row["mode"],
                 str(row["consecutive_failures"]),
-                datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3]
-                if until
-                else "-",
+                str(row["trips"]),
+                _open_until(row),
                 str(row["probes_in_use"]),
                 str(row["parked"]),
                 str(row["dead_letters"]),
@@ -121,6 +121,13 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines
     )
+
+
+def _open_until(row: dict[str, Any]) -> str:
+    if row["mode"] == "forced_open":
+        return "until closed"  # an operator's open has no end of its own
+    until = row["open_until"]
+    return datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3] if until else "-"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -221,14 +228,14 @@ def parser() -> argparse.ArgumentParser:
         p = with_redis(verbs.add_parser(verb, help=what))
         p.add_argument("name", help="the breaker's name")
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        if verb == "open":
-            p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-        p.set_defaults(run=cmd_control, yes=True)
-        if verb == "open":
-            p.set_defaults(yes=False)
+        # Every verb that changes state takes --yes; only open asks without it.
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        p.set_defaults(run=cmd_control)
     watch = with_redis(verbs.add_parser("watch", help="a live view of every breaker"))
     watch.add_argument("--interval", type=_positive, default=1.0, help="seconds between updates")
-    watch.add_argument("--count", type=int, default=None, help="stop after this many updates")
+    watch.add_argument(
+        "--count", type=_at_least_one, default=None, help="stop after this many updates"
+    )
     watch.set_defaults(run=cmd_watch)
     batch = verbs.add_parser("batch", help="run a JSONL file of inputs through a task")
     batch.add_argument(
@@ -254,6 +261,12 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(run=cmd_demo)
     return top
+
+
+def _at_least_one(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
 
 
 def _positive(value: str) -> float:
