@@ -105,6 +105,8 @@ class Metrics:
         self.fallbacks = Counter(
             "cbtasks_fallbacks", "Requests answered by a fallback", ["breaker", "kind"]
         )
+        # Not an outcome: a probe is also counted under its outcome in calls.
+        self.probes = Counter("cbtasks_probes", "Half-open probe calls made here", ["breaker"])
         self.health_checks = Counter(
             "cbtasks_health_checks", "Health checks made while open", ["breaker", "result"]
         )
@@ -129,6 +131,10 @@ class Metrics:
     def fallback(self, breaker: str, kind: str) -> None:
         if self.enabled:
             self.fallbacks.labels(breaker, kind).inc()
+
+    def probe(self, breaker: str) -> None:
+        if self.enabled:
+            self.probes.labels(breaker).inc()
 
     def health_check(self, breaker: str, healthy: bool) -> None:
         if self.enabled:

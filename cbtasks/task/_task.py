@@ -159,7 +159,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         slow = slow_seconds is not None and elapsed_ms > slow_seconds * 1000
         metrics().call(guard.name, "slow" if slow else "success")
         if probe is not None:
-            metrics().call(guard.name, "probe")
+            metrics().probe(guard.name)
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
