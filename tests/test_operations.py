@@ -321,3 +321,21 @@ def test_dashboard_queries_name_metrics_the_workers_export(fleet: dict[str, Any]
     exported = {name for name, _ in _scrape(fleet["metrics"])}
     missing = dashboard_metric_names() - exported
     assert not missing, f"the dashboard queries metrics no worker exports: {missing}"
+
+
+def test_batch_finds_tasks_as_the_readme_names_them() -> None:
+    """MODULE.TASK or the registered name, from the project's root, as `celery -A` would
+    (the `cbtasks` script does not have the working directory on its path: -P here)."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "from cbtasks.ops.batch import BatchError, load_task\n"
+        "print(load_task('workers.app.predict').name, load_task('workers.predict').name)\n"
+        "try:\n    load_task('workers.nope')\nexcept BatchError as exc:\n    print(exc)\n"
+    )
+    found = subprocess.run(
+        [sys.executable, "-P", "-c", code], cwd=root, capture_output=True, text=True, check=False
+    )
+    assert found.returncode == 0, found.stderr
+    lines = found.stdout.splitlines()
+    assert lines[0] == "workers.predict workers.predict"
+    assert "no task 'nope'" in lines[1]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -26,18 +27,38 @@ class BatchError(Exception):
 
 
 def load_task(path: str) -> Any:
-    """``MODULE.TASK`` -> the Celery task object."""
+    """``MODULE.TASK`` (``workers.app.predict``) or a registered name found in ``MODULE``.
+
+    The working directory is on the import path, as for ``celery -A``: run
+    from a project's root, its modules import.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     module_name, _, attribute = path.rpartition(".")
     if not module_name:
         raise BatchError(f"--task must be MODULE.TASK (e.g. workers.app.predict), got {path!r}")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise BatchError(f"cannot import {module_name!r} for --task: {exc}") from None
+        return _registered(path, str(exc))
     task = getattr(module, attribute, None)
     if task is None or not hasattr(task, "apply_async"):
-        raise BatchError(f"{path!r} is not a Celery task")
+        return _registered(path, f"{module_name!r} has no task {attribute!r}")
     return task
+
+
+def _registered(name: str, why: str) -> Any:
+    """A registered task name (``workers.predict``, what Flower shows), from its package's app."""
+    package = name.split(".", 1)[0]
+    for candidate in (f"{package}.app", f"{package}.celery", package):
+        try:
+            module = importlib.import_module(candidate)
+        except ImportError:
+            continue
+        app = getattr(module, "app", None) or getattr(module, "celery", None)
+        if app is not None and name in getattr(app, "tasks", {}):
+            return app.tasks[name]
+    raise BatchError(f"cannot find task {name!r}: {why}") from None
 
 
 def done_lines(out: Path) -> set[int]:
