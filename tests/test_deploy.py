@@ -65,12 +65,12 @@ def test_prometheus_scrapes_the_workers_and_flower() -> None:
     flower_port = re.search(r"--port=(\d+)", services["flower"]["command"])
     assert flower_port and f"flower:{flower_port.group(1)}" in targets
     flower_job = next(job for job in config["scrape_configs"] if job["job_name"] == "flower")
-    user_password = re.search(r"--basic-auth=(\S+):(\S+)", services["flower"]["command"])
-    assert user_password
-    assert flower_job["basic_auth"] == {
-        "username": user_password.group(1),
-        "password": user_password.group(2),
-    }
+    user = re.search(r"--basic-auth=([^:\s]+):", services["flower"]["command"])
+    assert user and flower_job["basic_auth"]["username"] == user.group(1)
+    # The password comes from the file compose makes from .env, never from a tracked file.
+    password_file = flower_job["basic_auth"]["password_file"]
+    targets_of = {c["target"]: c["source"] for c in services["prometheus"]["configs"]}
+    assert "FLOWER_PASSWORD" in compose()["configs"][targets_of[password_file]]["content"]
     mount = services["prometheus"]["volumes"][0].split(":")[0]
     assert (ROOT / mount).resolve() == (ROOT / "deploy/prometheus.yml").resolve()
 
@@ -100,3 +100,35 @@ def test_dashboard_covers_what_the_issue_asks() -> None:
     names = dashboard_metric_names()
     assert {"cbtasks_breaker_state", "cbtasks_calls_total", "cbtasks_deferrals_total"} <= names
     assert "cbtasks_breaker_parked_requests" in names
+
+
+def test_no_secret_in_tracked_files_and_nothing_needless_published() -> None:
+    """Passwords come from .env (untracked; .env.example tracked and empty), Redis has one
+    and persists, only the operator UIs are published, on loopback, and /admin wants a token."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert (
+        "change-me" not in text and "change-me" not in (ROOT / "deploy/prometheus.yml").read_text()
+    )
+    services = compose()["services"]
+    redis_command = services["redis"]["command"]
+    assert "--requirepass ${REDIS_PASSWORD" in redis_command
+    assert "--appendonly yes" in redis_command and "--appendfsync everysec" in redis_command
+    assert "redis-data:/data" in services["redis"]["volumes"]
+    assert ":${REDIS_PASSWORD" in services["worker-1"]["environment"]["CBTASKS_REDIS_URL"]
+    published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
+    assert set(published) == {"flower", "prometheus", "grafana"}
+    assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports)
+    assert "MODEL_ADMIN_TOKEN" in services["model"]["environment"]["CBTASKS_ADMIN_TOKEN"]
+    assert (
+        "GRAFANA_ADMIN_PASSWORD" in services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]
+    )
+    example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(example) == {
+        "REDIS_PASSWORD", "FLOWER_PASSWORD", "GRAFANA_ADMIN_PASSWORD", "MODEL_ADMIN_TOKEN"
+    }  # fmt: skip
+    assert all(value == "" for value in example.values())
+    assert ".env" in (ROOT / ".gitignore").read_text().split()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -15,7 +16,10 @@ from cbtasks._testing.processes import ModelServer
 @pytest.fixture(scope="module")
 def client() -> Iterator[httpx.Client]:
     """The real server, over HTTP."""
-    with ModelServer() as server, httpx.Client(base_url=server.url, timeout=10) as http:
+    with (
+        ModelServer() as server,
+        httpx.Client(base_url=server.url, timeout=10, headers=server.admin_headers) as http,
+    ):
         yield http
 
 
@@ -102,3 +106,30 @@ def test_a_body_past_the_limit_gets_a_413(client: httpx.Client) -> None:
     )
     assert streamed.status_code == 413
     assert client.post("/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}).status_code == 200
+
+
+def test_the_admin_api_wants_the_token(client: httpx.Client) -> None:
+    """Whoever reaches the model cannot inject faults or read counts without the token."""
+    for token in (None, "Bearer wrong"):
+        headers = {"Authorization": token} if token else {}
+        with httpx.Client(base_url=str(client.base_url), timeout=10, headers=headers) as other:
+            assert other.put("/admin/faults", json={"outage_seconds": 60}).status_code == 401
+            assert other.get("/admin/stats").status_code == 401
+    assert client.get("/admin/stats").status_code == 200
+    assert client.post("/predict", json={"features": [5.1, 3.5, 1.4, 0.2]}).status_code == 200
+
+
+def test_without_a_token_there_is_no_admin_api() -> None:
+    """The server started without --admin-token serves predictions only."""
+    import asyncio
+
+    from cbtasks.server import create_app
+
+    async def status(app: Any, path: str) -> int:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://model") as local:
+            return (await local.get(path)).status_code
+
+    assert asyncio.run(status(create_app(), "/admin/stats")) == 404
+    assert asyncio.run(status(create_app(), "/healthz")) == 200
+    assert asyncio.run(status(create_app(admin_token="t"), "/admin/stats")) == 401

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,13 +36,17 @@ class ModelServer:
         self.grpc_port = free_port() if grpc_port == 0 else grpc_port
         self.grpc_target = f"127.0.0.1:{self.grpc_port}" if self.grpc_port else None
         self.process: subprocess.Popen[bytes] | None = None
-        self.admin = httpx.Client(base_url=self.url, timeout=10)
+        #: The admin API's token: /admin answers only requests that bear it.
+        self.admin_token = secrets.token_urlsafe(16)
+        self.admin_headers = {"Authorization": f"Bearer {self.admin_token}"}
+        self.admin = httpx.Client(base_url=self.url, timeout=10, headers=self.admin_headers)
 
     def start(self, timeout: float = 60.0) -> ModelServer:
         command = [sys.executable, "-m", "cbtasks.server", "--port", str(self.port)]
         if self.grpc_port:
             command += ["--grpc-port", str(self.grpc_port)]
-        self.process = subprocess.Popen(command, cwd=ROOT)
+        env = {**os.environ, "CBTASKS_ADMIN_TOKEN": self.admin_token}
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

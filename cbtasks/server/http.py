@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -59,8 +60,17 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
-def create_app(state: ServerState | None = None, model: IrisModel | None = None) -> FastAPI:
-    """The HTTP app; a fresh model and no faults unless given."""
+def create_app(
+    state: ServerState | None = None,
+    model: IrisModel | None = None,
+    admin_token: str | None = None,
+) -> FastAPI:
+    """The HTTP app; a fresh model and no faults unless given.
+
+    ``/admin`` (faults, phases, counts) exists only with an ``admin_token``,
+    and then answers only requests that send ``Authorization: Bearer <token>``:
+    whoever reaches the model server must not be able to take it down.
+    """
     model = model or IrisModel()
     state = state or ServerState()
     app = FastAPI(title="cbtasks reference model server")
@@ -81,6 +91,8 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
         # A body that is not even JSON is as malformed as a wrong field: 422 for both.
         status = 422 if exc.status_code == 400 else exc.status_code
         return JSONResponse({"detail": exc.detail}, status_code=status)
+
+    admin = APIRouter(dependencies=[Depends(_bearer(admin_token))])
 
     @app.get("/healthz")
     async def healthz() -> Any:
@@ -115,7 +127,7 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
         finally:
             state.end(phase, request_id, ok)
 
-    @app.put("/admin/faults")
+    @admin.put("/admin/faults")
     async def set_faults(faults: Faults) -> dict[str, Any]:
         state.faults = faults
         state.outage_until = (
@@ -123,18 +135,18 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
         )
         return faults.model_dump()
 
-    @app.delete("/admin/faults")
+    @admin.delete("/admin/faults")
     async def clear_faults() -> dict[str, Any]:
         state.faults = Faults()
         state.outage_until = 0.0
         return state.faults.model_dump()
 
-    @app.put("/admin/phase")
+    @admin.put("/admin/phase")
     async def set_phase(phase: Phase) -> dict[str, str]:
         state.phase = phase.name
         return {"phase": phase.name}
 
-    @app.get("/admin/stats")
+    @admin.get("/admin/stats")
     async def get_stats() -> dict[str, Any]:
         return {
             "phase": state.phase,
@@ -146,7 +158,7 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
             "calls_after_success": state.calls_after_success,
         }
 
-    @app.delete("/admin/stats")
+    @admin.delete("/admin/stats")
     async def reset_stats() -> dict[str, str]:
         state.phases.clear()
         state.answered_ids.clear()
@@ -154,4 +166,17 @@ def create_app(state: ServerState | None = None, model: IrisModel | None = None)
         state.phase = "default"
         return {"phase": state.phase}
 
+    if admin_token:
+        app.include_router(admin)
     return app
+
+
+def _bearer(token: str | None) -> Any:
+    """A dependency that refuses a request without ``Authorization: Bearer <token>``."""
+    expected = f"Bearer {token}".encode()
+
+    async def check(authorization: Annotated[str, Header()] = "") -> None:
+        if not hmac.compare_digest(authorization.encode(), expected):
+            raise StarletteHTTPException(401, "send Authorization: Bearer <admin token>")
+
+    return check
