@@ -91,11 +91,7 @@ def admit(snap: Snapshot, w: PolicyWire, now: int, probe_id: str) -> Admission:
     if snap.state == OPEN:
         if now < snap.open_until:
             return Admission(disabled, None, snap.open_until - now, ())
-        snap.state = HALF_OPEN
-        snap.probes.clear()
-        snap.probe_successes = 0
-        snap.version += 1
-        transitions.append((OPEN, HALF_OPEN, "open period elapsed"))
+        transitions.append(_half_open(snap, "open period elapsed"))
     if snap.state == HALF_OPEN:
         probes = snap.probes
         for expired in [p for p, lease_end in probes.items() if lease_end <= now]:
@@ -174,11 +170,7 @@ def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition
         # Never against an operator's forced open; no change, no news.
         if snap.state != OPEN or snap.mode == Mode.FORCED_OPEN:
             return []
-        snap.state = HALF_OPEN
-        snap.probes.clear()
-        snap.probe_successes = 0
-        snap.version += 1
-        return [(OPEN, HALF_OPEN, "health check passed")]
+        return [_half_open(snap, "health check passed")]
     snap.version += 1
     if op == "force_open":
         snap.mode = Mode.FORCED_OPEN
@@ -218,6 +210,14 @@ def _trip(
     _clear_window(snap)
     snap.version += 1
     return (before, OPEN, reason)
+
+
+def _half_open(snap: Snapshot, reason: str) -> Transition:
+    snap.state = HALF_OPEN
+    snap.probes.clear()
+    snap.probe_successes = 0
+    snap.version += 1
+    return (OPEN, HALF_OPEN, reason)
 
 
 def _close(snap: Snapshot, reason: str) -> Transition:

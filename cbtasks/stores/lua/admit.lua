@@ -6,11 +6,7 @@ local function admit()
   if S.md == DISABLED then disabled = 1 end
   if S.st == OPEN then
     if now < S.ou then return {disabled, 0, S.ou - now} end
-    set('st', HALF_OPEN)
-    redis.call('DEL', PROBES)
-    set('ps', 0)
-    set('vn', S.vn + 1)
-    transitions[#transitions + 1] = {OPEN, HALF_OPEN, 'open period elapsed'}
+    half_open('open period elapsed')
   end
   if S.st == HALF_OPEN then
     redis.call('ZREMRANGEBYSCORE', PROBES, '-inf', now)

@@ -81,6 +81,14 @@ local function close(reason)
   if reason ~= '' then transitions[#transitions + 1] = {before, CLOSED, reason} end
 end
 
+local function half_open(reason)
+  set('st', HALF_OPEN)
+  redis.call('DEL', PROBES)
+  set('ps', 0)
+  set('vn', S.vn + 1)
+  transitions[#transitions + 1] = {OPEN, HALF_OPEN, reason}
+end
+
 local function add_to_window(failed, slow)
   if S.ws ~= window_signature then
     clear_window()

@@ -5,13 +5,7 @@ local before = S.st
 if op == 'healthy' then
   -- A health check opens the door, only real calls (probes) close it. Never
   -- against an operator's forced open; no change, no news.
-  if S.st == OPEN and S.md ~= FORCED_OPEN then
-    set('st', HALF_OPEN)
-    redis.call('DEL', PROBES)
-    set('ps', 0)
-    set('vn', S.vn + 1)
-    transitions[#transitions + 1] = {OPEN, HALF_OPEN, 'health check passed'}
-  end
+  if S.st == OPEN and S.md ~= FORCED_OPEN then half_open('health check passed') end
   return finish({})
 end
 set('vn', S.vn + 1)
