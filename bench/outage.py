@@ -134,7 +134,7 @@ def outage_run(
             # counted in the total too): cbtasks' scripts (breaker, parking),
             # the completion guard's GET and SET, and Celery's broker messages.
             "scripts (EVALSHA)": per_task("evalsha"),
-            "guard GET+SET": round(per_task("get") + per_task("set"), 1),
+            "GET+SET (guard, results)": round(per_task("get") + per_task("set"), 1),
             "broker messages (LPUSH)": per_task("lpush"),
             "worker peak RSS (MB)": round(memory.peak / 2**20),
             "lost": lost,

@@ -203,6 +203,22 @@ def test_an_expired_parked_request_is_revoked_while_the_circuit_stays_open(
     assert fresh["model"].stats()["requests"] == 0
 
 
+def test_a_waiting_client_sees_circuit_open_not_pending(fresh: dict[str, Any]) -> None:
+    """While deferred, the result backend says CIRCUIT_OPEN and why; then SUCCESS."""
+    fresh["breaker"].force_open()
+    for task in (fresh["tasks"].predict, fresh["tasks"].predict_parked):
+        result = task.delay(FEATURES)
+        wait_for(lambda r=result: _state(r) == "CIRCUIT_OPEN", 30, "CIRCUIT_OPEN")
+        info = result.info
+        assert info["breaker"] == "iris-model"
+        assert info["deferrals"] >= 1
+        assert info["mode"] in ("countdown", "park")
+        assert "forced open" in info["reason"] or "open" in info["reason"]
+    fresh["breaker"].force_close()
+    assert result.get(timeout=60)["label"] == "setosa"
+    assert _state(result) == "SUCCESS"
+
+
 def test_registration_rejects_unknown_options() -> None:
     """An unknown on_open or defer fails when the task is registered, not when it runs."""
     from cbtasks import CircuitBreakerTask

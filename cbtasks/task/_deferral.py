@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import random
 from datetime import datetime
 from typing import Any
 
 import celery
+
+#: The result backend's state of a deferred task (and Flower's, from its event).
+CIRCUIT_OPEN = "CIRCUIT_OPEN"
+log = logging.getLogger("cbtasks.task")
 
 # Headers that travel with a deferred request.
 DEFERRALS, DEADLINE = "cbtasks_deferrals", "cbtasks_deadline"
@@ -35,6 +40,21 @@ def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
     options = app.conf.broker_transport_options or {}
     cap = float(options.get("visibility_timeout", 3600)) * _VISIBILITY_SHARE
     return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
+
+
+def report_deferred(task: celery.Task, exc: Any, mode: str, deferrals: int) -> None:
+    """CIRCUIT_OPEN in the result backend: a waiting client sees why, not PENDING."""
+    meta = {
+        "breaker": exc.name,
+        "reason": exc.reason,
+        "retry_after": exc.retry_after,
+        "deferrals": deferrals,
+        "mode": mode,
+    }
+    try:
+        task.update_state(state=CIRCUIT_OPEN, meta=meta)
+    except Exception:  # a state for watching: never lose the deferral over it
+        log.debug("could not report %s for %s", CIRCUIT_OPEN, task.request.id, exc_info=True)
 
 
 def parked_message(

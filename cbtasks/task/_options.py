@@ -23,7 +23,9 @@ DEFAULTS: dict[str, Any] = {
     "max_deferrals": 1000,
     "defer_deadline": 24 * 3600.0,
     "defer_jitter": 1.0,
-    "release_rate": 20.0,
+    # The slow start begins here: a fleet at its concurrency drains faster than
+    # this within seconds, and a recovering endpoint sees at most that concurrency.
+    "release_rate": 100.0,
     "max_release_rate": math.inf,
     "completion_ttl": 24 * 3600.0,
     "prefix": "cbtasks",
@@ -31,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "gc_every": 25,
     "health_check": None,
     "health_interval": 1.0,
+    "report_state": True,
 }
 # Each number option: (least, most, whole numbers only, the least itself allowed).
 _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {

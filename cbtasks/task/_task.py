@@ -44,6 +44,7 @@ from ._deferral import (
     expires_at,
     header,
     parked_message,
+    report_deferred,
 )
 from ._options import hide_redis_url_from_reports, validate_options, validate_task
 from ._parts import ProcessParts
@@ -88,6 +89,9 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
     health_check: Any = None
     #: Seconds between health checks while the circuit is open.
     health_interval: float | None = None
+    #: Store CIRCUIT_OPEN with {breaker, reason, retry_after, deferrals, mode} in
+    #: the result backend while deferred (one command per deferral). Default True.
+    report_state: bool | None = None
     #: A full garbage collection every this many deferrals per process (0: never).
     gc_every: int | None = None
 
@@ -211,6 +215,8 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
                 request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
             ).apply_async()
             self._event("task-circuit_open", exc, action="deferred", countdown=wait)
+        if self._option("report_state") and not self.ignore_result:
+            report_deferred(self, exc, mode, deferrals + 1)
         raise Ignore()
 
     def _answer_with_fallback(
