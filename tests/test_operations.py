@@ -339,3 +339,44 @@ def test_batch_finds_tasks_as_the_readme_names_them() -> None:
     lines = found.stdout.splitlines()
     assert lines[0] == "workers.predict workers.predict"
     assert "no task 'nope'" in lines[1]
+
+
+def _batch(tmp_path: Path, rows: str, out: Path | None = None) -> tuple[int, list[dict[str, Any]]]:
+    from cbtasks.ops.batch import _run
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text(rows)
+    out = out or tmp_path / "out.jsonl"
+    code = _run(source, out, "tests.batch_tasks.double", 10, 5.0, None)
+    return code, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_batch_rows_that_cannot_run_are_reported_and_the_rest_goes_on(tmp_path: Path) -> None:
+    """[1,2,3], {"bogus": 1} and JSON nested 100,000 deep: a failed line each, no traceback."""
+    deep = "[" * 100_000 + "]" * 100_000
+    code, lines = _batch(tmp_path, f'[1]\n[1, 2, 3]\n{{"bogus": 1}}\n{deep}\n{{"x": 4}}\n')
+    by_line = {line["line"]: line for line in lines}
+    assert by_line[1] == {"line": 1, "status": "ok", "result": 2}
+    assert by_line[5] == {"line": 5, "status": "ok", "result": 8}
+    assert all(by_line[n]["status"] == "failed" for n in (2, 3, 4))
+    assert code == 1
+
+
+def test_batch_refuses_its_input_as_output_and_keeps_whole_lines(tmp_path: Path) -> None:
+    """--out at the input is refused (it used to lose a line); a last line without a newline
+    that is whole is kept, and resuming sends the same rows with the same task ids."""
+    from cbtasks.ops.batch import BatchError, row_task_id
+    from tests import batch_tasks
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("[1]\n[2]")
+    with pytest.raises(BatchError, match="is the input"):
+        _batch(tmp_path, "[1]\n[2]", out=source)
+    assert source.read_text() == "[1]\n[2]"
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"line": 1, "status": "ok", "result": 2}')  # no newline at the end
+    _, lines = _batch(tmp_path, "[1]\n[2]\n", out=out)
+    assert [line["line"] for line in lines] == [1, 2]
+    assert row_task_id(source, 2, "[2]") == row_task_id(source, 2, "[2]")
+    assert row_task_id(source, 2, "[2]") != row_task_id(source, 2, "[3]")
+    assert batch_tasks.calls[-1] == row_task_id(source, 2, "[2]")

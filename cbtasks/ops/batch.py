@@ -10,11 +10,13 @@ it stopped and every input line appears in the output exactly once.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,7 +69,13 @@ def done_lines(out: Path) -> set[int]:
         return set()
     raw = out.read_bytes()
     if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
+        last = raw[raw.rfind(b"\n") + 1 :]
+        try:
+            json.loads(last)["line"]
+        except (ValueError, KeyError, TypeError):
+            raw = raw[: raw.rfind(b"\n") + 1]  # a line torn by a crash: written again
+        else:
+            raw += b"\n"  # a whole line without its newline: kept
         out.write_bytes(raw)
     done = set()
     for number, text in enumerate(raw.decode().splitlines(), 1):
@@ -81,7 +89,10 @@ def done_lines(out: Path) -> set[int]:
 
 
 def parse_row(text: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    row = json.loads(text)
+    try:
+        row = json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if isinstance(row, list):
         return tuple(row), {}
     if isinstance(row, dict):
@@ -97,6 +108,22 @@ def run_batch(args: argparse.Namespace) -> int:
     except BatchError as exc:
         print(f"cbtasks batch: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"\ncbtasks batch: interrupted; rerun with the same --out ({args.out}) to resume "
+            "(rows already sent keep their task ids: none is called twice)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def row_task_id(source: Path, number: int, text: str) -> str:
+    """The same id for the same row of the same file: a resent row is absorbed by the
+    completion guard instead of calling the endpoint again."""
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return str(
+        uuid.uuid5(uuid.NAMESPACE_URL, f"cbtasks-batch:{source.resolve()}:{number}:{digest}")
+    )
 
 
 def _run(
@@ -104,6 +131,10 @@ def _run(
 ) -> int:
     if not source.is_file():
         raise BatchError(f"no input file {source}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise BatchError(f"--out {out} is the input file: name another file for the results")
+    if not out.parent.is_dir():
+        raise BatchError(f"--out {out}: no folder {out.parent}; create it first")
     if not 1 <= chunk <= 10_000:
         raise BatchError(f"--chunk must be 1 to 10000, got {chunk}")
     task = load_task(task_path)
@@ -115,7 +146,7 @@ def _run(
     if done:
         print(f"resuming: {len(done)} rows already in {out}", file=sys.stderr)
     with out.open("a") as sink:
-        in_flight: list[tuple[int, Any]] = []
+        in_flight: list[tuple[int, Any, float]] = []
         rows = iter(todo)
         finished = 0
         exhausted = False
@@ -135,11 +166,25 @@ def _run(
                     finished += 1
                     continue
                 options = {"queue": queue} if queue else {}
-                in_flight.append((number, task.apply_async(args, kwargs, **options)))
+                options["task_id"] = row_task_id(source, number, text)
+                try:
+                    sent = task.apply_async(args, kwargs, **options)
+                except TypeError as exc:  # arguments the task does not take
+                    _write(sink, {"line": number, "status": "failed", "error": f"bad input: {exc}"})
+                    counts["failed"] += 1
+                    finished += 1
+                    continue
+                in_flight.append((number, sent, time.monotonic()))
             still = []
-            for number, result in in_flight:
+            for number, result, since in in_flight:
                 if not result.ready():
-                    still.append((number, result))
+                    if time.monotonic() - since > timeout:
+                        error = f"no answer in {timeout:g}s (is a worker consuming the queue?)"
+                        _write(sink, {"line": number, "status": "failed", "error": error})
+                        counts["failed"] += 1
+                        finished += 1
+                    else:
+                        still.append((number, result, since))
                     continue
                 _write(sink, _outcome(number, result, timeout))
                 counts[_status(result)] += 1

@@ -1,0 +1,16 @@
+"""An eager Celery app for the batch runner's own tests: no broker, no worker."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+app = Celery("batch-tests", set_as_current=False)
+app.conf.update(task_always_eager=True, task_store_eager_result=False)
+calls: list[str] = []
+
+
+@app.task(bind=True, name="batch.double")
+def double(self: object, x: float) -> float:
+    """Twice x; the task ids it saw are kept for the tests."""
+    calls.append(self.request.id)  # type: ignore[attr-defined]
+    return 2 * x
