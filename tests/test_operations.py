@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from cbtasks import CircuitBreaker, RedisStore, State
@@ -380,3 +382,27 @@ def test_batch_refuses_its_input_as_output_and_keeps_whole_lines(tmp_path: Path)
     assert row_task_id(source, 2, "[2]") == row_task_id(source, 2, "[2]")
     assert row_task_id(source, 2, "[2]") != row_task_id(source, 2, "[3]")
     assert batch_tasks.calls[-1] == row_task_id(source, 2, "[2]")
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.binary(max_size=300))
+def test_the_batch_readers_take_any_bytes(tmp_path: Path, data: bytes) -> None:
+    """An input row or an output file of arbitrary bytes: a row, or a clear error; nothing else."""
+    from cbtasks.ops.batch import BatchError, done_lines, parse_row
+
+    text = data.decode(errors="replace")
+    try:
+        args, kwargs = parse_row(text)
+    except ValueError:
+        pass
+    else:
+        assert isinstance(args, tuple) and isinstance(kwargs, dict)
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(data)
+    try:
+        done = done_lines(out)
+    except BatchError:
+        return
+    assert all(isinstance(n, int) for n in done)

@@ -77,8 +77,12 @@ def done_lines(out: Path) -> set[int]:
         else:
             raw += b"\n"  # a whole line without its newline: kept
         out.write_bytes(raw)
+    try:
+        text_lines = raw.decode().splitlines()
+    except UnicodeDecodeError:
+        raise BatchError(f"{out} is not a batch output file; use another --out") from None
     done = set()
-    for number, text in enumerate(raw.decode().splitlines(), 1):
+    for number, text in enumerate(text_lines, 1):
         try:
             done.add(int(json.loads(text)["line"]))
         except (ValueError, KeyError, TypeError):
