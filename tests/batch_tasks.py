@@ -14,3 +14,13 @@ def double(self: object, x: float) -> float:
     """Twice x; the task ids it saw are kept for the tests."""
     calls.append(self.request.id)  # type: ignore[attr-defined]
     return 2 * x
+
+
+# An app with a broker no worker consumes: its results never come.
+idle = Celery("batch-idle", broker="memory://", backend="cache+memory://", set_as_current=False)
+
+
+@idle.task(name="batch.never")
+def never(x: float) -> float:
+    """Never run: nothing consumes the in-memory broker."""
+    return x

@@ -406,3 +406,35 @@ def test_the_batch_readers_take_any_bytes(tmp_path: Path, data: bytes) -> None:
     except BatchError:
         return
     assert all(isinstance(n, int) for n in done)
+
+
+def test_batch_gives_up_on_a_row_after_its_timeout(tmp_path: Path) -> None:
+    """No worker consuming: each row fails after --timeout, saying why, instead of waiting."""
+    from cbtasks.ops.batch import _run
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("[1]\n[2]\n")
+    out = tmp_path / "out.jsonl"
+    assert _run(source, out, "tests.batch_tasks.never", 10, 0.3, None) == 1
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["status"] for line in lines] == ["failed", "failed"]
+    assert "no answer in 0.3s" in lines[0]["error"]
+
+
+def test_batch_interrupted_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C: one line that says how to resume, exit code 130, no traceback."""
+    import argparse
+
+    from cbtasks.ops import batch
+
+    def interrupted(*args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch, "_run", interrupted)
+    args = argparse.Namespace(
+        input="rows.jsonl", out="out.jsonl", task="t.t", chunk=1, timeout=1.0, queue=None
+    )
+    assert batch.run_batch(args) == 130
+    assert "rerun with the same --out" in capsys.readouterr().err

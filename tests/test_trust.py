@@ -262,3 +262,13 @@ def test_a_malformed_url_never_prints_its_password(password: str) -> None:
     for piece in {password, *re.split(r"[/#?@]", password)}:
         if len(piece) >= 3:
             assert piece not in message, message
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_the_example_app_takes_only_finite_numbers(bad: float) -> None:
+    """NaN features are the caller's error before any call (six of them kept the circuit open)."""
+    from cbtasks import CallerError
+    from workers.app import validate_features
+
+    with pytest.raises(CallerError, match="finite"):
+        validate_features([1.0, bad, 3.0, 4.0])
