@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -83,11 +84,13 @@ def test_cached_result_is_keyed_on_keyword_arguments_too(redis_url: str) -> None
         cache(task, (1,), {})  # the same value passed by position is another call
 
 
-def test_an_unreachable_cache_is_a_miss(redis_url: str) -> None:
-    """Redis out of reach: the fallback behind the cache answers, nothing is raised."""
+def test_an_unreachable_cache_is_a_miss(caplog: pytest.LogCaptureFixture) -> None:
+    """Redis out of reach: the fallback behind the cache answers, nothing is raised; logged."""
     task = FakeTask("redis://127.0.0.1:1/0")  # nothing listens on port 1
     backed = fb.CachedResult(ttl=60, otherwise=fb.DefaultPrediction("unknown"))
     assert backed(task, ([1, 2, 3, 4],), {}) == "unknown"
+    assert "cannot read the cached result of workers.predict (" in caplog.text
+    assert "Connection refused" in caplog.text or "Error" in caplog.text
 
 
 def test_the_mark_names_the_fallback_that_answered(redis_url: str) -> None:
@@ -97,3 +100,85 @@ def test_the_mark_names_the_fallback_that_answered(redis_url: str) -> None:
     assert fb.answer(cache, task, ([1, 2, 3, 4],), {}) == ("default", None)
     cache.remember(task, ([1, 2, 3, 4],), {}, {"label": "setosa"})
     assert fb.answer(cache, task, ([1, 2, 3, 4],), {}) == ("cached", {"label": "setosa"})
+
+
+def test_the_mark_holds_kind_result_and_reason() -> None:
+    """Exactly these three keys: a pipeline reads them."""
+    assert fb.mark("default", 7, "circuit is open") == {
+        "cbtasks_fallback": "default",
+        "result": 7,
+        "reason": "circuit is open",
+    }
+
+
+def test_cached_result_ttl_bounds() -> None:
+    """Any positive number of seconds up to 30 days; nothing else."""
+    assert fb.CachedResult(ttl=0.5).ttl == 0.5
+    assert fb.CachedResult(ttl=30 * 24 * 3600).ttl == 30 * 24 * 3600
+    for bad in (0, -1, 30 * 24 * 3600 + 1):
+        with pytest.raises(ValueError, match="ttl must be a number of seconds above 0"):
+            fb.CachedResult(ttl=bad)
+
+
+def test_cached_result_key_ignores_keyword_order_and_takes_any_value(redis_url: str) -> None:
+    """predict(a=1, b=2) and predict(b=2, a=1) share a result; odd values still make a key."""
+    task = FakeTask(redis_url)
+    cache = fb.CachedResult(ttl=60)
+    cache.remember(task, (), {"a": 1, "b": 2}, "both")
+    assert cache(task, (), {"b": 2, "a": 1}) == "both"
+    odd = (datetime(2030, 1, 1, tzinfo=UTC),)
+    cache.remember(task, odd, {}, "dated")
+    assert cache(task, odd, {}) == "dated"
+
+
+def test_cached_result_expires_after_its_ttl(redis_url: str) -> None:
+    """The remembered result lives `ttl` seconds in Redis, no longer."""
+    task = FakeTask(redis_url)
+    cache = fb.CachedResult(ttl=60)
+    cache.remember(task, (1,), {}, "one")
+    assert 59_000 < task.cbtasks_redis.pttl(cache.key(task, (1,), {})) <= 60_000
+
+
+def test_fallbacks_get_the_calls_own_arguments(redis_url: str) -> None:
+    """Behind a cache, in a simpler model, a plain callable: the same args and kwargs."""
+    task = FakeTask(redis_url)
+    simpler = fb.SimplerModel(lambda x, y=0: x + y)
+    assert fb.answer(simpler, task, (1,), {"y": 2}) == ("simpler_model", 3)
+    cache = fb.CachedResult(ttl=60, otherwise=simpler)
+    assert fb.answer(cache, task, (1,), {"y": 3}) == ("simpler_model", 4)
+    plain = fb.as_fallback(lambda x, y=0: x * y)
+    assert plain is not None and plain(task, (2,), {"y": 5}) == 10
+    seen: list[Any] = []
+
+    class Recording:
+        kind = "recording"
+
+        def __call__(self, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            seen.append((task, args, kwargs))
+            return "noted"
+
+    behind = fb.CachedResult(ttl=60, otherwise=Recording())
+    assert fb.answer(behind, task, (9,), {"k": 1}) == ("recording", "noted")
+    assert seen == [(task, (9,), {"k": 1})]
+    assert fb.as_fallback(None) is None
+    recording = Recording()
+    assert fb.as_fallback(recording) is recording  # a fallback object is used as it is
+
+
+def test_enqueue_for_later_sends_args_kwargs_and_countdown(redis_url: str) -> None:
+    """The request goes as it came, after the countdown asked for."""
+    task = FakeTask(redis_url)
+    fb.EnqueueForLater("batch", countdown=30)(task, (1, 2), {"k": 3})
+    assert task.sent == [((1, 2), {"k": 3}, {"queue": "batch", "countdown": 30})]
+    fb.EnqueueForLater("batch")(task, (), {})
+    assert task.sent[-1][2] == {"queue": "batch", "countdown": None}
+
+
+def test_fallback_errors_say_what_to_pass(redis_url: str) -> None:
+    """Messages that name the fix."""
+    with pytest.raises(TypeError, match="SimplerModel needs a callable or a task"):
+        fb.SimplerModel(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="EnqueueForLater needs the name of the queue"):
+        fb.EnqueueForLater("")
+    with pytest.raises(fb.NoFallback, match="no cached result for these arguments"):
+        fb.CachedResult(ttl=60)(FakeTask(redis_url), (404,), {})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -21,6 +22,9 @@ from cbtasks.stores._base import Reply
 from tests.conftest import FakeClock
 
 _names = itertools.count()
+
+# `make mutate` runs these once per mutant: fewer examples there keep it to minutes.
+EXAMPLES = 50 if os.environ.get("CBTASKS_MUTATION") else 1000
 
 
 @dataclass
@@ -208,7 +212,7 @@ def run(policy: BreakerPolicy, script: list[tuple[object, ...]], stores: list[ob
             assert got_state == expected_state, f"{type(store).__name__} after {step}"
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(policy=policies, script=steps)
 def test_memory_store_matches_the_reference(policy: BreakerPolicy, script: list) -> None:  # type: ignore[type-arg]
     """The Python machine behaves as the plain reading of the policy."""
@@ -223,7 +227,9 @@ def shared_redis_store(redis_server):  # type: ignore[no-untyped-def]
 
 
 @settings(
-    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=EXAMPLES // 5,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(policy=policies, script=steps)
 def test_redis_store_matches_the_reference(
