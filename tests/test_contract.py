@@ -500,3 +500,87 @@ def test_rejected_while_probing_waits_about_one_probe(
     assert waits == [0.1, 0.5, 3.0]
     breaker.record(probe, Outcome.SUCCESS)
     assert breaker.state is State.CLOSED
+
+
+def test_every_transition_says_why(name: str, store: Store, clock: FakeClock) -> None:
+    """The reasons operators read in logs and listeners, for each way a state changes."""
+    events: list[StateChange] = []
+    breaker = make(name, store, failure_threshold=2, open_seconds=5, probe_lease_seconds=30)
+    breaker.add_listener(events.append)
+    fail(breaker, 2)
+    other = make(name, store, failure_threshold=2, open_seconds=5)  # another process: asks
+    with pytest.raises(CircuitOpenError):
+        other.admit()
+    clock.advance(5)
+    assert breaker.call(ok) == "ok"
+    fail(breaker, 2)
+    clock.advance(5)
+    fail(breaker)  # the probe
+    clock.advance(5)
+    breaker.record(breaker.admit(), Outcome.FAILURE, retry_after=7.0)  # a probe asked to wait
+    clock.advance(7)
+    probe = breaker.admit()
+    breaker.record(probe, Outcome.SUCCESS)
+    breaker.record(breaker.admit(), Outcome.FAILURE, retry_after=0.001)  # closed: at once
+    reasons = [(e.from_state.value, e.to_state.value, e.reason) for e in events]
+    assert reasons == [
+        ("closed", "open", "2 consecutive failures"),
+        ("open", "half_open", "open period elapsed"),
+        ("half_open", "closed", "1 probe(s) succeeded"),
+        ("closed", "open", "2 consecutive failures"),
+        ("open", "half_open", "open period elapsed"),
+        ("half_open", "open", "probe failed"),
+        ("open", "half_open", "open period elapsed"),
+        ("half_open", "open", "probe failed"),
+        ("open", "half_open", "open period elapsed"),
+        ("half_open", "closed", "1 probe(s) succeeded"),
+        ("closed", "open", "endpoint asked to retry after 1 ms"),
+    ]
+
+
+def test_rate_trips_say_which_rate(name: str, store: Store) -> None:
+    """A failure-rate or slow-call-rate trip names the rate and the calls it is over."""
+    events: list[StateChange] = []
+    breaker = make(
+        name, store, failure_threshold=100, failure_rate=0.5, window=CountWindow(calls=4),
+        min_calls=4,
+    )  # fmt: skip
+    breaker.add_listener(events.append)
+    for outcome in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.SUCCESS, Outcome.FAILURE):
+        breaker.record(breaker.admit(), outcome)
+    assert [e.reason for e in events] == ["failure rate 50% over 4 calls"]
+    slow_events: list[StateChange] = []
+    slow = make(
+        f"{name}-slow", store, failure_threshold=100, slow_call_seconds=1.0, slow_call_rate=0.5,
+        window=CountWindow(calls=4), min_calls=4,
+    )  # fmt: skip
+    slow.add_listener(slow_events.append)
+    for elapsed_ms in (10, 2000, 10, 2000):
+        slow.record(slow.admit(), Outcome.SUCCESS, elapsed_ms)
+    assert [e.reason for e in slow_events] == ["slow-call rate 50% over 4 calls"]
+
+
+def test_probe_edges(name: str, store: Store, clock: FakeClock) -> None:
+    """A probe reported exactly at its lease end, or under an unknown id, or a late outcome
+    in an open circuit: none changes anything. A full half-open waits at most the open period."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=1, probe_lease_seconds=30)
+    fail(breaker)
+    clock.advance(1)
+    probe = breaker.admit()
+    assert probe is not None
+    breaker.record("no-such-probe", Outcome.SUCCESS)  # ignored, no error
+    clock.advance(5)
+    with pytest.raises(CircuitOpenError) as info:
+        make(name, store, failure_threshold=1, open_seconds=1, probe_lease_seconds=30).admit()
+    assert info.value.retry_after == pytest.approx(1.0)  # the open period, not 5 s of running
+    clock.advance(25)
+    breaker.record(probe, Outcome.SUCCESS)  # exactly at the lease's end: too late
+    status = breaker.status()
+    assert status is not None and status.state is State.HALF_OPEN
+    trips_before = status.trips
+    fresh = breaker.admit()
+    breaker.record(fresh, Outcome.FAILURE)
+    breaker.record(None, Outcome.FAILURE)  # a late plain outcome while open
+    status = breaker.status()
+    assert status is not None and status.state is State.OPEN
+    assert status.trips == trips_before + 1 and status.consecutive_failures == 0
