@@ -101,6 +101,11 @@ def test_shorthands_feed_the_policy() -> None:
         ("failure_rate", 0),
         ("failure_rate", 1.5),
         ("failure_rate", float("nan")),
+        ("failure_rate", True),
+        ("failure_rate", "0.5"),
+        ("slow_call_rate", 0),
+        ("slow_call_rate", float("inf")),
+        ("failure_threshold", 1_000_001),
         ("slow_call_seconds", -1),
         ("min_calls", 0),
         ("open_seconds", 0),
@@ -118,15 +123,19 @@ def test_shorthands_feed_the_policy() -> None:
     ],
 )
 def test_every_invalid_policy_value_names_its_field(field: str, value: object) -> None:
-    """A bad value fails at construction, naming the field and what it accepts."""
-    with pytest.raises(PolicyError, match=field):
+    """A bad value fails at construction, naming the field first and what it accepts."""
+    with pytest.raises(PolicyError, match=rf"^{field} must be "):
         BreakerPolicy(**{field: value})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
-        ({"slow_call_rate": 0.5}, "slow_call_seconds"),
+        (
+            {"slow_call_rate": 0.5},
+            "slow_call_rate needs slow_call_seconds: set slow_call_seconds to the duration "
+            "above which a call counts as slow",
+        ),
         ({"open_seconds": 60, "max_open_seconds": 30}, "max_open_seconds"),
         ({"window": CountWindow(calls=5), "min_calls": 10}, "min_calls"),
     ],
@@ -138,11 +147,26 @@ def test_inconsistent_policies_say_what_to_change(kwargs: dict[str, object], wor
 
 
 def test_windows_validate() -> None:
-    """Windows have sane sizes."""
-    with pytest.raises(PolicyError, match="CountWindow.calls"):
+    """Windows have sane sizes; the bounds themselves are allowed."""
+    with pytest.raises(PolicyError, match=r"^CountWindow.calls must be "):
         CountWindow(calls=0)
-    with pytest.raises(PolicyError, match="TimeWindow.seconds"):
+    with pytest.raises(PolicyError, match=r"^TimeWindow.seconds must be "):
         TimeWindow(seconds=-1)
+    assert CountWindow(calls=1).calls == 1
+    assert TimeWindow(seconds=7 * 24 * 3600.0).seconds == 7 * 24 * 3600.0
+
+
+def test_policy_bounds_are_inclusive() -> None:
+    """The largest values a field allows are allowed."""
+    policy = BreakerPolicy(
+        failure_threshold=1_000_000,
+        open_seconds=7 * 24 * 3600.0,
+        max_open_seconds=7 * 24 * 3600.0,
+        failure_rate=1,
+        slow_call_seconds=7 * 24 * 3600.0,
+        slow_call_rate=1.0,
+    )
+    assert policy.failure_threshold == 1_000_000
 
 
 def test_policy_is_frozen_and_keyword_only() -> None:
