@@ -195,8 +195,10 @@ def test_batch_rides_an_outage_and_resumes(fleet: dict[str, Any], tmp_path: Path
     )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["line"] for line in lines) == list(range(1, 122))
-    missing_ok_rows = sum(1 for line in lines[70:] if line["status"] == "ok")
-    assert model.stats()["requests"] == missing_ok_rows, again.stderr
+    assert sum(line["status"] == "ok" for line in lines) == 120
+    # Those rows ran before: the same file, line and content give the same task id,
+    # and the completion guard answers them without calling the endpoint again.
+    assert model.stats()["requests"] == 0, again.stderr
 
 
 def test_batch_bad_arguments(tmp_path: Path) -> None:

@@ -74,19 +74,19 @@ def test_a_forged_state_hash_is_bounded_by_the_policy(redis_url: str, name: str)
 
 def test_garbage_news_is_logged_once_not_per_message(redis_url: str, caplog) -> None:  # type: ignore[no-untyped-def]
     """200 malformed publishes: one warning (and a count), not 200."""
-    store = RedisStore(redis_url)
+    # A prefix of its own: other tests' stores listen on cbtasks:news and log too.
+    store = RedisStore(redis_url, prefix="garbage-test")
     store.news.view("anything")
     publisher = redis.Redis.from_url(redis_url)
     try:
-        # Other subscribers may listen on this Redis: wait until this one hears.
         wait_for(
-            lambda: publisher.publish("cbtasks:news", b"x") and store.news._malformed > 0,
+            lambda: publisher.publish("garbage-test:news", b"x") and store.news._malformed > 0,
             5,
             "the listener",
         )
         heard = store.news._malformed
         for i in range(200):
-            publisher.publish("cbtasks:news", f"garbage {i}".encode())
+            publisher.publish("garbage-test:news", f"garbage {i}".encode())
         wait_for(lambda: store.news._malformed >= heard + 200, 5, "the garbage to be heard")
         warnings = [r for r in caplog.records if "malformed breaker news" in r.getMessage()]
         assert len(warnings) == 1
