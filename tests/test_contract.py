@@ -584,3 +584,32 @@ def test_probe_edges(name: str, store: Store, clock: FakeClock) -> None:
     status = breaker.status()
     assert status is not None and status.state is State.OPEN
     assert status.trips == trips_before + 1 and status.consecutive_failures == 0
+
+
+def test_operator_commands_say_what_they_did(name: str, store: Store, clock: FakeClock) -> None:
+    """Forced open, forced closed, reset and a passed health check: one event each, with its
+    reason, and none when the state does not change."""
+    events: list[StateChange] = []
+    breaker = make(name, store, failure_threshold=1, open_seconds=5)
+    breaker.add_listener(events.append)
+    breaker.call(ok)
+    breaker.force_close()  # closed already: no event
+    breaker.reset()  # closed already: no event
+    breaker.force_open()
+    breaker.force_open()  # open already: no event
+    breaker.health_passed()  # a forced open is the operator's: no event
+    breaker.force_close()
+    fail(breaker)
+    breaker.health_passed()
+    breaker.health_passed()  # half-open already: no event
+    fail(breaker)
+    breaker.reset()
+    reasons = [(e.from_state.value, e.to_state.value, e.reason) for e in events]
+    assert reasons == [
+        ("closed", "open", "forced open"),
+        ("open", "closed", "forced closed"),
+        ("closed", "open", "1 consecutive failures"),
+        ("open", "half_open", "health check passed"),
+        ("half_open", "open", "probe failed"),
+        ("open", "closed", "reset"),
+    ]
