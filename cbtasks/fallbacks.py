@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .stores._news import REDIS_TROUBLE
+from .stores._connection import REDIS_TROUBLE
 
 __all__ = [
     "CachedResult",

@@ -10,6 +10,12 @@ from redis.retry import Retry
 
 from .._errors import PolicyError
 
+# Errors that mean "Redis cannot be reached now", as opposed to a bug.
+REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Those, or Redis answering with an error (a key of the wrong type, OOM, ACL):
+# what a task's own Redis calls (completion guard, cache, parking) survive.
+REDIS_TROUBLE = (redis.RedisError, OSError)
+
 
 def make_client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis:
     """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds."""
@@ -83,7 +89,7 @@ def describe_client(client: redis.Redis) -> str:
 
 def unreachable_message(client: redis.Redis, exc: BaseException) -> str:
     """What went wrong talking to Redis, and what to check; never the password."""
-    if not isinstance(exc, redis.ConnectionError | redis.TimeoutError | OSError):
+    if not isinstance(exc, REDIS_DOWN):
         return (
             f"Redis at {describe_client(client)} refused the breaker's scripts "
             f"({type(exc).__name__}: {exc}); check its keys, memory and ACL"

@@ -19,14 +19,9 @@ from typing import Any, NamedTuple
 import redis
 
 from ._base import LocalView
+from ._connection import REDIS_DOWN
 
 log = logging.getLogger("cbtasks.redis")
-
-# Errors that mean "Redis cannot be reached now", as opposed to a bug.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
-# Those, or Redis answering with an error (a key of the wrong type, OOM, ACL):
-# what a task's own Redis calls (completion guard, cache, parking) survive.
-REDIS_TROUBLE = (redis.RedisError, OSError)
 
 
 class News(NamedTuple):

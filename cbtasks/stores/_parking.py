@@ -110,9 +110,7 @@ class ParkingLot:
         out = []
         for request_id, data in pairs[expired_count:]:
             message = self._read(request_id, data)
-            if message is None:
-                self.ack([request_id])  # kept aside by _read for an operator
-            else:
+            if message is not None:  # else _read put it among the dead letters
                 out.append((request_id, message))
         return Released(
             out,

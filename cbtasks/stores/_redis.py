@@ -25,9 +25,15 @@ from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, LocalView, Reply, validate_name
-from ._connection import describe_client, is_number, make_client, unreachable_message
+from ._connection import (
+    REDIS_DOWN,
+    describe_client,
+    is_number,
+    make_client,
+    unreachable_message,
+)
 from ._memory import MemoryStore
-from ._news import REDIS_DOWN, ProcessNews
+from ._news import ProcessNews
 from ._outage import OnError, Outage
 from ._scripts import MACHINE_SCRIPTS, parse_reply
 
@@ -187,7 +193,7 @@ class RedisStore:
                 for key in self.client.scan_iter(match=f"{self.prefix}:{{*}}:s", count=500)
             }
         except REDIS_DOWN as exc:
-            raise StoreUnavailableError(self._unreachable(exc)) from exc
+            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
         return sorted(found)
 
     def claim(self, name: str, what: str, ttl_ms: int) -> bool:
@@ -205,7 +211,7 @@ class RedisStore:
         try:
             self.client.ping()
         except REDIS_DOWN as exc:
-            raise StoreUnavailableError(self._unreachable(exc)) from exc
+            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
         except redis.RedisError as exc:
             raise StoreError(
                 f"Redis at {describe_client(self.client)} refused PING: {exc}"
@@ -248,7 +254,7 @@ class RedisStore:
         except REDIS_DOWN as exc:
             self._outage(exc)
             if strict:
-                raise StoreUnavailableError(self._unreachable(exc)) from exc
+                raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
             self.fallback_decisions += 1
             return None
         except redis.RedisError as exc:
@@ -263,7 +269,7 @@ class RedisStore:
         if self.outage.started is not None:
             self.outage.ended(describe_client(self.client))
             self._local = MemoryStore()  # the shared state is the truth again
-            self._forget_views()
+            self.news.forget_views()
         return reply
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
@@ -298,18 +304,12 @@ class RedisStore:
         if self.on_store_error is not None:
             self.on_store_error(exc)
         # Cached "closed" views would skip on_error: every call must ask now.
-        self.outage.failed(self._unreachable(exc), self._forget_views)
+        self.outage.failed(unreachable_message(self.client, exc), self.news.forget_views)
 
     @property
     def error_count(self) -> int:
         """Redis calls that failed."""
         return self.outage.error_count
-
-    def _unreachable(self, exc: BaseException) -> str:
-        return unreachable_message(self.client, exc)
-
-    def _forget_views(self) -> None:
-        self.news.forget_views()
 
     def add_news_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park."""

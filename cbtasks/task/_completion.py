@@ -11,7 +11,7 @@ import json
 import logging
 from typing import Any
 
-from ..stores._news import REDIS_TROUBLE
+from ..stores._connection import REDIS_TROUBLE
 
 log = logging.getLogger("cbtasks.task")
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..stores._news import REDIS_DOWN
+from ..stores._connection import REDIS_DOWN
 from ..stores._parking import ParkingLot
 from ._deferral import PoisonMessage
 

@@ -35,7 +35,7 @@ from .._errors import CircuitOpenError, PolicyError
 from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..ops.metrics import metrics
-from ..stores._news import REDIS_TROUBLE
+from ..stores._connection import REDIS_TROUBLE
 from ._deferral import (
     DEADLINE,
     DEFERRALS,
