@@ -17,10 +17,11 @@ from ._errors import (
 )
 from ._policy import BreakerPolicy, CountWindow, TimeWindow
 from ._state import Outcome, State, StateChange
-from .stores import BreakerStatus, MemoryStore, OnError, RedisStore, Store
+from .stores import AsyncRedisStore, BreakerStatus, MemoryStore, OnError, RedisStore, Store
 from .task import CircuitBreakerTask
 
 __all__ = [
+    "AsyncRedisStore",
     "BreakerPolicy",
     "BreakerStatus",
     "CBTasksError",

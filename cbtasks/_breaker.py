@@ -6,15 +6,14 @@ import functools
 import inspect
 import itertools
 import logging
-import os
 import threading
 from collections.abc import Callable, Iterable
 from time import perf_counter
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
-from ._async import guard_async
-from ._errors import CircuitOpenError, PolicyError
+from ._async import AsyncCalls, guard_async, is_async_store, new_probe_id
+from ._errors import CircuitOpenError, PolicyError, endpoint_retry_after
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
@@ -36,7 +35,7 @@ _DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
 _MAX_RETRY_AFTER_MS = 3_600_000
 
 
-class CircuitBreaker:
+class CircuitBreaker(AsyncCalls):
     """A circuit breaker around calls to one endpoint.
 
     The small form: ``CircuitBreaker(fail_max=5, reset_timeout=10)`` decorates
@@ -98,6 +97,12 @@ class CircuitBreaker:
         self._failures = policy.failure_exceptions
         self._ignored = policy.ignored_exceptions
         self._open_calls = threading.local()
+        self._async_store = is_async_store(self.store)
+        if health_check is not None and self._async_store:
+            raise PolicyError(
+                "health_check needs a blocking store (RedisStore): it runs in a thread; "
+                "let the workers' breakers check health, an AsyncRedisStore shares their state"
+            )
         self._longest_open_ms = int(policy.longest_open_seconds * 1000)
         self._health = health_checker(
             self.name, self.store, health_check, health_interval, self.health_passed
@@ -110,14 +115,11 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker."""
-        view = self._view
-        if view.closed:
+        if self._async_store:
+            self._require_sync("call")
+        if self._view.closed:
             probe = None
         else:
-            # A circuit known to be open rejects here, without a store call.
-            now = self._clock()
-            if now < view.reject_until and view.mode != _DISABLED and self.fallback is None:
-                raise CircuitOpenError(self.name, view.reject_until - now)
             try:
                 probe = self.admit()
             except CircuitOpenError:
@@ -178,27 +180,10 @@ class CircuitBreaker:
         admitted call must be followed by :meth:`record` or
         :meth:`record_exception` with the id returned here.
         """
-        view = self._view
-        if view.closed:
+        if self._answered_locally():
             return None
-        store = self.store
-        now = store.local_clock()
-        if now < view.reject_until:
-            if view.mode == _DISABLED:
-                return None
-            raise CircuitOpenError(self.name, view.reject_until - now)
-        reply = store.admit(self.name, self._wire, os.urandom(8).hex())
-        self._learn(reply)
-        if reply.admitted:
-            return reply.probe_id
-        retry_after = reply.retry_after_ms / 1000
-        if reply.cacheable and reply.state == HALF_OPEN:
-            # Every probe slot is taken: wait locally, a close is news we will hear.
-            view.hold_off(store.local_clock() + retry_after)
-        reason = "half-open, probes in progress" if reply.state == HALF_OPEN else "circuit is open"
-        if reply.mode == Mode.FORCED_OPEN:
-            reason = "forced open by an operator"
-        raise CircuitOpenError(self.name, retry_after, reason)
+        self._require_sync("admit")
+        return self._admission(self.store.admit(self.name, self._wire, new_probe_id()))
 
     def record(
         self,
@@ -208,19 +193,13 @@ class CircuitBreaker:
         retry_after: float | None = None,
     ) -> None:
         """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned."""
-        slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
-        retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
-        retry_after_ms = min(retry_after_ms, _MAX_RETRY_AFTER_MS)  # an endpoint's word, bounded
-        reply = self.store.record(self.name, self._wire, probe, outcome, slow, retry_after_ms)
-        if reply.version > self._view.version or reply.transitions:
-            self._learn(reply)
+        self._require_sync("record")
+        details = self._record_details(elapsed_ms, retry_after)
+        self._recorded(self.store.record(self.name, self._wire, probe, outcome, *details))
 
     def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
         """Count a call that raised ``exc``, classified by the policy."""
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(exc, CircuitOpenError) or not isinstance(retry_after, int | float):
-            retry_after = None
-        self.record(probe, self.classify(exc), elapsed_ms, retry_after)
+        self.record(probe, self.classify(exc), elapsed_ms, endpoint_retry_after(exc))
 
     def classify(self, exc: BaseException) -> Outcome:
         """Failure, ignored (the caller's fault), or success (the endpoint answered)."""
@@ -229,6 +208,50 @@ class CircuitBreaker:
         if isinstance(exc, self._failures):
             return Outcome.FAILURE
         return Outcome.SUCCESS if isinstance(exc, Exception) else Outcome.IGNORED
+
+    def _answered_locally(self) -> bool:
+        """True: admit without asking the store; False: ask it. Raises if known open."""
+        view = self._view
+        if view.closed:
+            return True
+        now = self._clock()
+        if now < view.reject_until:
+            if view.mode == _DISABLED:
+                return True
+            raise CircuitOpenError(self.name, view.reject_until - now)
+        return False
+
+    def _admission(self, reply: Reply) -> str | None:
+        """The store's answer to an admission: the probe id, or CircuitOpenError."""
+        self._learn(reply)
+        if reply.admitted:
+            return reply.probe_id
+        retry_after = reply.retry_after_ms / 1000
+        if reply.cacheable and reply.state == HALF_OPEN:
+            # Every probe slot is taken: wait locally, a close is news we will hear.
+            self._view.hold_off(self._clock() + retry_after)
+        reason = "half-open, probes in progress" if reply.state == HALF_OPEN else "circuit is open"
+        if reply.mode == Mode.FORCED_OPEN:
+            reason = "forced open by an operator"
+        raise CircuitOpenError(self.name, retry_after, reason)
+
+    def _record_details(self, elapsed_ms: float, retry_after: float | None) -> tuple[bool, int]:
+        """Whether a call was slow, and the endpoint's Retry-After in ms (bounded)."""
+        slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
+        retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
+        return slow, min(retry_after_ms, _MAX_RETRY_AFTER_MS)  # an endpoint's word, bounded
+
+    def _recorded(self, reply: Reply) -> None:
+        if reply.version > self._view.version or reply.transitions:
+            self._learn(reply)
+
+    def _require_sync(self, what: str) -> None:
+        if self._async_store:
+            raise PolicyError(
+                f"breaker {self.name!r} keeps its state in a {type(self.store).__name__}, "
+                f"whose calls are awaited: use `await breaker.a{what}(...)`"
+                + (" or `async with breaker:`" if what == "call" else "")
+            )
 
     # -- state and operations ----------------------------------------------------
 
@@ -240,6 +263,7 @@ class CircuitBreaker:
 
     def status(self) -> BreakerStatus | None:
         """Counters and state for operators; None before the first call."""
+        self._require_sync("status")
         return self.store.status(self.name, self._wire)
 
     def force_open(self) -> None:
@@ -276,6 +300,7 @@ class CircuitBreaker:
         self._listeners.append(listener)
 
     def _control(self, op: str) -> None:
+        self._require_sync("control")
         self._learn(self.store.control(self.name, self._wire, op))
 
     def _learn(self, reply: Reply) -> None:

@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 import pytest
 import redis
 
-from cbtasks import MemoryStore, RedisStore, Store
+from cbtasks import AsyncRedisStore, MemoryStore, RedisStore, Store
 from cbtasks._testing.redis_server import RedisServer
+from tests.async_adapter import BlockingAsyncStore
 
 _names = itertools.count()
 
@@ -68,16 +69,26 @@ def name() -> str:
 
 # `make mutate` mutates the Python machine, not the Lua one: the memory store
 # alone tells a mutant apart there, in half the time.
-STORES = ["memory"] if os.environ.get("CBTASKS_MUTATION") else ["memory", "redis"]
+STORES = ["memory"] if os.environ.get("CBTASKS_MUTATION") else ["memory", "redis", "async-redis"]
 
 
 @pytest.fixture(params=STORES)
 def store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[Store]:
-    """Each store in turn, both on the test's fake clock."""
-    if request.param == "memory":
+    """Each store in turn (the async one driven from blocking code), on the test's fake clock."""
+    yield from open_store(request.param, request, clock)
+
+
+def open_store(kind: str, request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[Store]:
+    """A store of ``kind`` (one of STORES) on ``clock``, closed afterwards."""
+    if kind == "memory":
         yield MemoryStore(clock=clock)
         return
     url = request.getfixturevalue("redis_url")
+    if kind == "async-redis":
+        async_store = BlockingAsyncStore(AsyncRedisStore(url, clock=clock))
+        yield async_store  # type: ignore[misc]
+        async_store.close()
+        return
     redis_store = RedisStore(url, clock=clock)
     yield redis_store
     redis_store.close()

@@ -7,6 +7,7 @@ Nothing is written to disk; the process is stopped by :meth:`RedisServer.stop`.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -103,6 +104,16 @@ class RedisServer:
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
+
+    def freeze(self) -> None:
+        """Stop the process (SIGSTOP): it holds its connections and answers nothing."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen process run again (SIGCONT)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Start again on the same port (state is lost: nothing is persisted)."""

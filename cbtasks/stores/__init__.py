@@ -1,8 +1,9 @@
 """Where breakers keep their state: one process (MemoryStore) or a fleet (RedisStore)."""
 
+from ._async_redis import AsyncRedisStore
 from ._base import BreakerStatus, Store
 from ._memory import MemoryStore
 from ._outage import OnError
 from ._redis import RedisStore
 
-__all__ = ["BreakerStatus", "MemoryStore", "OnError", "RedisStore", "Store"]
+__all__ = ["AsyncRedisStore", "BreakerStatus", "MemoryStore", "OnError", "RedisStore", "Store"]

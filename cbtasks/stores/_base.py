@@ -71,6 +71,8 @@ class BreakerStatus:
     window_failures: int
     window_slow: int
     probes_in_use: int
+    #: Seconds until an open circuit lets a probe through (0 unless open).
+    retry_after: float = 0.0
 
 
 class LocalView:

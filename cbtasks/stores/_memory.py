@@ -103,7 +103,7 @@ class MemoryStore:
             if snap is None:
                 return None
             now = self._now_ms()
-            state, _ = machine.observe(snap, now, policy)
+            state, remaining = machine.observe(snap, now, policy)
             return BreakerStatus(
                 name=name,
                 state=STATE_BY_CODE[state],
@@ -117,6 +117,7 @@ class MemoryStore:
                 probes_in_use=sum(1 for end in snap.probes.values() if end > now)
                 if state == machine.HALF_OPEN
                 else 0,
+                retry_after=remaining / 1000 if state == machine.OPEN else 0.0,
             )
 
     def names(self) -> list[str]:

@@ -1,0 +1,275 @@
+"""The breaker from asyncio: AsyncRedisStore on a real Redis, shared with blocking processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from cbtasks import (
+    AsyncRedisStore,
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitOpenError,
+    EndpointFailure,
+    MemoryStore,
+    PolicyError,
+    RedisStore,
+    State,
+)
+from cbtasks._testing.redis_server import RedisServer
+
+POLICY = BreakerPolicy(failure_threshold=2, open_seconds=0.5, half_open_probes=2)
+
+
+async def fails() -> None:
+    raise EndpointFailure("503 from the model", status=503)
+
+
+async def answers(value: Any = "ok") -> Any:
+    return value
+
+
+class CommandCount:
+    """Counts the commands an asyncio client sends."""
+
+    def __init__(self, store: AsyncRedisStore) -> None:
+        self.sent = 0
+        original = store.client.execute_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.sent += 1
+            return await original(*args, **kwargs)
+
+        store.client.execute_command = counted  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A Redis of this test's own, to freeze."""
+    with RedisServer() as server:
+        yield server
+
+
+def test_acall_trips_rejects_locally_and_closes_after_probes(redis_url: str, name: str) -> None:
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, policy=POLICY, store=store)
+        assert await breaker.acall(answers, 1) == 1
+        for _ in range(2):
+            with pytest.raises(EndpointFailure):
+                await breaker.acall(fails)
+        count = CommandCount(store)
+        with pytest.raises(CircuitOpenError) as rejected:
+            await breaker.acall(answers)
+        assert 0 < rejected.value.retry_after <= 0.5
+        assert count.sent == 0  # known open: answered without a round trip
+        await asyncio.sleep(0.55)
+        assert await breaker.acall(answers, "probe") == "probe"
+        assert await breaker.acall(answers, "probe") == "probe"
+        status = await breaker.astatus()
+        assert status is not None and status.state is State.CLOSED
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_async_process_and_a_blocking_one_share_one_circuit(redis_url: str, name: str) -> None:
+    """A worker (RedisStore) trips it; the asyncio process hears and rejects, and back."""
+    worker_store = RedisStore(redis_url)
+    worker = CircuitBreaker(name, policy=replace(POLICY, open_seconds=30), store=worker_store)
+
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, policy=replace(POLICY, open_seconds=30), store=store)
+        assert await breaker.acall(answers) == "ok"  # the view now says closed
+        for _ in range(2):
+            with pytest.raises(EndpointFailure):
+                worker.call(lambda: (_ for _ in ()).throw(EndpointFailure("down")))
+        deadline = time.monotonic() + 5
+        while True:  # news reaches the async process's view
+            try:
+                await breaker.acall(answers)
+            except CircuitOpenError:
+                break
+            assert time.monotonic() < deadline, "the async process never heard of the trip"
+            await asyncio.sleep(0.01)
+        worker.force_close()
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert await breaker.acall(answers) == "ok"
+                break
+            except CircuitOpenError:
+                assert time.monotonic() < deadline, "the async process never heard of the close"
+                await asyncio.sleep(0.01)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker_store.close()
+
+
+def test_concurrent_tasks_in_half_open_get_only_the_probe_slots(redis_url: str, name: str) -> None:
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, policy=replace(POLICY, open_seconds=0.2), store=store)
+        for _ in range(2):
+            with pytest.raises(EndpointFailure):
+                await breaker.acall(fails)
+        await asyncio.sleep(0.25)
+        release = asyncio.Event()
+        started = 0
+
+        async def slow_probe() -> str:
+            nonlocal started
+            started += 1
+            await release.wait()
+            return "ok"
+
+        calls = [asyncio.create_task(breaker.acall(slow_probe)) for _ in range(30)]
+        await asyncio.sleep(0.2)
+        release.set()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert started == 2
+        assert sum(result == "ok" for result in results) == 2
+        assert all(isinstance(r, CircuitOpenError) for r in results if r != "ok")
+        status = await breaker.astatus()
+        assert status is not None and status.state is State.CLOSED
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_async_with_and_the_decorator_record_each_task_apart(redis_url: str, name: str) -> None:
+    """Concurrent `async with` blocks each record their own outcome (a context per task)."""
+
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, policy=replace(POLICY, failure_threshold=3), store=store)
+
+        @breaker
+        async def predict(x: int) -> int:
+            await asyncio.sleep(0.01)
+            return x * 2
+
+        async def guarded(fail: bool) -> None:
+            async with breaker:
+                await asyncio.sleep(0.02)
+                if fail:
+                    raise EndpointFailure("down")
+
+        assert await predict(4) == 8
+        outcomes = await asyncio.gather(
+            *(guarded(i % 2 == 0) for i in range(4)), return_exceptions=True
+        )
+        assert [isinstance(o, EndpointFailure) for o in outcomes] == [True, False, True, False]
+        status = await breaker.astatus()
+        assert status is not None and status.state is State.CLOSED, status
+        assert await predict(1) == 2  # the count starts over
+        for _ in range(3):
+            with pytest.raises(EndpointFailure):
+                await guarded(True)
+        with pytest.raises(CircuitOpenError):
+            await predict(1)
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_a_memory_store_serves_both_forms(name: str) -> None:
+    store = MemoryStore()
+    breaker = CircuitBreaker(name, policy=POLICY, store=store, fallback=lambda: "fallback")
+    for _ in range(2):
+        with pytest.raises(EndpointFailure):
+            asyncio.run(breaker.acall(fails))
+    assert asyncio.run(breaker.acall(answers)) == "fallback"
+    assert breaker.call(lambda: "sync") == "fallback"
+    assert breaker.state is State.OPEN
+
+
+def test_a_frozen_redis_never_stalls_the_event_loop(own_redis: RedisServer, name: str) -> None:
+    """Redis stopped (SIGSTOP): guarded calls wait at most the store's timeout, the loop never."""
+
+    async def scenario() -> tuple[float, float, list[Any]]:
+        store = AsyncRedisStore(own_redis.url, timeout=0.2)
+        breaker = CircuitBreaker(name, policy=POLICY, store=store)
+        assert await breaker.acall(answers) == "ok"
+        worst_lag = 0.0
+        ticking = True
+
+        async def ticker() -> None:
+            nonlocal worst_lag
+            while ticking:
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst_lag = max(worst_lag, time.perf_counter() - before - 0.005)
+
+        tick = asyncio.create_task(ticker())
+        own_redis.freeze()
+        try:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(breaker.acall(answers, i) for i in range(20)), return_exceptions=True
+            )
+            slowest = time.perf_counter() - start
+        finally:
+            own_redis.thaw()
+            ticking = False
+            await tick
+        await store.aclose()
+        return worst_lag, slowest, results
+
+    worst_lag, slowest, results = asyncio.run(scenario())
+    assert results == list(range(20))  # on_error="local": answered by the local breaker
+    assert slowest < 1.0, f"the calls took {slowest:.2f}s with a 0.2 s store timeout"
+    assert worst_lag < 0.1, f"the event loop stalled {worst_lag * 1000:.0f} ms"
+
+
+def test_a_blocking_redis_store_is_called_off_the_loop(own_redis: RedisServer, name: str) -> None:
+    """acall on a RedisStore runs its round trips in a thread: a freeze holds no loop."""
+    store = RedisStore(own_redis.url, timeout=0.3)
+    breaker = CircuitBreaker(name, policy=POLICY, store=store)
+    breaker.call(lambda: None)
+    store.news.forget_views()  # the next call asks Redis
+
+    async def scenario() -> float:
+        worst = 0.0
+        own_redis.freeze()
+        try:
+            call = asyncio.create_task(breaker.acall(answers))
+            while not call.done():
+                before = time.perf_counter()
+                await asyncio.sleep(0.005)
+                worst = max(worst, time.perf_counter() - before - 0.005)
+            assert call.result() == "ok"
+        finally:
+            own_redis.thaw()
+        return worst
+
+    try:
+        assert asyncio.run(scenario()) < 0.1
+    finally:
+        store.close()
+
+
+def test_misuse_is_explained(redis_url: str, name: str) -> None:
+    store = AsyncRedisStore(redis_url)
+    breaker = CircuitBreaker(name, store=store)
+    with pytest.raises(PolicyError, match="await breaker.acall"):
+        breaker.call(lambda: None)
+    with pytest.raises(PolicyError, match="await breaker.astatus"):
+        breaker.status()
+    with pytest.raises(PolicyError, match="health_check needs a blocking store"):
+        CircuitBreaker(name, store=store, health_check=lambda: True)
+    with pytest.raises(PolicyError, match="malformed Redis URL") as malformed:
+        AsyncRedisStore("redis://:secret@localhost:notaport/0")
+    assert "secret" not in str(malformed.value)
+    with pytest.raises(PolicyError, match="redis.asyncio.Redis"):
+        AsyncRedisStore(42)  # type: ignore[arg-type]
+    asyncio.run(store.aclose())
