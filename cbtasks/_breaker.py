@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._async import AsyncCalls, guard_async, is_async_store, new_probe_id
+from ._commands import OperatorCommands
 from ._errors import CircuitOpenError, PolicyError, endpoint_retry_after
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
@@ -35,7 +36,7 @@ _DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
 _MAX_RETRY_AFTER_MS = 3_600_000
 
 
-class CircuitBreaker(AsyncCalls):
+class CircuitBreaker(OperatorCommands, AsyncCalls):
     """A circuit breaker around calls to one endpoint.
 
     The small form: ``CircuitBreaker(fail_max=5, reset_timeout=10)`` decorates
@@ -266,30 +267,6 @@ class CircuitBreaker(AsyncCalls):
         self._require_sync("status")
         return self.store.status(self.name, self._wire)
 
-    def force_open(self) -> None:
-        """Open the circuit until :meth:`force_close` or :meth:`reset`, everywhere."""
-        self._control("force_open")
-
-    def force_close(self) -> None:
-        """Close the circuit now, everywhere; it may trip again."""
-        self._control("force_close")
-
-    def reset(self) -> None:
-        """Forget all state: closed, no counts, no backoff, not disabled."""
-        self._control("reset")
-
-    def disable(self) -> None:
-        """Shadow mode: admit every call but keep counting, everywhere."""
-        self._control("disable")
-
-    def enable(self) -> None:
-        """Leave shadow mode (or a forced open): the policy decides again."""
-        self._control("enable")
-
-    def health_passed(self) -> None:
-        """A health check passed: an open circuit goes half-open now (probes decide the rest)."""
-        self._control("healthy")
-
     @property
     def health(self) -> HealthChecker | None:
         """The health checker, if a ``health_check`` was given."""
@@ -298,10 +275,6 @@ class CircuitBreaker(AsyncCalls):
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(StateChange)`` on every transition this process makes."""
         self._listeners.append(listener)
-
-    def _control(self, op: str) -> None:
-        self._require_sync("control")
-        self._learn(self.store.control(self.name, self._wire, op))
 
     def _learn(self, reply: Reply) -> None:
         if self._health is not None:
