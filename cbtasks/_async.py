@@ -21,12 +21,15 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
 from ._errors import CircuitOpenError, endpoint_retry_after
-from ._state import Outcome
+from ._state import Mode, Outcome, State
 from .stores import MemoryStore
 from .stores._base import BreakerStatus, Reply
 
 if TYPE_CHECKING:
     from ._policy import PolicyWire
+    from .stores._base import LocalView
+
+_DISABLED = int(Mode.DISABLED)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -52,6 +55,8 @@ class AsyncCalls:
         fallback: Callable[..., Any] | None
         _wire: PolicyWire
         _async_store: bool
+        _view: LocalView
+        _clock: Callable[[], float]
 
         def _answered_locally(self) -> bool: ...
         def _admission(self, reply: Reply) -> str | None: ...
@@ -107,6 +112,24 @@ class AsyncCalls:
         """:meth:`status`, awaited (and this process learns the state it read)."""
         status: BreakerStatus | None = await _store_call(self, "status")
         return status
+
+    async def acircuit(self) -> tuple[State, float]:
+        """The state a call would meet now, and seconds until an open circuit probes.
+
+        From this process's view when it knows (no round trip: the answer a
+        gateway gives while the circuit is open), else read from the store. A
+        disabled breaker (shadow mode) admits every call: it reads as closed.
+        """
+        view = self._view
+        if view.closed or view.mode == _DISABLED:
+            return State.CLOSED, 0.0
+        now = self._clock()
+        if now < view.reject_until:
+            return State.OPEN, view.reject_until - now
+        status = await self.astatus()
+        if status is None or status.mode is Mode.DISABLED:
+            return State.CLOSED, 0.0
+        return status.state, status.retry_after
 
     async def __aenter__(self) -> Self:
         probe = await self.aadmit()

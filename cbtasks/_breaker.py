@@ -20,7 +20,7 @@ from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
 from .stores import MemoryStore, RedisStore
-from .stores._base import BreakerStatus, Reply, Store, validate_name
+from .stores._base import AsyncStore, BreakerStatus, Reply, Store, validate_name
 
 __all__ = ["CircuitBreaker"]
 
@@ -59,7 +59,7 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
         name: str | None = None,
         *,
         policy: BreakerPolicy | None = None,
-        store: Store | None = None,
+        store: Store | AsyncStore | None = None,
         fail_max: int | None = None,
         reset_timeout: float | None = None,
         fallback: Callable[..., Any] | None = None,
@@ -86,7 +86,8 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
                 f"store must be a MemoryStore, a RedisStore or another Store, got {store!r}; "
                 "to share state through Redis pass store=RedisStore('redis://...')"
             )
-        self.store: Store = store if store is not None else MemoryStore()
+        # Any: a Store, or an AsyncStore whose methods only the async forms call.
+        self.store: Any = store if store is not None else MemoryStore()
         self.fallback = fallback
         self._listeners: list[Listener] = list(listeners)
         self._wire = policy.wire()
@@ -106,7 +107,7 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
             )
         self._longest_open_ms = int(policy.longest_open_seconds * 1000)
         self._health = health_checker(
-            self.name, self.store, health_check, health_interval, self.health_passed
+            self.name, cast(Store, self.store), health_check, health_interval, self.health_passed
         )
 
     def __repr__(self) -> str:
@@ -265,7 +266,8 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
     def status(self) -> BreakerStatus | None:
         """Counters and state for operators; None before the first call."""
         self._require_sync("status")
-        return self.store.status(self.name, self._wire)
+        status: BreakerStatus | None = self.store.status(self.name, self._wire)
+        return status
 
     @property
     def health(self) -> HealthChecker | None:

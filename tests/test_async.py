@@ -273,3 +273,35 @@ def test_misuse_is_explained(redis_url: str, name: str) -> None:
     with pytest.raises(PolicyError, match="redis.asyncio.Redis"):
         AsyncRedisStore(42)  # type: ignore[arg-type]
     asyncio.run(store.aclose())
+
+
+def test_acircuit_reads_once_then_answers_an_open_circuit_locally(
+    redis_url: str, name: str
+) -> None:
+    """What a gateway asks before each request: no round trip while the circuit is known open."""
+    worker_store = RedisStore(redis_url)
+    worker = CircuitBreaker(name, policy=replace(POLICY, open_seconds=30), store=worker_store)
+    worker.force_open()
+
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        gateway = CircuitBreaker(name, policy=replace(POLICY, open_seconds=30), store=store)
+        count = CommandCount(store)
+        state, retry_after = await gateway.acircuit()
+        assert state is State.OPEN and 0 < retry_after <= 30
+        first_read = count.sent  # the status script (loaded first, once)
+        assert first_read in (1, 2)
+        for _ in range(100):
+            assert (await gateway.acircuit())[0] is State.OPEN
+        assert count.sent == first_read
+        worker.disable()  # shadow mode admits every call: it reads as closed
+        deadline = time.monotonic() + 5
+        while (await gateway.acircuit())[0] is not State.CLOSED:
+            assert time.monotonic() < deadline, "the gateway never heard of the change"
+            await asyncio.sleep(0.01)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        worker_store.close()

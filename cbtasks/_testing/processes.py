@@ -89,6 +89,51 @@ class ModelServer:
         self.admin.close()
 
 
+class Gateway:
+    """``uvicorn workers.gateway:app`` on a free port, with the given environment."""
+
+    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **env}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> Gateway:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        command = [
+            sys.executable, "-m", "uvicorn", "workers.gateway:app",
+            "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+        )
+        if not isinstance(log, int):
+            log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the gateway exited with {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"the gateway did not answer on port {self.port} in {timeout}s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            terminate(self.process)
+        self.process = None
+
+    def __enter__(self) -> Gateway:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class CeleryWorker:
     """``celery -A <app> worker`` as its own process group (prefork children included).
 

@@ -60,21 +60,9 @@ class BodyLimit:
         await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
 
 
-def create_app(
-    state: ServerState | None = None,
-    model: IrisModel | None = None,
-    admin_token: str | None = None,
-) -> FastAPI:
-    """The HTTP app; a fresh model and no faults unless given.
-
-    ``/admin`` (faults, phases, counts) exists only with an ``admin_token``,
-    and then answers only requests that send ``Authorization: Bearer <token>``:
-    whoever reaches the model server must not be able to take it down.
-    """
-    model = model or IrisModel()
-    state = state or ServerState()
-    app = FastAPI(title="cbtasks reference model server")
-    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+def guard_inputs(app: FastAPI, max_bytes: int = MAX_BODY_BYTES) -> None:
+    """A body size limit (413) and 422s that never echo the inputs back."""
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -91,6 +79,23 @@ def create_app(
         # A body that is not even JSON is as malformed as a wrong field: 422 for both.
         status = 422 if exc.status_code == 400 else exc.status_code
         return JSONResponse({"detail": exc.detail}, status_code=status)
+
+
+def create_app(
+    state: ServerState | None = None,
+    model: IrisModel | None = None,
+    admin_token: str | None = None,
+) -> FastAPI:
+    """The HTTP app; a fresh model and no faults unless given.
+
+    ``/admin`` (faults, phases, counts) exists only with an ``admin_token``,
+    and then answers only requests that send ``Authorization: Bearer <token>``:
+    whoever reaches the model server must not be able to take it down.
+    """
+    model = model or IrisModel()
+    state = state or ServerState()
+    app = FastAPI(title="cbtasks reference model server")
+    guard_inputs(app)
 
     admin = APIRouter(dependencies=[Depends(_bearer(admin_token))])
 

@@ -13,7 +13,7 @@ from .._machine import CLOSED, OPEN, Transition
 from .._policy import PolicyWire
 from .._state import Mode, Outcome, State
 
-__all__ = ["BreakerStatus", "LocalView", "Reply", "Store", "validate_name"]
+__all__ = ["AsyncStore", "BreakerStatus", "LocalView", "Reply", "Store", "validate_name"]
 
 MAX_NAME_LENGTH = 200
 # Braces would break the Redis Cluster hash tag, whitespace and control
@@ -176,3 +176,27 @@ class Store(Protocol):
         made by one process for the whole fleet); False when Redis is down.
         """
         ...
+
+
+class AsyncStore(Protocol):
+    """A store whose operations are awaited (AsyncRedisStore): the Store's, as coroutines."""
+
+    local_clock: Callable[[], float]
+
+    def view(self, name: str) -> LocalView: ...
+
+    async def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply: ...
+
+    async def record(
+        self,
+        name: str,
+        policy: PolicyWire,
+        probe_id: str | None,
+        outcome: Outcome,
+        slow: bool,
+        retry_after_ms: int,
+    ) -> Reply: ...
+
+    async def control(self, name: str, policy: PolicyWire, op: str) -> Reply: ...
+
+    async def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None: ...
