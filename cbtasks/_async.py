@@ -118,7 +118,9 @@ class AsyncCalls:
 
         From this process's view when it knows (no round trip: the answer a
         gateway gives while the circuit is open), else read from the store. A
-        disabled breaker (shadow mode) admits every call: it reads as closed.
+        disabled breaker (shadow mode) admits every call: it reads as closed;
+        so does an AsyncRedisStore's unreachable Redis (each worker's breaker
+        decides on its own then), at once during an outage.
         """
         view = self._view
         if view.closed or view.mode == _DISABLED:
@@ -126,7 +128,10 @@ class AsyncCalls:
         now = self._clock()
         if now < view.reject_until:
             return State.OPEN, view.reject_until - now
-        status = await self.astatus()
+        if self._async_store:  # unreachable reads as closed: the workers decide meanwhile
+            status = await self.store.status(self.name, self._wire, strict=False)
+        else:
+            status = await self.astatus()
         if status is None or status.mode is Mode.DISABLED:
             return State.CLOSED, 0.0
         return status.state, status.retry_after

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 from cbtasks import AsyncRedisStore, CircuitBreaker, State, StoreUnavailableError
 from cbtasks import fallbacks as fb
 from cbtasks.server.http import guard_inputs
+from cbtasks.stores._connection import REDIS_TROUBLE
 from cbtasks.task._options import option, policy_of, redis_url
 
 MAX_WAIT_SECONDS = 30.0
@@ -81,7 +82,7 @@ def create_gateway(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Made in the server's event loop: redis.asyncio connections belong to it.
         store = AsyncRedisStore(redis_url(task.app), prefix=prefix)
-        results = aredis.Redis.from_url(backend_url, socket_timeout=2, socket_connect_timeout=2)
+        results = aredis.Redis.from_url(backend_url, socket_timeout=1, socket_connect_timeout=1)
         app.state.store = store
         app.state.breaker = CircuitBreaker(breaker_name, policy=policy, store=store)
         app.state.results = results
@@ -98,10 +99,7 @@ def create_gateway(
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_SECONDS)] = 2.0,
     ) -> JSONResponse:
         breaker: CircuitBreaker = app.state.breaker
-        try:
-            state, retry_after = await breaker.acircuit()
-        except StoreUnavailableError:  # the workers' breakers decide on their own meanwhile
-            state, retry_after = State.CLOSED, 0.0
+        state, retry_after = await breaker.acircuit()
         try:
             sent = await asyncio.to_thread(sender.send_task, task.name, args=[request.features])
         except (KombuError, CeleryError, OSError) as exc:
@@ -114,14 +112,23 @@ def create_gateway(
                 reason = "circuit is open; the request is queued for when it closes"
                 return _answer(200, sent.id, "FALLBACK", result=fb.mark(kind, value, reason))
             return _answer(202, sent.id, "CIRCUIT_OPEN", retry_after=round(retry_after, 3))
-        meta = await _wait_for(app.state.results, task.app.backend, sent.id, wait)
+        if wait == 0:
+            return _answer(202, sent.id, "PENDING")
+        try:
+            meta = await _wait_for(app.state.results, task.app.backend, sent.id, wait)
+        except REDIS_TROUBLE as exc:  # sent all the same: it can be asked for later
+            detail = f"cannot read results now ({type(exc).__name__}); ask GET /tasks/{sent.id}"
+            return _answer(202, sent.id, "PENDING", detail=detail)
         return _reply(sent.id, meta, waiting_status=202, failed_status=502)
 
     @app.get("/tasks/{task_id}")
     async def task_state(task_id: Annotated[str, Path(max_length=200)]) -> JSONResponse:
         if not _TASK_ID.fullmatch(task_id):
             return _error(422, "a task id is letters, digits and . _ : - (at most 200)")
-        meta = await _read_meta(app.state.results, task.app.backend, task_id)
+        try:
+            meta = await _read_meta(app.state.results, task.app.backend, task_id)
+        except REDIS_TROUBLE as exc:
+            return _error(503, f"cannot reach the result backend ({type(exc).__name__}: {exc})")
         return _reply(task_id, meta, waiting_status=200, failed_status=200)
 
     @app.get("/healthz")

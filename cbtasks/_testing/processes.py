@@ -90,9 +90,19 @@ class ModelServer:
 
 
 class Gateway:
-    """``uvicorn workers.gateway:app`` on a free port, with the given environment."""
+    """``uvicorn workers.gateway:app`` on a free port, with the given environment.
 
-    def __init__(self, env: dict[str, str], log_path: Path | None = None) -> None:
+    ``command``, if given, replaces it: the port is appended (the benchmark's
+    gateway with its loop-lag probe).
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path | None = None,
+        command: list[str] | None = None,
+    ) -> None:
+        self.command = command
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -105,6 +115,8 @@ class Gateway:
             sys.executable, "-m", "uvicorn", "workers.gateway:app",
             "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
         ]  # fmt: skip
+        if self.command is not None:
+            command = [*self.command, str(self.port)]
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )

@@ -90,9 +90,13 @@ class AsyncRedisStore(RedisStoreBase):
         call = self._machine_call("control", name, policy, op)
         return parse_reply(await self._evalsha(name, call, strict=True), 0)
 
-    async def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
+    async def status(
+        self, name: str, policy: PolicyWire, *, strict: bool = True
+    ) -> BreakerStatus | None:
+        """The breaker as an operator sees it; None if it has no state, or (not
+        ``strict``) while Redis is unreachable, which then costs no wait."""
         call = self._machine_call("status", name, policy)
-        return self._status_from(name, await self._evalsha(name, call, strict=True))
+        return self._status_from(name, await self._evalsha(name, call, strict=strict))
 
     async def names(self) -> list[str]:
         """Every breaker with state under this store's prefix (SCAN, not KEYS)."""

@@ -188,17 +188,20 @@ class RedisStoreBase:
         return Reply(True, None, 0, raw[0], raw[1], raw[2], raw[3], raw[4], ())
 
     def _status_from(self, name: str, raw: Any) -> BreakerStatus | None:
+        if raw is None:  # unreachable, and the caller asked not to raise
+            return None
         exists, state, remaining, mode, version, _now = raw[:6]
         trips, consecutive, calls, failures, slow, probes, open_until = raw[-7:]
-        if not exists:
-            return None
         if not 0 <= state < len(STATE_BY_CODE) or mode not in _MODES:
             raise StoreError(
                 f"breaker {name!r} has corrupt state in Redis (st={state!r}, md={mode!r}); "
                 f"`cbtasks reset {name}` writes it afresh"
             )
-        # A read of the shared state is as good as any reply: this process learns it.
+        # A read of the shared state is as good as any reply: this process
+        # learns it (no state yet reads as closed, version 0: news of a trip is newer).
         self.view(name).apply(state, remaining, mode, version, self.local_clock())
+        if not exists:
+            return None
         return BreakerStatus(
             name=name,
             state=STATE_BY_CODE[state],
