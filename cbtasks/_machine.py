@@ -120,7 +120,7 @@ def record(
 ) -> list[Transition]:
     """Count the outcome of a call admitted earlier (as a probe if ``probe_id``)."""
     if probe_id is not None:
-        lease_end = snap.probes.pop(probe_id, None) if snap.state == HALF_OPEN else None
+        lease_end = snap.probes.pop(probe_id, None)  # probes exist only while half-open
         if lease_end is None or lease_end <= now:
             return []  # the probe's lease ran out, or other probes decided first
         if outcome == Outcome.IGNORED:
@@ -185,8 +185,8 @@ def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition
         return []
     if op == "force_close":
         snap.mode = Mode.NORMAL
-        _close(snap, "")
-        return [(before, CLOSED, "forced closed")] if before != CLOSED else []
+        closed = _close(snap, "forced closed")
+        return [closed] if before != CLOSED else []
     if op == "reset":
         version = snap.version
         fresh = Snapshot(version=version)
