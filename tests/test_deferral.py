@@ -97,3 +97,24 @@ def test_garbage_is_collected_every_n_deferrals(monkeypatch: pytest.MonkeyPatch)
     for _ in range(10):
         collect_now_and_then(0)
     assert len(calls) == 2
+
+
+def test_the_event_summary_tells_countdown_parked_failed_and_fallback_apart() -> None:
+    """What Flower's task page shows as the result of a task waiting for its circuit."""
+    from cbtasks import CircuitOpenError
+    from cbtasks.task._deferral import event_summary
+
+    exc = CircuitOpenError("iris-model", 2.0, "circuit is open")
+    why = "circuit is open (breaker iris-model)"
+    assert (
+        event_summary(exc, "deferred", {"countdown": 2.345, "deferrals": 3})
+        == f"{why}: deferred 2.3 s by countdown, deferral 3"
+    )
+    assert (
+        event_summary(exc, "parked", {"deferrals": 1})
+        == f"{why}: parked until the circuit closes, deferral 1"
+    )
+    assert event_summary(exc, "fallback", {"kind": "cached"}) == (
+        f"{why}: answered by the cached fallback"
+    )
+    assert event_summary(exc, "failed", {}) == f"{why}: not run"

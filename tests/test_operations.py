@@ -300,6 +300,20 @@ def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_pat
             60,
             "the fallback",
         )
+
+        def page(task_id: str) -> str:
+            response = httpx.get(f"{flower.url}/task/{task_id}", auth=flower.auth, timeout=10)
+            return response.text if response.status_code == 200 else ""
+
+        # The rendered task page says why it waits, on which breaker, and how.
+        wait_for(
+            lambda: (
+                "forced open by an operator (breaker iris-model): deferred" in page(deferred.id)
+            ),
+            60,
+            "the reason on Flower's task page",
+        )
+        assert "by countdown, deferral " in page(deferred.id)
         breaker.force_close()
         deferred.get(timeout=60)
         wait_for(

@@ -42,6 +42,23 @@ def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
     return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
 
 
+def event_summary(exc: Any, action: str, fields: dict[str, Any]) -> str:
+    """One line for a task event's ``result``: what Flower's task page and list show.
+
+    Flower shows Celery's standard fields only; the reason, the breaker and
+    how the request waits go where it shows them.
+    """
+    why = f"{exc.reason} (breaker {exc.name})"
+    deferral = f", deferral {fields['deferrals']}" if "deferrals" in fields else ""
+    if action == "deferred":
+        return f"{why}: deferred {fields['countdown']:.1f} s by countdown{deferral}"
+    if action == "parked":
+        return f"{why}: parked until the circuit closes{deferral}"
+    if action == "fallback":
+        return f"{why}: answered by the {fields['kind']} fallback"
+    return f"{why}: not run"
+
+
 def report_deferred(task: celery.Task, exc: Any, mode: str, deferrals: int) -> None:
     """CIRCUIT_OPEN in the result backend: a waiting client sees why, not PENDING."""
     meta = {

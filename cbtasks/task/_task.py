@@ -41,6 +41,7 @@ from ._deferral import (
     DEFERRALS,
     collect_now_and_then,
     countdown,
+    event_summary,
     expires_at,
     header,
     parked_message,
@@ -214,7 +215,9 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             self.signature_from_request(
                 request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
             ).apply_async()
-            self._event("task-circuit_open", exc, action="deferred", countdown=wait)
+            self._event(
+                "task-circuit_open", exc, action="deferred", countdown=wait, deferrals=deferrals + 1
+            )
         if self._option("report_state") and not self.ignore_result:
             report_deferred(self, exc, mode, deferrals + 1)
         raise Ignore()
@@ -271,8 +274,14 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
     def _event(self, type_: str, exc: CircuitOpenError, **fields: Any) -> None:
         """A custom task event: Flower shows the task as CIRCUIT_OPEN / CIRCUIT_FALLBACK."""
         try:
+            action = fields.setdefault("action", "fallback")
             self.send_event(
-                type_, breaker=exc.name, reason=exc.reason, retry_after=exc.retry_after, **fields
+                type_,
+                breaker=exc.name,
+                reason=exc.reason,
+                retry_after=exc.retry_after,
+                result=event_summary(exc, action, fields),
+                **fields,
             )
         except Exception:  # events are for watching: never fail the task over one
             log.debug("could not send %s for %s", type_, self.request.id, exc_info=True)
