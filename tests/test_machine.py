@@ -149,6 +149,16 @@ def test_without_a_failure_rate_a_window_of_failures_does_not_trip_on_rate() -> 
         assert record(snap, policy, T0, Outcome.FAILURE) == []
 
 
+def test_without_a_slow_call_rate_slow_calls_never_trip_on_rate() -> None:
+    """Slow calls are counted (for a probe's verdict) but trip nothing without a rate."""
+    policy = BreakerPolicy(
+        window=CountWindow(calls=4), min_calls=4, failure_rate=0.5, slow_call_seconds=1.0
+    )
+    snap = machine.Snapshot()
+    for _ in range(10):
+        assert record(snap, policy, T0, Outcome.SUCCESS, slow=True) == []
+
+
 def test_a_slow_probe_reopens_and_says_so() -> None:
     policy = BreakerPolicy(failure_threshold=1, open_seconds=1, slow_call_seconds=1.0)
     wire = policy.wire()
@@ -220,19 +230,19 @@ def test_the_shortest_period_is_one_millisecond_on_the_wire() -> None:
 
 
 def test_a_window_too_small_for_min_calls_says_what_to_change() -> None:
-    with pytest.raises(PolicyError, match="lower min_calls or widen the window"):
+    with pytest.raises(PolicyError, match="never be checked: lower min_calls or widen the window$"):
         BreakerPolicy(window=CountWindow(calls=5), min_calls=10)
 
 
 def test_the_shorthands_are_checked_by_their_own_names() -> None:
     with pytest.raises(PolicyError, match="^policy must be a BreakerPolicy, got 'strict'"):
         CircuitBreaker(policy="strict")  # type: ignore[arg-type]
-    with pytest.raises(PolicyError, match="reset_timeout") as bad:
+    with pytest.raises(PolicyError, match="^reset_timeout must be") as bad:
         CircuitBreaker(reset_timeout=-1)
     assert "open_seconds" not in str(bad.value)
     with pytest.raises(PolicyError, match="reset_timeout"):
         CircuitBreaker(reset_timeout="10")  # type: ignore[arg-type]
-    with pytest.raises(PolicyError, match="fail_max") as bad:
+    with pytest.raises(PolicyError, match="^fail_max must be") as bad:
         CircuitBreaker(fail_max=0)
     assert "failure_threshold" not in str(bad.value)
     policy = BreakerPolicy()
