@@ -178,9 +178,13 @@ def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition
         snap.open_until = now
         snap.probes.clear()
         return [(before, OPEN, "forced open")] if before != OPEN else []
+    if op == "disable" and snap.mode == Mode.FORCED_OPEN:
+        # The operator lifts the force for shadow mode: it counts from a closed circuit.
+        snap.mode = Mode.DISABLED
+        return [_close(snap, "disabled by an operator")]
     if op in ("disable", "enable"):
         if snap.mode == Mode.FORCED_OPEN:
-            snap.open_until = now  # leave forced-open through a half-open probe
+            snap.open_until = now  # leave a forced open through a half-open probe
         snap.mode = Mode.DISABLED if op == "disable" else Mode.NORMAL
         return []
     if op == "force_close":

@@ -613,3 +613,29 @@ def test_operator_commands_say_what_they_did(name: str, store: Store, clock: Fak
         ("half_open", "open", "probe failed"),
         ("open", "closed", "reset"),
     ]
+
+
+def test_open_then_disable_then_enable_ends_closed(name: str, store: Store) -> None:
+    """Lifting an operator's open for shadow mode closes it; enabling again keeps it closed."""
+    breaker = make(name, store)
+    breaker.call(lambda: None)
+    events: list[StateChange] = []
+    breaker.add_listener(events.append)
+    breaker.force_open()
+    breaker.disable()
+    assert breaker.state is State.CLOSED
+    breaker.enable()
+    assert breaker.state is State.CLOSED
+    assert breaker.call(lambda: "through") == "through"
+    assert [(e.from_state, e.to_state, e.reason) for e in events] == [
+        (State.CLOSED, State.OPEN, "forced open"),
+        (State.OPEN, State.CLOSED, "disabled by an operator"),
+    ]
+
+
+def test_enable_after_an_operators_open_probes_first(name: str, store: Store) -> None:
+    """`enable` alone leaves a forced open the policy's way: through a half-open probe."""
+    breaker = make(name, store)
+    breaker.force_open()
+    breaker.enable()
+    assert breaker.state is State.HALF_OPEN

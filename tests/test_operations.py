@@ -149,6 +149,49 @@ def test_watch_shows_a_live_view(fleet: dict[str, Any]) -> None:
     assert result.returncode == 0 and result.stdout.count("model-w") == 2
 
 
+def test_watch_keeps_watching_while_redis_is_away(tmp_path: Path) -> None:
+    """Redis stopped mid-watch: watch says it is unreachable, goes on, and sees it again."""
+    with RedisServer() as server:
+        store = RedisStore(server.url)
+        CircuitBreaker("model-away", store=store).call(lambda: None)
+        out = tmp_path / "watch.out"
+        with out.open("w") as sink:
+            watch = subprocess.Popen(
+                [sys.executable, "-m", "cbtasks", "watch", "--interval", "0.2", "--count", "100"],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "CBTASKS_REDIS_URL": server.url},
+            )
+        try:
+            wait_for(lambda: "model-away" in out.read_text(), 30, "the first view")
+            server.stop()
+            wait_for(lambda: "cannot reach Redis" in out.read_text(), 30, "the outage")
+            server.start()
+            CircuitBreaker("model-back", store=RedisStore(server.url)).call(lambda: None)
+            wait_for(lambda: "model-back" in out.read_text(), 30, "the view after the outage")
+            assert watch.wait(60) == 0
+        finally:
+            watch.kill()
+            store.close()
+
+
+def test_status_counts_failures_only_while_closed(fleet: dict[str, Any]) -> None:
+    """An open circuit shows '-' for failures (it counts none), not a misleading 0."""
+    breaker = CircuitBreaker("model-f", fail_max=2, store=fleet["store"])
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    line = next(
+        line for line in cli("status", env=fleet["env"]).stdout.splitlines() if "model-f" in line
+    )
+    assert line.split()[1:4] == ["closed", "normal", "1"]
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    line = next(
+        line for line in cli("status", env=fleet["env"]).stdout.splitlines() if "model-f" in line
+    )
+    assert line.split()[1:4] == ["open", "normal", "-"]
+
+
 def test_batch_rides_an_outage_and_resumes(fleet: dict[str, Any], tmp_path: Path) -> None:
     """Every input row appears once in the output, through an outage and a resume."""
     model = fleet["model"]
@@ -255,6 +298,16 @@ def test_worker_metrics_cover_the_whole_prefork_pool(fleet: dict[str, Any]) -> N
     assert _value(samples, "cbtasks_calls_total", outcome="success", breaker="iris-model") >= 21
     assert _value(samples, "cbtasks_calls_total", outcome="rejected") >= 1
     assert _value(samples, "cbtasks_breaker_state", breaker="iris-model", state="closed") == 1
+    # How long the endpoint took, for calls made (rejections take none) ...
+    calls_timed = _value(
+        samples, "cbtasks_call_duration_seconds_count", breaker="iris-model", outcome="success"
+    )
+    assert calls_timed == _value(
+        samples, "cbtasks_calls_total", outcome="success", breaker="iris-model"
+    )
+    # ... and how long the deferred request waited for its circuit.
+    assert _value(samples, "cbtasks_deferral_wait_seconds_count", mode="countdown") >= 1
+    assert _value(samples, "cbtasks_deferral_wait_seconds_sum", mode="countdown") > 0
 
 
 def test_cbtasks_metrics_serves_fleet_state(fleet: dict[str, Any]) -> None:
@@ -266,7 +319,15 @@ def test_cbtasks_metrics_serves_fleet_state(fleet: dict[str, Any]) -> None:
     serve_store_metrics(fleet["store"], port)
     samples = _scrape(f"http://127.0.0.1:{port}/metrics")
     assert _value(samples, "cbtasks_breaker_state", breaker="model-m", state="open") == 1
-    assert _value(samples, "cbtasks_breaker_trips", breaker="model-m") == 1
+    assert _value(samples, "cbtasks_breaker_trips_in_a_row", breaker="model-m") == 1
+    assert _value(samples, "cbtasks_breaker_mode", breaker="model-m", mode="normal") == 1
+    breaker.disable()  # shadow mode: exported as the mode, whatever the state
+    samples = _scrape(f"http://127.0.0.1:{port}/metrics")
+    assert _value(samples, "cbtasks_breaker_mode", breaker="model-m", mode="disabled") == 1
+    assert _value(samples, "cbtasks_breaker_mode", breaker="model-m", mode="normal") == 0
+    breaker.force_open()
+    samples = _scrape(f"http://127.0.0.1:{port}/metrics")
+    assert _value(samples, "cbtasks_breaker_mode", breaker="model-m", mode="forced_open") == 1
 
 
 def test_flower_shows_deferred_and_fallback_tasks(fleet: dict[str, Any], tmp_path: Path) -> None:

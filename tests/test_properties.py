@@ -121,8 +121,8 @@ class Reference:
             self.forced = self.disabled = False
             self.close()
         elif op == "disable":
-            if self.forced:
-                self.open_until = now
+            if self.forced:  # shadow mode after a forced open starts closed
+                self.close()
             self.forced, self.disabled = False, True
 
     def observed(self, now: int) -> str:

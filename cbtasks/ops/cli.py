@@ -109,7 +109,8 @@ def _table(rows: list[dict[str, Any]]) -> str:
                 row["name"],
                 row["state"],
                 row["mode"],
-                str(row["consecutive_failures"]),
+                # Failures are counted while closed; an open circuit counts none.
+                str(row["consecutive_failures"]) if row["state"] == "closed" else "-",
                 str(row["trips"]),
                 _open_until(row),
                 str(row["probes_in_use"]),
@@ -164,11 +165,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     shown = 0
     try:
         while args.count is None or shown < args.count:
-            rows = status_rows(store)
+            try:
+                view = _table(status_rows(store))
+            except StoreUnavailableError as exc:  # keep watching: say so, try again
+                view = f"{exc}; trying again every {args.interval:g} s"
             if sys.stdout.isatty():
                 print("\033[2J\033[H", end="")
-            print(time.strftime("%H:%M:%S"), f"({len(rows)} breakers, Ctrl-C to stop)")
-            print(_table(rows), flush=True)
+            print(time.strftime("%H:%M:%S"), "(Ctrl-C to stop)")
+            print(view, flush=True)
             shown += 1
             if args.count is None or shown < args.count:
                 time.sleep(args.interval)

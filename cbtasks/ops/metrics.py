@@ -30,6 +30,11 @@ from ..stores._parking import ParkingLot
 __all__ = ["BreakerCollector", "Metrics", "metrics", "serve_store_metrics", "serve_worker_metrics"]
 
 STATES = ("closed", "open", "half_open")
+MODES = ("normal", "disabled", "forced_open")
+# Seconds: a model call from a few milliseconds to a minute.
+CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds a deferred request waited for its circuit: a probe's pause to a day.
+WAIT_BUCKETS = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 86400.0)
 
 log = logging.getLogger("cbtasks.metrics")
 
@@ -51,8 +56,17 @@ class BreakerCollector:
         failures = GaugeMetricFamily(
             "cbtasks_breaker_consecutive_failures", "Failures in a row", labels=["breaker"]
         )
+        # A gauge that falls to 0 on close: the backoff's count, not a total (for
+        # trips over time: increase(cbtasks_transitions_total{to_state="open"}[..])).
         trips = GaugeMetricFamily(
-            "cbtasks_breaker_trips", "Trips since the circuit last closed", labels=["breaker"]
+            "cbtasks_breaker_trips_in_a_row",
+            "Trips since the circuit last closed (what the open period's backoff counts)",
+            labels=["breaker"],
+        )
+        mode = GaugeMetricFamily(
+            "cbtasks_breaker_mode",
+            "1 for the breaker's current mode (normal, disabled: shadow mode, forced_open)",
+            labels=["breaker", "mode"],
         )
         probes = GaugeMetricFamily(
             "cbtasks_breaker_probes_in_use", "Half-open probes in flight", labels=["breaker"]
@@ -75,6 +89,10 @@ class BreakerCollector:
                     continue
                 for value in STATES:
                     state.add_metric([name, value], 1.0 if status.state.value == value else 0.0)
+                for value in MODES:
+                    mode.add_metric(
+                        [name, value], 1.0 if status.mode.name.lower() == value else 0.0
+                    )
                 failures.add_metric([name], status.consecutive_failures)
                 trips.add_metric([name], status.trips)
                 probes.add_metric([name], status.probes_in_use)
@@ -82,7 +100,7 @@ class BreakerCollector:
                 parked.add_metric([name], lot.count())
         except StoreUnavailableError as exc:  # the scrape shows what it got, and the
             log.warning("metrics: %s", exc)  # per-process counters still answer
-        yield from (state, failures, trips, probes, parked)
+        yield from (state, mode, failures, trips, probes, parked)
 
 
 class Metrics:
@@ -90,12 +108,24 @@ class Metrics:
 
     def __init__(self) -> None:
         try:
-            from prometheus_client import Counter
+            from prometheus_client import Counter, Histogram
         except ImportError:  # pragma: no cover - the metrics extra is not installed
             self.enabled = False
             return
         self.enabled = True
         self.calls = Counter("cbtasks_calls", "Guarded calls by outcome", ["breaker", "outcome"])
+        self.call_duration = Histogram(
+            "cbtasks_call_duration_seconds",
+            "Time the endpoint took, by outcome (calls made; rejections take none)",
+            ["breaker", "outcome"],
+            buckets=CALL_BUCKETS,
+        )
+        self.deferral_wait = Histogram(
+            "cbtasks_deferral_wait_seconds",
+            "Time from a request's first deferral to its run, by how it waited",
+            ["breaker", "mode"],
+            buckets=WAIT_BUCKETS,
+        )
         self.transitions = Counter(
             "cbtasks_transitions",
             "State transitions made here",
@@ -114,9 +144,17 @@ class Metrics:
             "cbtasks_store_errors", "Failed Redis calls of the breaker store"
         )
 
-    def call(self, breaker: str, outcome: str) -> None:
+    def call(self, breaker: str, outcome: str, seconds: float | None = None) -> None:
+        """A guarded call's outcome, and how long the endpoint took if it was called."""
         if self.enabled:
             self.calls.labels(breaker, outcome).inc()
+            if seconds is not None:
+                self.call_duration.labels(breaker, outcome).observe(seconds)
+
+    def waited(self, breaker: str, mode: str, seconds: float) -> None:
+        """A deferred request runs at last, ``seconds`` after it was first deferred."""
+        if self.enabled:
+            self.deferral_wait.labels(breaker, mode).observe(max(0.0, seconds))
 
     def transition(self, event: StateChange) -> None:
         if self.enabled:

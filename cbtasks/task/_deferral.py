@@ -11,6 +11,7 @@ import gc
 import itertools
 import logging
 import random
+import time
 from datetime import datetime
 from typing import Any
 
@@ -22,9 +23,19 @@ log = logging.getLogger("cbtasks.task")
 
 # Headers that travel with a deferred request.
 DEFERRALS, DEADLINE = "cbtasks_deferrals", "cbtasks_deadline"
+#: When the request was first deferred (epoch seconds): its wait, for the metrics.
+DEFERRED_AT = "cbtasks_deferred_at"
 # A countdown message waits in worker memory, unacknowledged: it must be
 # re-published well before the broker's visibility timeout redelivers it.
 _VISIBILITY_SHARE = 0.5
+
+
+def waited_since(request: Any) -> float | None:
+    """Seconds since a deferred request was first deferred; None if it never was."""
+    deferred_at = header(request, DEFERRED_AT)
+    if not isinstance(deferred_at, int | float) or isinstance(deferred_at, bool):
+        return None
+    return time.time() - deferred_at
 
 
 def header(request: Any, name: str) -> Any:
@@ -40,6 +51,22 @@ def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
     options = app.conf.broker_transport_options or {}
     cap = float(options.get("visibility_timeout", 3600)) * _VISIBILITY_SHARE
     return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
+
+
+def send_circuit_event(task: celery.Task, type_: str, exc: Any, **fields: Any) -> None:
+    """A custom task event: Flower shows the task as CIRCUIT_OPEN / CIRCUIT_FALLBACK, and why."""
+    try:
+        action = fields.setdefault("action", "fallback")
+        task.send_event(
+            type_,
+            breaker=exc.name,
+            reason=exc.reason,
+            retry_after=exc.retry_after,
+            result=event_summary(exc, action, fields),
+            **fields,
+        )
+    except Exception:  # events are for watching: never fail the task over one
+        log.debug("could not send %s for %s", type_, task.request.id, exc_info=True)
 
 
 def event_summary(exc: Any, action: str, fields: dict[str, Any]) -> str:
@@ -145,7 +172,7 @@ def publish_parked(
         and isinstance(retries, int)
         and retries >= 0
         and isinstance(headers, dict)
-        and set(headers) <= {DEFERRALS, DEADLINE}
+        and set(headers) <= {DEFERRALS, DEADLINE, DEFERRED_AT}
         and (queue is None or isinstance(queue, str))
         and isinstance(options, dict)
     ):

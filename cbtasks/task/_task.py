@@ -39,13 +39,15 @@ from ..stores._connection import REDIS_TROUBLE
 from ._deferral import (
     DEADLINE,
     DEFERRALS,
+    DEFERRED_AT,
     collect_now_and_then,
     countdown,
-    event_summary,
     expires_at,
     header,
     parked_message,
     report_deferred,
+    send_circuit_event,
+    waited_since,
 )
 from ._options import hide_redis_url_from_reports, validate_options, validate_task
 from ._parts import ProcessParts
@@ -129,6 +131,9 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         if rejection is not None:
             metrics().call(guard.name, "rejected")
             return self._rejected(rejection, args, kwargs)
+        waited = waited_since(request)
+        if waited is not None:
+            metrics().waited(guard.name, str(self._option("defer")), waited)
         start = perf_counter()
         failure: CircuitOpenError | None = None
         try:
@@ -146,9 +151,10 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
                 guard.record_exception(probe, cause, _ms_since(start))
             raise
         except Exception as exc:
-            guard.record_exception(probe, exc, _ms_since(start))
+            elapsed_ms = _ms_since(start)
+            guard.record_exception(probe, exc, elapsed_ms)
             outcome = guard.classify(exc)
-            metrics().call(guard.name, outcome.name.lower())
+            metrics().call(guard.name, outcome.name.lower(), elapsed_ms / 1000)
             # An endpoint failure is handled as a rejection would be (deferred,
             # or answered by the fallback); with on_open="fail" it is raised.
             if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
@@ -162,7 +168,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         guard.record(probe, Outcome.SUCCESS, elapsed_ms)
         slow_seconds = guard.policy.slow_call_seconds
         slow = slow_seconds is not None and elapsed_ms > slow_seconds * 1000
-        metrics().call(guard.name, "slow" if slow else "success")
+        metrics().call(guard.name, "slow" if slow else "success", elapsed_ms / 1000)
         if probe is not None:
             metrics().probe(guard.name)
         self._complete(request.id, result)
@@ -204,7 +210,8 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
                 return self._answer_with_fallback(exhausted, args, kwargs)
             self._event("task-circuit_open", exhausted, action="failed")
             raise exhausted
-        headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline}
+        deferred_at = header(request, DEFERRED_AT) or time.time()
+        headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         collect_now_and_then(int(self._option("gc_every")))
         mode = self._option("defer")
         metrics().deferral(exc.name, mode)
@@ -272,19 +279,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         return fb.as_fallback(self.fallback)
 
     def _event(self, type_: str, exc: CircuitOpenError, **fields: Any) -> None:
-        """A custom task event: Flower shows the task as CIRCUIT_OPEN / CIRCUIT_FALLBACK."""
-        try:
-            action = fields.setdefault("action", "fallback")
-            self.send_event(
-                type_,
-                breaker=exc.name,
-                reason=exc.reason,
-                retry_after=exc.retry_after,
-                result=event_summary(exc, action, fields),
-                **fields,
-            )
-        except Exception:  # events are for watching: never fail the task over one
-            log.debug("could not send %s for %s", type_, self.request.id, exc_info=True)
+        send_circuit_event(self, type_, exc, **fields)
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]

@@ -13,7 +13,12 @@ if op == 'force_open' then
   set('md', FORCED_OPEN); set('st', OPEN); set('ou', now)
   redis.call('DEL', PROBES)
   if before ~= OPEN then transitions[#transitions + 1] = {before, OPEN, 'forced open'} end
+elseif op == 'disable' and S.md == FORCED_OPEN then
+  -- The operator lifts the force for shadow mode: it counts from a closed circuit.
+  set('md', DISABLED)
+  close('disabled by an operator')
 elseif op == 'disable' or op == 'enable' then
+  -- Leave a forced open through a half-open probe: the policy decides again.
   if S.md == FORCED_OPEN then set('ou', now) end
   if op == 'disable' then set('md', DISABLED) else set('md', NORMAL) end
 elseif op == 'force_close' then
