@@ -168,6 +168,24 @@ def test_deferrals_do_not_touch_the_tasks_own_retries(fresh: dict[str, Any]) -> 
     events.stop()
 
 
+def test_a_deferred_task_keeps_its_parent_and_root(fresh: dict[str, Any]) -> None:
+    """Deferring re-sends the same request: not a child of itself (Flower's Parent/Root)."""
+    tasks = fresh["tasks"]
+    events = _EventLog(tasks.app)
+    fresh["breaker"].force_open()
+    top = tasks.lineage.delay()
+    child_of_another = tasks.lineage.apply_async(parent_id="parent-1", root_id="root-1")
+    wait_for(lambda: events.count(top.id, "task-circuit_open") >= 2, 60, "two deferrals")
+    fresh["breaker"].force_close()
+    answer = top.get(timeout=60)
+    assert answer["deferrals"] >= 2
+    assert answer["parent_id"] is None, "a deferred top-level task became its own child"
+    assert answer["root_id"] in (None, top.id)
+    other = child_of_another.get(timeout=60)
+    assert (other["parent_id"], other["root_id"]) == ("parent-1", "root-1")
+    events.stop()
+
+
 def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[str, Any]) -> None:
     """The completion guard: the same task id a second time gets the stored result, no call."""
     tasks, model = fresh["tasks"], fresh["model"]

@@ -61,3 +61,14 @@ def retry_twice(self: CircuitBreakerTask) -> dict[str, Any]:
 def predict_short_lease(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     """A breaker whose probes hold their slot for 2 s at most (the probe-lease test)."""
     return call_model(self, features)
+
+
+@app.task(base=CircuitBreakerTask, bind=True, breaker="iris-model", name="tests.lineage")
+def lineage(self: CircuitBreakerTask) -> dict[str, Any]:
+    """Reports the ids it runs with: a deferral must keep its parent and root."""
+    return {
+        "id": self.request.id,
+        "parent_id": self.request.parent_id,
+        "root_id": self.request.root_id,
+        "deferrals": getattr(self.request, "cbtasks_deferrals", None) or 0,
+    }

@@ -7,15 +7,18 @@ budget is untouched; its deferral count and deadline travel as headers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import logging
 import random
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import celery
+from celery import _state as celery_state
 
 #: The result backend's state of a deferred task (and Flower's, from its event).
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
@@ -51,6 +54,26 @@ def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
     options = app.conf.broker_transport_options or {}
     cap = float(options.get("visibility_timeout", 3600)) * _VISIBILITY_SHARE
     return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
+
+
+@contextlib.contextmanager
+def as_the_same_request() -> Iterator[None]:
+    """Send from outside the running task, for a deferral's re-publish.
+
+    Celery makes the running task the parent (and root) of whatever it sends
+    when the message names none; a deferral is the same request again, with
+    the parent and root it came with (none, for a top-level task), not a
+    child of itself.
+    """
+    stack = celery_state._task_stack
+    hidden = []
+    while stack.top is not None:
+        hidden.append(stack.pop())
+    try:
+        yield
+    finally:
+        while hidden:
+            stack.push(hidden.pop())
 
 
 def send_circuit_event(task: celery.Task, type_: str, exc: Any, **fields: Any) -> None:

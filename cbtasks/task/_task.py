@@ -40,6 +40,7 @@ from ._deferral import (
     DEADLINE,
     DEFERRALS,
     DEFERRED_AT,
+    as_the_same_request,
     collect_now_and_then,
     countdown,
     expires_at,
@@ -219,9 +220,10 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             self._event("task-circuit_open", exc, action="parked", deferrals=deferrals + 1)
         else:
             wait = countdown(self.app, exc.retry_after, self._option("defer_jitter"))
-            self.signature_from_request(
-                request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
-            ).apply_async()
+            with as_the_same_request():
+                self.signature_from_request(
+                    request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
+                ).apply_async()
             self._event(
                 "task-circuit_open", exc, action="deferred", countdown=wait, deferrals=deferrals + 1
             )
