@@ -24,3 +24,16 @@ idle = Celery("batch-idle", broker="memory://", backend="cache+memory://", set_a
 def never(x: float) -> float:
     """Never run: nothing consumes the in-memory broker."""
     return x
+
+
+# An app whose broker is not there: nothing listens on port 1.
+dead = Celery(
+    "batch-dead", broker="redis://:secret@127.0.0.1:1/0", backend=None, set_as_current=False
+)
+dead.conf.update(broker_connection_timeout=1, broker_connection_retry=False)
+
+
+@dead.task(name="batch.unsendable")
+def unsendable(x: float) -> float:
+    """Never sent: its broker is down."""
+    return x

@@ -192,6 +192,43 @@ def test_status_counts_failures_only_while_closed(fleet: dict[str, Any]) -> None
     assert line.split()[1:4] == ["open", "normal", "-"]
 
 
+def test_batch_with_a_dead_broker_says_so_in_one_line(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("[1]\n[2]\n")
+    result = cli("batch", str(source), "--task", "tests.batch_tasks.unsendable", "--out", str(out))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("cbtasks batch: cannot send row 1 to the broker (redis://")
+    assert "secret" not in result.stderr and "rerun with the same --out" in message
+
+
+def test_batch_says_why_it_waits_while_the_circuit_is_open(
+    fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    breaker = CircuitBreaker("iris-model", store=fleet["store"])
+    breaker.reset()
+    fleet["model"].clear_faults()
+    breaker.force_open()
+    source, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "err.log"
+    source.write_text(json.dumps([FEATURES]) + "\n")
+    command = [sys.executable, "-m", "cbtasks", "batch", str(source), "--queue", "ops"]
+    command += ["--task", "workers.predict", "--out", str(out)]
+    with log.open("w") as sink:
+        batch = subprocess.Popen(command, stderr=sink, env={**os.environ, **fleet["env"]})
+    try:
+        wait_for(
+            lambda: "circuit iris-model: OPEN by an operator, rows wait" in log.read_text(),
+            60,
+            "the circuit's state in the progress line",
+        )
+        breaker.force_close()
+        assert batch.wait(60) == 0
+        assert json.loads(out.read_text())["status"] == "ok"
+    finally:
+        batch.kill()
+
+
 def test_batch_rides_an_outage_and_resumes(fleet: dict[str, Any], tmp_path: Path) -> None:
     """Every input row appears once in the output, through an outage and a resume."""
     model = fleet["model"]

@@ -21,7 +21,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
+from kombu.exceptions import KombuError
+
 from ..fallbacks import is_fallback
+
+# The rest of a progress line that was longer before (terminals only).
+_CLEAR_TO_END = "\033[K" if sys.stderr.isatty() else ""
+# A dead broker is one clear line after a few seconds, not retries for half a minute.
+_SEND_RETRIES = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 class BatchError(Exception):
@@ -104,10 +111,63 @@ def parse_row(text: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
     raise ValueError(f"expected a JSON array or object, got {type(row).__name__}")
 
 
+class CircuitLine:
+    """The task's circuit for the progress line, read from Redis at most once a second.
+
+    While the circuit is open the progress sits still: this says why.
+    """
+
+    def __init__(self, task: Any, redis_url: str | None) -> None:
+        self.name = getattr(task, "breaker", None) or task.name
+        url = (
+            redis_url
+            or os.environ.get("CBTASKS_REDIS_URL")
+            or task.app.conf.get("cbtasks_redis_url")
+        )
+        self.store: Any = None
+        self.text = ""
+        self._next = 0.0
+        if url and hasattr(task, "cbtasks_breaker"):  # a CircuitBreakerTask
+            from ..stores import RedisStore
+
+            self.store = RedisStore(str(url), timeout=0.5)
+
+    def describe(self) -> str:
+        now = time.monotonic()
+        if self.store is None or now < self._next:
+            return self.text
+        self._next = now + 1.0
+        from .._errors import StoreError
+        from .._policy import BreakerPolicy
+
+        try:
+            status = self.store.status(self.name, BreakerPolicy().wire())
+        except StoreError:
+            self.text = f"  circuit {self.name}: Redis unreachable"
+            return self.text
+        if status is None or status.state.value == "closed":
+            self.text = f"  circuit {self.name}: closed"
+        elif status.state.value == "open":
+            self.text = (
+                f"  circuit {self.name}: OPEN, rows wait (probe in {status.retry_after:.0f} s)"
+            )
+            if status.mode.name == "FORCED_OPEN":
+                self.text = f"  circuit {self.name}: OPEN by an operator, rows wait"
+        else:
+            self.text = f"  circuit {self.name}: half-open, probing"
+        return self.text
+
+
 def run_batch(args: argparse.Namespace) -> int:
     try:
         return _run(
-            Path(args.input), Path(args.out), args.task, args.chunk, args.timeout, args.queue
+            Path(args.input),
+            Path(args.out),
+            args.task,
+            args.chunk,
+            args.timeout,
+            args.queue,
+            getattr(args, "redis_url", None),
         )
     except BatchError as exc:
         print(f"cbtasks batch: {exc}", file=sys.stderr)
@@ -131,7 +191,13 @@ def row_task_id(source: Path, number: int, text: str) -> str:
 
 
 def _run(
-    source: Path, out: Path, task_path: str, chunk: int, timeout: float, queue: str | None
+    source: Path,
+    out: Path,
+    task_path: str,
+    chunk: int,
+    timeout: float,
+    queue: str | None,
+    redis_url: str | None = None,
 ) -> int:
     if not source.is_file():
         raise BatchError(f"no input file {source}")
@@ -142,6 +208,7 @@ def _run(
     if not 1 <= chunk <= 10_000:
         raise BatchError(f"--chunk must be 1 to 10000, got {chunk}")
     task = load_task(task_path)
+    circuit = CircuitLine(task, redis_url)
     done = done_lines(out)
     lines = source.read_text().splitlines()
     todo = [(n, text) for n, text in enumerate(lines, 1) if n not in done and text.strip()]
@@ -172,7 +239,13 @@ def _run(
                 options = {"queue": queue} if queue else {}
                 options["task_id"] = row_task_id(source, number, text)
                 try:
-                    sent = task.apply_async(args, kwargs, **options)
+                    sent = task.apply_async(args, kwargs, retry_policy=_SEND_RETRIES, **options)
+                except (KombuError, OSError) as exc:
+                    raise BatchError(
+                        f"cannot send row {number} to the broker "
+                        f"({_broker_of(task)}): {type(exc).__name__}: {exc}; "
+                        f"is it running? rerun with the same --out to resume"
+                    ) from None
                 except TypeError as exc:  # arguments the task does not take
                     _write(sink, {"line": number, "status": "failed", "error": f"bad input: {exc}"})
                     counts["failed"] += 1
@@ -194,7 +267,7 @@ def _run(
                 counts[_status(result)] += 1
                 finished += 1
             in_flight = still
-            _progress(finished, total, counts)
+            _progress(finished, total, counts, circuit.describe())
             if in_flight:
                 time.sleep(0.05)
     print(
@@ -227,12 +300,18 @@ def _write(sink: TextIO, record: dict[str, Any]) -> None:
     sink.flush()  # a crash loses at most the row being written
 
 
-def _progress(finished: int, total: int, counts: Counter[str]) -> None:
+def _broker_of(task: Any) -> str:
+    from ..stores._connection import redact_url
+
+    return redact_url(str(getattr(task.app.conf, "broker_url", None) or "the app's broker"))
+
+
+def _progress(finished: int, total: int, counts: Counter[str], circuit: str) -> None:
     width = 30
     filled = width * finished // total if total else width
     print(
         f"\r[{'#' * filled}{' ' * (width - filled)}] {finished}/{total}  ok {counts['ok']}  "
-        f"fallback {counts['fallback']}  failed {counts['failed']}",
+        f"fallback {counts['fallback']}  failed {counts['failed']}{circuit}{_CLEAR_TO_END}",
         end="",
         file=sys.stderr,
         flush=True,

@@ -241,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
         "--count", type=_at_least_one, default=None, help="stop after this many updates"
     )
     watch.set_defaults(run=cmd_watch)
-    batch = verbs.add_parser("batch", help="run a JSONL file of inputs through a task")
+    batch = with_redis(verbs.add_parser("batch", help="run a JSONL file of inputs through a task"))
     batch.add_argument(
         "input", help="JSONL: one JSON array of arguments, or object of keyword arguments, a line"
     )
