@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from cbtasks import CircuitBreaker, RedisStore, State
-from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
+from cbtasks._testing.processes import ROOT, CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_server import RedisServer, free_port
 from cbtasks.ops.metrics import serve_store_metrics
 from tests.conftest import wait_for
@@ -109,10 +110,10 @@ def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> Non
         (("close", "no-such-breaker"), 1, "no breaker named"),
         (("status", "--redis-url", "redis://127.0.0.1:1/0"), 2, "cannot reach Redis"),
         (("status", "--redis-url", "http://x"), 2, "redis://"),
-        (("watch", "--interval", "-1"), 2, "must be above 0"),
-        (("watch", "--count", "0"), 2, "at least 1"),
-        (("watch", "--count", "-1"), 2, "at least 1"),
-        (("frobnicate",), 2, "invalid choice"),
+        (("watch", "--interval", "-1"), 2, "'--interval': -1.0 is not in the range x>0"),
+        (("watch", "--count", "0"), 2, "'--count': 0 is not in the range x>=1"),
+        (("watch", "--count", "-1"), 2, "'--count': -1 is not in the range x>=1"),
+        (("frobnicate",), 2, "No such command 'frobnicate'"),
     ],
 )
 def test_clear_errors_and_exit_codes(
@@ -147,6 +148,95 @@ def test_watch_shows_a_live_view(fleet: dict[str, Any]) -> None:
     CircuitBreaker("model-w", store=fleet["store"]).call(lambda: None)
     result = cli("watch", "--count", "2", "--interval", "0.1", "--redis-url", fleet["redis"].url)
     assert result.returncode == 0 and result.stdout.count("model-w") == 2
+
+
+def _in_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    """What ``cbtasks ARGS`` writes to a (pseudo-)terminal."""
+    import pty
+
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cbtasks", *args],
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env={**os.environ, **env, "COLUMNS": "160", "TERM": "xterm-256color"},
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closes when the process exits
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    process.wait(60)
+    os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_tables_are_rich_on_a_terminal_and_plain_elsewhere(fleet: dict[str, Any]) -> None:
+    CircuitBreaker("model-r", store=fleet["store"]).call(lambda: None)
+    shown = _in_a_terminal(["status"], fleet["env"])
+    assert "model-r" in shown and "\x1b[" in shown  # colour: rich drew it
+    piped = cli("status", env=fleet["env"]).stdout
+    assert "model-r" in piped and "\x1b[" not in piped
+    assert piped.splitlines()[0].split() == [
+        "NAME",
+        "STATE",
+        "MODE",
+        "FAILURES",
+        "TRIPS",
+        "OPEN",
+        "UNTIL",
+        "PROBES",
+        "PARKED",
+        "DEAD",
+    ]
+
+
+def test_batch_shows_a_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    source, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("[1]\n[2]\n[3]\n")
+    shown = _in_a_terminal(
+        ["batch", str(source), "--task", "tests.batch_tasks.double", "--out", str(out)], {}
+    )
+    assert "━" in shown and "3/3" in shown, shown  # rich's bar and its count
+    assert [json.loads(line)["result"] for line in out.read_text().splitlines()] == [2, 4, 6]
+
+
+def test_celery_runs_the_same_verbs_with_the_apps_redis(
+    fleet: dict[str, Any], tmp_path: Path
+) -> None:
+    """`celery -A proj cbtasks status`: the URL comes from the app's config, typed once."""
+    CircuitBreaker("model-celery", store=fleet["store"]).call(lambda: None)
+    (tmp_path / "proj.py").write_text(
+        "from celery import Celery\n"
+        "app = Celery('proj')\n"
+        f"app.conf.cbtasks_redis_url = {fleet['redis'].url!r}\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CBTASKS_REDIS_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "proj", "cbtasks", "status"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "model-celery" in result.stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "celery", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout
+    assert "cbtasks" in help_text
 
 
 def test_watch_keeps_watching_while_redis_is_away(tmp_path: Path) -> None:
@@ -253,6 +343,7 @@ def test_batch_rides_an_outage_and_resumes(fleet: dict[str, Any], tmp_path: Path
         env=fleet["env"],
     )
     assert first.returncode == 1, first.stderr  # the malformed row failed
+    assert "\r" not in first.stderr  # a log gets lines, not one endless carriage-return line
     assert "in.jsonl:41" in first.stderr
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(line["line"] for line in lines) == list(range(1, 122))
@@ -539,16 +630,75 @@ def test_batch_interrupted_says_how_to_resume(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Ctrl-C: one line that says how to resume, exit code 130, no traceback."""
-    import argparse
-
     from cbtasks.ops import batch
 
     def interrupted(*args: object) -> int:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(batch, "_run", interrupted)
-    args = argparse.Namespace(
-        input="rows.jsonl", out="out.jsonl", task="t.t", chunk=1, timeout=1.0, queue=None
-    )
-    assert batch.run_batch(args) == 130
+    assert batch.run_batch(input="rows.jsonl", out="out.jsonl", task="t.t") == 130
     assert "rerun with the same --out" in capsys.readouterr().err
+
+
+def readme_operations() -> list[str]:
+    """The command lines of the README's "Operating a fleet" block, comments dropped."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Operating a fleet") :]
+    block = section[section.index("```sh") + 5 : section.index("```", section.index("```sh") + 5)]
+    return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_the_readme_operations_section_word_for_word(fleet: dict[str, Any], tmp_path: Path) -> None:
+    """Each line of the README's block, run as written from the repo root (the export
+    pointing at this test's Redis). `metrics` is scraped and stopped; `demo` has its own test."""
+    lines = readme_operations()
+    assert lines[0].startswith("export CBTASKS_REDIS_URL=")
+    CircuitBreaker("iris-model", store=fleet["store"]).reset()
+    fleet["model"].clear_faults()
+    env = {k: v for k, v in fleet["env"].items() if k != "CBTASKS_METRICS_PORT"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    worker = CeleryWorker(env, concurrency=1, name="readme", log_path=tmp_path / "w.log").start()
+    results = ROOT / "results.jsonl"
+    results.unlink(missing_ok=True)
+    try:
+        CircuitBreaker("iris-model", store=fleet["store"]).call(lambda: None)
+        for line in lines[1:]:
+            words = line.split()
+            if words[:2] == ["cbtasks", "demo"]:
+                continue  # tests/test_demo.py runs the demo
+            if words[:2] == ["cbtasks", "metrics"]:
+                _serves_metrics(line, env)
+                continue
+            done = subprocess.run(
+                line, shell=True, cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                text=True, timeout=120, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, (line, done.stdout, done.stderr)
+            if words[1:2] == ["status"]:
+                assert "iris-model" in done.stdout, line
+        answers = [json.loads(row) for row in results.read_text().splitlines()]
+        assert sorted(a["line"] for a in answers) == [1, 2, 3]
+        assert all(a["status"] == "ok" for a in answers), answers
+    finally:
+        worker.stop()
+        results.unlink(missing_ok=True)
+
+
+def _serves_metrics(line: str, env: dict[str, str]) -> None:
+    port = line.split("--port")[1].split()[0]
+    server = subprocess.Popen(
+        line, shell=True, cwd=ROOT, env={**os.environ, **env}, start_new_session=True
+    )
+
+    def serving() -> bool:
+        try:
+            samples = _scrape(f"http://127.0.0.1:{port}/metrics")
+        except httpx.TransportError:
+            return False
+        return _value(samples, "cbtasks_breaker_state", breaker="iris-model") > 0
+
+    try:
+        wait_for(serving, 30, "the metrics server")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(10)

@@ -9,7 +9,6 @@ it stopped and every input line appears in the output exactly once.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import json
@@ -24,9 +23,8 @@ from typing import Any, TextIO
 from kombu.exceptions import KombuError
 
 from ..fallbacks import is_fallback
+from ._progress import ProgressReport
 
-# The rest of a progress line that was longer before (terminals only).
-_CLEAR_TO_END = "\033[K" if sys.stderr.isatty() else ""
 # A dead broker is one clear line after a few seconds, not retries for half a minute.
 _SEND_RETRIES = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
@@ -143,38 +141,41 @@ class CircuitLine:
         try:
             status = self.store.status(self.name, BreakerPolicy().wire())
         except StoreError:
-            self.text = f"  circuit {self.name}: Redis unreachable"
+            self.text = f"circuit {self.name}: Redis unreachable"
             return self.text
         if status is None or status.state.value == "closed":
-            self.text = f"  circuit {self.name}: closed"
+            self.text = f"circuit {self.name}: closed"
         elif status.state.value == "open":
             self.text = (
-                f"  circuit {self.name}: OPEN, rows wait (probe in {status.retry_after:.0f} s)"
+                f"circuit {self.name}: OPEN, rows wait (probe in {status.retry_after:.0f} s)"
             )
             if status.mode.name == "FORCED_OPEN":
-                self.text = f"  circuit {self.name}: OPEN by an operator, rows wait"
+                self.text = f"circuit {self.name}: OPEN by an operator, rows wait"
         else:
-            self.text = f"  circuit {self.name}: half-open, probing"
+            self.text = f"circuit {self.name}: half-open, probing"
         return self.text
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def run_batch(
+    *,
+    input: str,
+    out: str,
+    task: str,
+    chunk: int = 100,
+    timeout: float = 3600.0,
+    queue: str | None = None,
+    redis_url: str | None = None,
+    prefix: str | None = None,
+) -> int:
+    """``cbtasks batch``: the exit code (0 all ok, 1 some rows failed, 2 bad arguments)."""
     try:
-        return _run(
-            Path(args.input),
-            Path(args.out),
-            args.task,
-            args.chunk,
-            args.timeout,
-            args.queue,
-            getattr(args, "redis_url", None),
-        )
+        return _run(Path(input), Path(out), task, chunk, timeout, queue, redis_url)
     except BatchError as exc:
         print(f"cbtasks batch: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(
-            f"\ncbtasks batch: interrupted; rerun with the same --out ({args.out}) to resume "
+            f"\ncbtasks batch: interrupted; rerun with the same --out ({out}) to resume "
             "(rows already sent keep their task ids: none is called twice)",
             file=sys.stderr,
         )
@@ -216,6 +217,7 @@ def _run(
     total = len(todo)
     if done:
         print(f"resuming: {len(done)} rows already in {out}", file=sys.stderr)
+    report = ProgressReport(total)
     with out.open("a") as sink:
         in_flight: list[tuple[int, Any, float]] = []
         rows = iter(todo)
@@ -231,7 +233,7 @@ def _run(
                 try:
                     args, kwargs = parse_row(text)
                 except ValueError as exc:
-                    print(f"\n{source}:{number}: skipped, not a valid row: {exc}", file=sys.stderr)
+                    report.note(f"{source}:{number}: skipped, not a valid row: {exc}")
                     _write(sink, {"line": number, "status": "failed", "error": f"bad input: {exc}"})
                     counts["failed"] += 1
                     finished += 1
@@ -267,11 +269,12 @@ def _run(
                 counts[_status(result)] += 1
                 finished += 1
             in_flight = still
-            _progress(finished, total, counts, circuit.describe())
+            report.update(finished, counts, circuit.describe())
             if in_flight:
                 time.sleep(0.05)
+    report.stop()
     print(
-        f"\ndone: {counts['ok']} ok, {counts['fallback']} fallback, {counts['failed']} failed "
+        f"done: {counts['ok']} ok, {counts['fallback']} fallback, {counts['failed']} failed "
         f"of {total} rows this run; {len(done) + finished} rows in {out}",
         file=sys.stderr,
     )
@@ -304,15 +307,3 @@ def _broker_of(task: Any) -> str:
     from ..stores._connection import redact_url
 
     return redact_url(str(getattr(task.app.conf, "broker_url", None) or "the app's broker"))
-
-
-def _progress(finished: int, total: int, counts: Counter[str], circuit: str) -> None:
-    width = 30
-    filled = width * finished // total if total else width
-    print(
-        f"\r[{'#' * filled}{' ' * (width - filled)}] {finished}/{total}  ok {counts['ok']}  "
-        f"fallback {counts['fallback']}  failed {counts['failed']}{circuit}{_CLEAR_TO_END}",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )

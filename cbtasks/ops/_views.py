@@ -1,0 +1,86 @@
+"""How the CLI shows breakers: rich tables on a terminal, plain aligned lines elsewhere.
+
+A log or a pipe gets lines a script can split; a person at a terminal gets
+rich's tables and its live view.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from ..stores import BreakerStatus
+from ..stores._parking import ParkingLot
+
+HEADER = ("NAME", "STATE", "MODE", "FAILURES", "TRIPS", "OPEN UNTIL", "PROBES", "PARKED", "DEAD")
+NO_BREAKERS = "no breakers yet (a breaker appears after its first call)"
+_STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow", "corrupt": "magenta"}
+
+
+def as_dict(status: BreakerStatus, lot: ParkingLot) -> dict[str, Any]:
+    """One breaker as plain data (``--json``)."""
+    return {
+        "name": status.name,
+        "state": status.state.value,
+        "mode": status.mode.name.lower(),
+        "open_until": status.open_until,
+        "trips": status.trips,
+        "consecutive_failures": status.consecutive_failures,
+        "window_calls": status.window_calls,
+        "window_failures": status.window_failures,
+        "probes_in_use": status.probes_in_use,
+        "parked": lot.count(),
+        # Parked requests that could not be released (poison), kept for an operator.
+        "dead_letters": lot.dead_count(),
+    }
+
+
+def cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """A row's cells, in HEADER's order."""
+    if row["state"] == "corrupt":
+        return (row["name"], "corrupt", *("-" * (len(HEADER) - 2)))
+    return (
+        row["name"],
+        row["state"],
+        row["mode"],
+        # Failures are counted while closed; an open circuit counts none.
+        str(row["consecutive_failures"]) if row["state"] == "closed" else "-",
+        str(row["trips"]),
+        _open_until(row),
+        str(row["probes_in_use"]),
+        str(row["parked"]),
+        str(row["dead_letters"]),
+    )
+
+
+def plain_table(rows: list[dict[str, Any]]) -> str:
+    """Aligned columns without decoration: for logs, pipes and scripts."""
+    if not rows:
+        return NO_BREAKERS
+    lines = [HEADER, *(cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )
+
+
+def rich_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
+    """The same table for a terminal, states in colour."""
+    from rich import box
+    from rich.table import Table
+
+    if not rows:
+        return NO_BREAKERS
+    table = Table(*HEADER, box=box.SIMPLE_HEAD, title=title, title_justify="left")
+    for row in rows:
+        values = cells(row)
+        style = _STYLE.get(row["state"], "")
+        table.add_row(values[0], f"[{style}]{values[1]}[/]" if style else values[1], *values[2:])
+    return table
+
+
+def _open_until(row: dict[str, Any]) -> str:
+    if row["mode"] == "forced_open":
+        return "until closed"  # an operator's open has no end of its own
+    until = row["open_until"]
+    return datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3] if until else "-"
