@@ -118,3 +118,4 @@ def test_the_event_summary_tells_countdown_parked_failed_and_fallback_apart() ->
         f"{why}: answered by the cached fallback"
     )
     assert event_summary(exc, "failed", {}) == f"{why}: not run"
+    assert event_summary(exc, "parked", {}) == f"{why}: parked until the circuit closes"
