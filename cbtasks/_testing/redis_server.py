@@ -58,9 +58,15 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server process of our own, on 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        password: str | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self.port = port or free_port()
         self.password = password
+        self.extra_args = extra_args
         self.binary = find_redis_server()
         self._dir = tempfile.TemporaryDirectory(prefix="cbtasks-redis-")
         self.process: subprocess.Popen[bytes] | None = None
@@ -83,6 +89,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += list(self.extra_args)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -62,7 +62,10 @@ class AsyncRedisStore(RedisStoreBase):
         blocking = make_client(url_or_client, timeout) if isinstance(url_or_client, str) else None
         self.client = _async_client(url_or_client, timeout)
         self.news = ProcessNews(
-            blocking or _blocking_twin(self.client, timeout), prefix, self._outage, retry_interval
+            blocking or _blocking_twin(self.client, timeout),
+            prefix,
+            self._news_lost,
+            retry_interval,
         )
 
     # -- the store interface, awaited ----------------------------------------------
@@ -111,7 +114,7 @@ class AsyncRedisStore(RedisStoreBase):
         try:
             return bool(await self.client.set(key, os.getpid(), nx=True, px=max(1, ttl_ms)))
         except REDIS_DOWN as exc:
-            self._outage(exc)
+            self._outage(exc, name)
             return False
 
     async def ping(self) -> None:
@@ -132,7 +135,7 @@ class AsyncRedisStore(RedisStoreBase):
     async def _evalsha(self, name: str, call: ScriptCall, strict: bool = False) -> Any:
         """One script call; None while Redis is unreachable (unless ``strict``)."""
         op, argv = call
-        if not strict and self._skip_redis():
+        if not strict and self._skip_redis(name):
             return None
         try:
             try:
@@ -143,7 +146,7 @@ class AsyncRedisStore(RedisStoreBase):
         except SCRIPT_ERRORS as exc:
             self._failed(exc, op, name, strict)
             return None
-        self._succeeded()
+        self._succeeded(name)
         return reply
 
     async def _sha(self, op: str) -> str:

@@ -3,45 +3,103 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ClusterDownError, RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from .._errors import PolicyError
+from ._urls import MultiNodeURL, is_multi_node, parse_multi_node
 
-# Errors that mean "Redis cannot be reached now", as opposed to a bug.
-REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, OSError)
+# Errors that mean "Redis cannot be reached now", as opposed to a bug: on a
+# cluster, a node lost or the cluster down too (Sentinel's "no master" is a
+# ConnectionError already).
+REDIS_DOWN = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+    ClusterDownError,
+    RedisClusterException,
+)
 # Those, or Redis answering with an error (a key of the wrong type, OOM, ACL):
 # what a task's own Redis calls (completion guard, cache, parking) survive.
-REDIS_TROUBLE = (redis.RedisError, OSError)
+REDIS_TROUBLE = (redis.RedisError, OSError, RedisClusterException)
 
 
-def make_client(url_or_client: str | redis.Redis, timeout: float) -> redis.Redis:
-    """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds."""
-    if isinstance(url_or_client, redis.Redis):
-        return url_or_client
+def make_client(url_or_client: Any, timeout: float) -> Any:
+    """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds.
+
+    A plain ``redis://``, ``rediss://`` or ``unix://`` URL, a cluster or
+    Sentinel URL (see ``_urls``), or a ready client: a ``redis.Redis``
+    (Sentinel's ``master_for`` makes one) or a ``RedisCluster``, whose
+    timeouts and retries are then set to the store's.
+    """
+    if isinstance(url_or_client, redis.Redis | RedisCluster):
+        return bound(url_or_client, timeout)
     if not isinstance(url_or_client, str):
         raise PolicyError(
-            "RedisStore needs a Redis URL or a redis.Redis client, "
+            "RedisStore needs a Redis URL, a redis.Redis or a RedisCluster client, "
             f"got {type(url_or_client).__name__}"
         )
     try:
-        return redis.Redis.from_url(
-            url_or_client,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # One try per call: on_error decides, rather than 10 retries stalling it.
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-        )
+        if is_multi_node(url_or_client):
+            return _multi_node_client(parse_multi_node(url_or_client), timeout)
+        return redis.Redis.from_url(url_or_client, **_limits(timeout), health_check_interval=30)
     except (ValueError, TypeError) as exc:
         why = scrub(str(exc), url_or_client)
         raise PolicyError(
             f"malformed Redis URL {redact_url(url_or_client)!r}: {why}. "
             "Characters such as '/', '#', '?' or '@' in a password must be percent-encoded. "
-            "Use redis://[:password@]host:port/db, rediss://... for TLS, or unix:///path"
+            "Use redis://[:password@]host:port/db, rediss://... for TLS, unix:///path, "
+            "redis+cluster://host:port,host:port or redis+sentinel://host:port/service"
         ) from None
+
+
+def _limits(timeout: float) -> dict[str, Any]:
+    # One try per call: on_error decides, rather than 10 retries stalling it.
+    return {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+
+
+def bound(client: Any, timeout: float) -> Any:
+    """``client`` with the store's timeout and no retries, on every node it talks to."""
+    client.set_retry(Retry(NoBackoff(), 0))
+    if isinstance(client, RedisCluster):
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+        pools = [node.redis_connection.connection_pool for node in nodes if node.redis_connection]
+    else:
+        pools = [client.connection_pool]
+    for pool in pools:
+        pool.connection_kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+        pool.disconnect()  # connections made before use the new limits when remade
+    return client
+
+
+def _multi_node_client(url: MultiNodeURL, timeout: float) -> Any:
+    options: dict[str, Any] = {**url.options, "username": url.username, "password": url.password}
+    if url.tls:
+        options["ssl"] = True
+    if url.kind == "cluster":
+        nodes = [ClusterNode(host, port) for host, port in url.nodes]  # type: ignore[no-untyped-call]
+        return RedisCluster(startup_nodes=nodes, **_limits(timeout), **options)
+    sentinel_password = options.pop("sentinel_password", None)
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(url.nodes),
+        sentinel_kwargs={
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "password": sentinel_password,
+        },
+        **_limits(timeout),
+    )
+    return sentinel.master_for(url.service, db=url.db, **options)  # type: ignore[no-untyped-call]
 
 
 def password_of(url: str) -> str:
@@ -75,14 +133,22 @@ def redact_url(url: str) -> str:
     return scrub(f"{scheme}://{user}:***@{host}" if user else f"{scheme}://***@{host}", url)
 
 
-def describe_client(client: redis.Redis) -> str:
+def describe_client(client: Any) -> str:
     """Where a client connects, never with its password."""
-    kwargs = client.connection_pool.connection_kwargs
+    if isinstance(client, RedisCluster):
+        hosts = ",".join(f"{n.host}:{n.port}" for n in client.nodes_manager.startup_nodes.values())
+        return f"redis+cluster://{hosts}"
+    pool = client.connection_pool
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:  # made by Sentinel.master_for
+        hosts = ",".join(
+            "{host}:{port}".format(**s.connection_pool.connection_kwargs) for s in manager.sentinels
+        )
+        return f"redis+sentinel://{hosts}/{pool.service_name}"
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
-    scheme = (
-        "rediss" if client.connection_pool.connection_class.__name__ == "SSLConnection" else "redis"
-    )
+    scheme = "rediss" if pool.connection_class.__name__ == "SSLConnection" else "redis"
     host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
     return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"
 

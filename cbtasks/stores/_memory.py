@@ -120,6 +120,11 @@ class MemoryStore:
                 retry_after=remaining / 1000 if state == machine.OPEN else 0.0,
             )
 
+    def forget(self, name: str) -> None:
+        """Drop breaker ``name``'s state (a RedisStore's stand-in, once Redis is back)."""
+        with self._lock:
+            self._snapshots.pop(name, None)
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._snapshots)

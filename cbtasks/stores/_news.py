@@ -162,6 +162,12 @@ class ProcessNews:
             for view in self._views.values():
                 view.forget()
 
+    def forget(self, name: str) -> None:
+        """The view of breaker ``name`` asks the store next time."""
+        view = self._views.get(name)
+        if view is not None:
+            view.forget()
+
     def stop(self) -> None:
         if self._listener is not None:
             self._listener.stop()

@@ -60,7 +60,7 @@ class RedisStore(RedisStoreBase):
         )
         self.client = make_client(url_or_client, timeout)
         #: This process's views of the breakers; news makes them ask again.
-        self.news = ProcessNews(self.client, prefix, self._outage, retry_interval)
+        self.news = ProcessNews(self.client, prefix, self._news_lost, retry_interval)
 
     # -- the Store interface -------------------------------------------------
 
@@ -106,7 +106,7 @@ class RedisStore(RedisStoreBase):
         try:
             return bool(self.client.set(key, os.getpid(), nx=True, px=max(1, ttl_ms)))
         except REDIS_DOWN as exc:
-            self._outage(exc)
+            self._outage(exc, name)
             return False
 
     # -- operations ------------------------------------------------------------
@@ -132,7 +132,7 @@ class RedisStore(RedisStoreBase):
     def _evalsha(self, name: str, call: ScriptCall, strict: bool = False) -> Any:
         """One script call; None while Redis is unreachable (unless ``strict``)."""
         op, argv = call
-        if not strict and self._skip_redis():
+        if not strict and self._skip_redis(name):
             return None
         try:
             try:
@@ -143,7 +143,7 @@ class RedisStore(RedisStoreBase):
         except SCRIPT_ERRORS as exc:
             self._failed(exc, op, name, strict)
             return None
-        self._succeeded()
+        self._succeeded(name)
         return reply
 
     def _sha(self, op: str) -> str:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.cluster import RedisCluster
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._machine import CLOSED, HALF_OPEN, OPEN
@@ -76,6 +78,7 @@ class RedisStoreBase:
         self._fixed: dict[str, tuple[bytes, ...]] = {}
         self._local = MemoryStore()
         self.outage = Outage(self.on_error, retry_interval)
+        self._outages: dict[str, Outage] = {}
         #: Calls decided by ``on_error`` while Redis was unreachable.
         self.fallback_decisions = 0
         #: Called with the exception each time a Redis call fails (metrics hook).
@@ -96,13 +99,18 @@ class RedisStoreBase:
 
     @property
     def available(self) -> bool:
-        """False while Redis is thought unreachable (an outage is in progress)."""
-        return self.outage.started is None
+        """False while Redis (or, on a cluster, any breaker's node) is thought unreachable."""
+        outages = [self.outage, *self._outages.values()]
+        return all(outage.started is None for outage in outages)
 
     @property
     def error_count(self) -> int:
         """Redis calls that failed."""
-        return self.outage.error_count
+        return self.outage.error_count + sum(o.error_count for o in self._outages.values())
+
+    @property
+    def _per_breaker(self) -> bool:
+        return isinstance(self.client, RedisCluster | AsyncRedisCluster)
 
     # -- the scripts' arguments ---------------------------------------------------
 
@@ -217,10 +225,21 @@ class RedisStoreBase:
         )
 
     # -- outages --------------------------------------------------------------------
+    #
+    # One Redis is up or down for every breaker. On a cluster each breaker's keys
+    # live on one node: a node lost is an outage of its breakers only.
 
-    def _skip_redis(self) -> bool:
+    def _outage_of(self, name: str | None) -> Outage:
+        if name is None or not self._per_breaker:
+            return self.outage
+        outage = self._outages.get(name)
+        if outage is None:
+            outage = self._outages[name] = Outage(self.on_error, self.retry_interval)
+        return outage
+
+    def _skip_redis(self, name: str) -> bool:
         """True (and counted) while an outage says not to try Redis yet."""
-        if self.outage.skip_redis():
+        if self._outage_of(name).skip_redis():
             self.fallback_decisions += 1
             return True
         return False
@@ -228,7 +247,7 @@ class RedisStoreBase:
     def _failed(self, exc: BaseException, op: str, name: str, strict: bool) -> None:
         """A script call failed: raise (``strict``: an operator asked) or let on_error decide."""
         if isinstance(exc, REDIS_DOWN):
-            self._outage(exc)
+            self._outage(exc, name)
             if strict:
                 raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
         else:
@@ -237,21 +256,40 @@ class RedisStoreBase:
             # so on_error decides, as in an outage, and says why.
             if strict:
                 raise StoreError(f"breaker {name!r}: Redis {op} script failed: {exc}") from exc
-            self._outage(exc)
+            self._outage(exc, name)
         self.fallback_decisions += 1
 
-    def _succeeded(self) -> None:
-        """A Redis call worked: an outage, if any, is over."""
-        if self.outage.started is not None:
-            self.outage.ended(describe_client(self.client))
-            self._local = MemoryStore()  # the shared state is the truth again
+    def _succeeded(self, name: str) -> None:
+        """A Redis call for breaker ``name`` worked: its outage, if any, is over."""
+        outage = self._outage_of(name)
+        if outage.started is None:
+            return
+        outage.ended(describe_client(self.client))
+        if self._per_breaker:
+            self._local.forget(name)  # the shared state is the truth again
+            self.news.forget(name)
+        else:
+            self._local = MemoryStore()
             self.news.forget_views()
 
-    def _outage(self, exc: BaseException) -> None:
+    def _outage(self, exc: BaseException, name: str | None = None) -> None:
         if self.on_store_error is not None:
             self.on_store_error(exc)
-        # Cached "closed" views would skip on_error: every call must ask now.
-        self.outage.failed(unreachable_message(self.client, exc), self.news.forget_views)
+        message = unreachable_message(self.client, exc)
+        if name is not None and self._per_breaker:
+            # Cached "closed" views would skip on_error: this breaker must ask now.
+            self._outage_of(name).failed(
+                f"breaker {name!r}: {message}", lambda: self.news.forget(name)
+            )
+        else:
+            self.outage.failed(message, self.news.forget_views)
+
+    def _news_lost(self, exc: BaseException) -> None:
+        """The news listener lost Redis: views must ask (on a cluster, no breaker's outage)."""
+        if self._per_breaker:
+            self.news.forget_views()
+        else:
+            self._outage(exc)
 
 
 def _uncacheable(reply: Reply) -> Reply:

@@ -1,0 +1,197 @@
+"""More than one Redis: the URL forms, and a real 3-master Redis Cluster shared by processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, PolicyError, RedisStore, State
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
+from cbtasks._testing.redis_cluster import RedisClusterServers
+from cbtasks._testing.redis_server import RedisServer
+from cbtasks.stores._connection import describe_client, make_client
+from cbtasks.stores._urls import parse_multi_node
+from tests.conftest import wait_for
+
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+
+
+def test_the_url_forms_parse_as_written() -> None:
+    cluster = parse_multi_node(
+        "rediss+cluster://ops:p%40ss@10.0.0.1:7000,10.0.0.2:7001?ssl_cert_reqs=none"
+    )
+    assert (cluster.kind, cluster.tls, cluster.nodes) == (
+        "cluster",
+        True,
+        (("10.0.0.1", 7000), ("10.0.0.2", 7001)),
+    )
+    assert (cluster.username, cluster.password, cluster.options) == (
+        "ops",
+        "p@ss",
+        {"ssl_cert_reqs": "none"},
+    )
+    sentinel = parse_multi_node("redis+sentinel://:secret@s1:26379,s2:26380/mymaster/2")
+    assert (sentinel.kind, sentinel.service, sentinel.db, sentinel.password) == (
+        "sentinel",
+        "mymaster",
+        2,
+        "secret",
+    )
+    assert parse_multi_node("redis+sentinel://s1:26379/mymaster").db == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis+cluster://", "no host:port"),
+        ("redis+cluster://10.0.0.1", "is not host:port"),
+        ("redis+cluster://10.0.0.1:7000/3", "a cluster has no database"),
+        ("redis+sentinel://s1:26379", "names the service"),
+        ("redis+sentinel://s1:26379/mymaster/x", "must be a number"),
+    ],
+)
+def test_bad_multi_node_urls_say_what_to_write(url: str, words: str) -> None:
+    with pytest.raises(PolicyError, match=words):
+        RedisStore(url)
+
+
+def test_a_sentinel_url_makes_a_client_that_names_it_without_the_password() -> None:
+    client = make_client("redis+sentinel://:secret@127.0.0.1:1,127.0.0.1:2/mymaster", 0.25)
+    assert describe_client(client) == "redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster"
+    store = RedisStore(client)
+    assert "secret" not in repr(store)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisClusterServers]:
+    with RedisClusterServers() as servers:
+        yield servers
+
+
+def test_breakers_spread_over_the_nodes_and_processes_share_them(
+    cluster: RedisClusterServers,
+) -> None:
+    policy = BreakerPolicy(failure_threshold=2, open_seconds=30)
+    one, other = RedisStore(cluster.url), RedisStore(cluster.url)
+    try:
+        names = [f"spread-{i}" for i in range(6)]
+        here = {name: CircuitBreaker(name, policy=policy, store=one) for name in names}
+        there = {name: CircuitBreaker(name, policy=policy, store=other) for name in names}
+        for name in names:
+            there[name].call(lambda: None)  # the other process's view: closed
+            for _ in range(2):
+                with pytest.raises(ZeroDivisionError):
+                    here[name].call(lambda: 1 / 0)
+        nodes = {one.client.get_node_from_key(f"cbtasks:{{{name}}}:s").port for name in names}
+        assert len(nodes) >= 2, "the test's breakers all live on one node"
+        for name in names:  # the news reached the other process, from whichever node
+            wait_for(lambda n=name: _rejects(there[n]), 10, f"news of {name}'s trip")
+        assert set(names) <= set(other.names())
+        here[names[0]].force_close()
+        wait_for(lambda: there[names[0]].state is State.CLOSED, 10, "the close")
+    finally:
+        one.close()
+        other.close()
+
+
+def _rejects(breaker: CircuitBreaker) -> bool:
+    try:
+        breaker.call(lambda: None)
+    except CircuitOpenError:
+        return True
+    return False
+
+
+def test_the_cli_sees_every_breaker_on_every_node(cluster: RedisClusterServers) -> None:
+    store = RedisStore(cluster.url)
+    names = [f"cli-{i}" for i in range(6)]
+    for name in names:
+        CircuitBreaker(name, store=store).call(lambda: None)
+    store.close()
+    result = subprocess.run(
+        [sys.executable, "-m", "cbtasks", "status", "--json", "--redis-url", cluster.url],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert set(names) <= {row["name"] for row in json.loads(result.stdout)}
+
+
+def test_tasks_park_defer_and_complete_once_with_the_state_on_a_cluster(
+    cluster: RedisClusterServers, tmp_path: Any
+) -> None:
+    """The breaker, the parking lot and the completion guard on the cluster; the broker apart."""
+    with RedisServer() as broker, ModelServer() as model:
+        env = {
+            "CBTASKS_REDIS_URL": cluster.url,
+            "CBTASKS_BROKER_URL": broker.url,
+            "CBTASKS_RESULT_URL": broker.url,
+            "CBTASKS_MODEL_URL": model.url,
+        }
+        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
+        store = RedisStore(cluster.url)
+        try:
+            app = client_app(broker.url)
+            assert (
+                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
+            )
+            breaker = CircuitBreaker("iris-model", store=store)
+            breaker.force_open()
+            model.reset_stats()
+            sent = [
+                app.send_task(name, (FEATURES,))
+                for name in ("workers.predict", "workers.predict_parked") * 5
+            ]
+            wait_for(lambda: _parked(store) >= 5, 60, "five parked requests")
+            breaker.force_close()
+            answers = [result.get(timeout=120) for result in sent]
+            assert all(answer["label"] == "setosa" for answer in answers)
+            stats = model.stats()
+            assert stats["requests"] == 10 and stats["calls_after_success"] == 0
+        finally:
+            worker.stop()
+            store.close()
+
+
+def _parked(store: RedisStore) -> int:
+    from cbtasks.stores._parking import ParkingLot
+
+    return ParkingLot(store.client, "cbtasks", "iris-model").count()
+
+
+def test_a_node_lost_is_an_outage_of_its_breakers_only() -> None:
+    """SIGKILL one master: its breakers follow on_error, the others go back to the shared
+    state within a retry interval; no call raises, none waits long."""
+    with RedisClusterServers() as servers:
+        store = RedisStore(servers.url, retry_interval=0.2)
+        breakers = {f"node-{i}": CircuitBreaker(f"node-{i}", store=store) for i in range(12)}
+        for breaker in breakers.values():
+            breaker.call(lambda: None)
+        dead = servers.nodes[0]
+        on_dead = {
+            name
+            for name in breakers
+            if store.client.get_node_from_key(f"cbtasks:{{{name}}}:s").port == dead.port
+        }
+        assert on_dead and on_dead != set(breakers)
+        dead.process.kill()
+        dead.process.wait()
+        worst = 0.0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            for breaker in breakers.values():
+                start = time.perf_counter()
+                assert breaker.call(lambda: "answered") == "answered"
+                worst = max(worst, time.perf_counter() - start)
+            time.sleep(0.05)
+        in_outage = {name for name, outage in store._outages.items() if outage.started}
+        assert in_outage == on_dead
+        assert store.outage.started is None  # no store-wide flag flipping every breaker
+        assert worst < 1.0, f"a guarded call took {worst:.2f}s"
+        store.close()
