@@ -23,6 +23,11 @@ from ._connection import REDIS_DOWN
 
 log = logging.getLogger("cbtasks.redis")
 
+# After this long without a message the listener PINGs; without a PONG soon
+# after, the subscription is dead (a frozen master, a failover) and is made again.
+HEARTBEAT_SECONDS = 5.0
+PONG_SECONDS = 2.0
+
 
 class News(NamedTuple):
     """One published state change of a breaker."""
@@ -67,6 +72,8 @@ class NewsListener:
         self._retry_interval = retry_interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        #: Times it has subscribed: the first time, and after each loss.
+        self.subscriptions = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -81,14 +88,26 @@ class NewsListener:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
             try:
                 pubsub.subscribe(*self._handlers)
+                self.subscriptions += 1
                 self._on_subscribed()
+                heard = pinged = time.monotonic()
                 while not self._stopped.is_set():
                     try:
                         message = pubsub.get_message(timeout=0.5)
                     except redis.TimeoutError:
-                        continue
-                    if message is not None and message["type"] == "message":
-                        self._dispatch(message)
+                        message = None
+                    now = time.monotonic()
+                    if message is not None:
+                        heard = now
+                        if message["type"] == "message":
+                            self._dispatch(message)
+                    elif now - heard > HEARTBEAT_SECONDS + PONG_SECONDS:
+                        # A frozen or failed-over server keeps the socket open and
+                        # says nothing: without this, news would stop for good.
+                        raise redis.ConnectionError("breaker news went silent (no PONG)")
+                    elif now - heard > HEARTBEAT_SECONDS and now - pinged > HEARTBEAT_SECONDS:
+                        pubsub.ping()
+                        pinged = now
             except REDIS_DOWN as exc:
                 # Often the first sign of an outage: calls stop trusting cached views.
                 if not self._stopped.is_set():

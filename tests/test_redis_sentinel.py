@@ -1,0 +1,97 @@
+"""A real Sentinel set (master, replica, three sentinels): shared breakers through failovers."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, RedisStore, State
+from cbtasks._testing.redis_sentinel import RedisSentinelSet
+from tests.conftest import wait_for
+
+POLICY = BreakerPolicy(failure_threshold=2, open_seconds=30)
+
+
+@pytest.fixture
+def sentinels() -> Iterator[RedisSentinelSet]:
+    with RedisSentinelSet() as servers:
+        yield servers
+
+
+def _trip(breaker: CircuitBreaker) -> None:
+    for _ in range(POLICY.failure_threshold):
+        with pytest.raises(ZeroDivisionError):
+            breaker.call(lambda: 1 / 0)
+
+
+def _rejects(breaker: CircuitBreaker) -> bool:
+    try:
+        breaker.call(lambda: None)
+    except CircuitOpenError:
+        return True
+    return False
+
+
+def _failed_over(sentinels: RedisSentinelSet, old_port: int) -> bool:
+    try:
+        return sentinels.master_port() != old_port
+    except Exception:
+        return False
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_processes_share_a_breaker_through_a_failover(
+    sentinels: RedisSentinelSet, how: str
+) -> None:
+    """Trip, close and trip again across two processes' stores, the master lost in between
+    (SIGKILL, or SIGSTOP: a master that holds its sockets and says nothing)."""
+    one, other = RedisStore(sentinels.url), RedisStore(sentinels.url)
+    here = CircuitBreaker("failover-model", policy=POLICY, store=one)
+    there = CircuitBreaker("failover-model", policy=POLICY, store=other)
+    old_port = sentinels.master.port
+    try:
+        there.call(lambda: None)
+        _trip(here)
+        wait_for(lambda: _rejects(there), 10, "news of the trip")
+        here.force_close()
+        wait_for(lambda: there.state is State.CLOSED, 10, "the close")
+        if how == "killed":
+            sentinels.master.process.kill()
+        else:
+            sentinels.master.freeze()
+        worst = 0.0
+        deadline = time.monotonic() + 30
+        while not _failed_over(sentinels, old_port):
+            assert time.monotonic() < deadline, "the sentinels did not fail over"
+            for breaker in (here, there):
+                start = time.perf_counter()
+                assert breaker.call(lambda: "answered") == "answered"  # on_error="local"
+                worst = max(worst, time.perf_counter() - start)
+            time.sleep(0.05)
+        assert worst < 1.0, f"a guarded call took {worst:.2f}s during the failover"
+        # On the new master: a trip in one process reaches the other, whose
+        # subscription was remade by itself (the old one went silent or broke).
+        listener = other.news._listener
+        assert listener is not None
+        wait_for(lambda: listener.subscriptions >= 2, 20, "the news subscription made again")
+        wait_for(
+            lambda: _calls_reach_redis(here) and _calls_reach_redis(there), 20, "the new master"
+        )
+        there.call(lambda: None)  # its view: closed, from the new master
+        _trip(here)
+        wait_for(lambda: _rejects(there), 5, "news after the failover")
+    finally:
+        if how == "frozen":
+            sentinels.master.thaw()
+        one.close()
+        other.close()
+
+
+def _calls_reach_redis(breaker: CircuitBreaker) -> bool:
+    """A call answered from the shared state again (not by on_error)."""
+    with contextlib.suppress(CircuitOpenError):
+        breaker.call(lambda: None)
+    return breaker.store.available  # type: ignore[no-any-return]
