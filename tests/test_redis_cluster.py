@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -195,3 +196,39 @@ def test_a_node_lost_is_an_outage_of_its_breakers_only() -> None:
         assert store.outage.started is None  # no store-wide flag flipping every breaker
         assert worst < 1.0, f"a guarded call took {worst:.2f}s"
         store.close()
+
+
+def test_an_asyncio_process_shares_the_cluster_circuit(cluster: RedisClusterServers) -> None:
+    """AsyncRedisStore on the cluster URL: the same circuit as the blocking stores."""
+    from cbtasks import AsyncRedisStore
+
+    blocking = RedisStore(cluster.url)
+    worker = CircuitBreaker(
+        "async-cluster", policy=BreakerPolicy(failure_threshold=2), store=blocking
+    )
+
+    async def scenario() -> None:
+        store = AsyncRedisStore(cluster.url)
+        assert "redis+cluster://" in repr(store)
+        breaker = CircuitBreaker(
+            "async-cluster", policy=BreakerPolicy(failure_threshold=2), store=store
+        )
+        assert await breaker.acall(_answer) == "ok"
+        for _ in range(2):
+            with pytest.raises(ZeroDivisionError):
+                await breaker.acall(_divide)
+        await store.aclose()
+
+    try:
+        asyncio.run(scenario())
+        assert worker.state is State.OPEN
+    finally:
+        blocking.close()
+
+
+async def _answer() -> str:
+    return "ok"
+
+
+async def _divide() -> float:
+    return 1 / 0

@@ -16,8 +16,12 @@ from typing import Any
 
 import redis
 import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoScriptError
 
 from .._errors import PolicyError, StoreUnavailableError
@@ -29,6 +33,7 @@ from ._news import ProcessNews
 from ._outage import OnError
 from ._redis_base import SCRIPT_ERRORS, RedisStoreBase, ScriptCall
 from ._scripts import MACHINE_SCRIPTS, parse_reply
+from ._urls import is_multi_node, parse_multi_node
 
 __all__ = ["AsyncRedisStore"]
 
@@ -156,15 +161,36 @@ class AsyncRedisStore(RedisStoreBase):
         return sha
 
 
-def _async_client(url_or_client: str | aredis.Redis, timeout: float) -> aredis.Redis:
+def _async_client(url_or_client: Any, timeout: float) -> Any:
     """An asyncio client for ``url_or_client`` whose calls give up after ``timeout`` seconds."""
-    if isinstance(url_or_client, aredis.Redis):
+    if isinstance(url_or_client, aredis.Redis | AsyncRedisCluster):
         return url_or_client
     if not isinstance(url_or_client, str):
         raise PolicyError(
-            "AsyncRedisStore needs a Redis URL or a redis.asyncio.Redis client, "
+            "AsyncRedisStore needs a Redis URL, a redis.asyncio.Redis or RedisCluster client, "
             f"got {type(url_or_client).__name__}"
         )
+    limits: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": AsyncRetry(NoBackoff(), 0),
+    }
+    if is_multi_node(url_or_client):
+        url = parse_multi_node(url_or_client)
+        options: dict[str, Any] = {
+            **url.options,
+            "username": url.username,
+            "password": url.password,
+        }
+        if url.tls:
+            options["ssl"] = True
+        if url.kind == "cluster":
+            nodes = [AsyncClusterNode(host, port) for host, port in url.nodes]
+            return AsyncRedisCluster(startup_nodes=nodes, **limits, **options)
+        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        sentinel_kwargs["password"] = options.pop("sentinel_password", None)
+        sentinel = AsyncSentinel(list(url.nodes), sentinel_kwargs=sentinel_kwargs, **limits)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(str(url.service), db=url.db, **options)
     return aredis.Redis.from_url(
         url_or_client,
         socket_timeout=timeout,
@@ -178,8 +204,18 @@ def _async_client(url_or_client: str | aredis.Redis, timeout: float) -> aredis.R
 _TWIN_KEYS = ("host", "port", "db", "path", "username", "password", "credential_provider")
 
 
-def _blocking_twin(client: aredis.Redis, timeout: float) -> redis.Redis:
+def _blocking_twin(client: Any, timeout: float) -> Any:
     """A blocking client to the same server as ``client``, for the news thread."""
+    if isinstance(client, AsyncRedisCluster):
+        nodes = client.nodes_manager.startup_nodes.values()
+        twin = [ClusterNode(node.host, node.port) for node in nodes]  # type: ignore[no-untyped-call]
+        kwargs = client.connection_kwargs
+        return make_client(
+            RedisCluster(
+                startup_nodes=twin, username=kwargs.get("username"), password=kwargs.get("password")
+            ),
+            timeout,
+        )
     pool = client.connection_pool
     kwargs = {
         key: value

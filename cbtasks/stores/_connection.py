@@ -135,7 +135,7 @@ def redact_url(url: str) -> str:
 
 def describe_client(client: Any) -> str:
     """Where a client connects, never with its password."""
-    if isinstance(client, RedisCluster):
+    if hasattr(client, "nodes_manager"):  # a RedisCluster, blocking or asyncio
         hosts = ",".join(f"{n.host}:{n.port}" for n in client.nodes_manager.startup_nodes.values())
         return f"redis+cluster://{hosts}"
     pool = client.connection_pool
