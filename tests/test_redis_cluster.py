@@ -67,7 +67,15 @@ def test_a_sentinel_url_makes_a_client_that_names_it_without_the_password() -> N
     assert describe_client(client) == "redis+sentinel://127.0.0.1:1,127.0.0.1:2/mymaster"
     store = RedisStore(client)
     assert "secret" not in repr(store)
+    assert client.connection_pool.connection_kwargs["socket_timeout"] == 0.25
     store.close()
+    # A client the user made with Sentinel: the store's timeout and no retries apply to it.
+    from redis.sentinel import Sentinel
+
+    made = Sentinel([("127.0.0.1", 1)]).master_for("mymaster", socket_timeout=5)
+    RedisStore(made, timeout=0.3).close()
+    assert made.connection_pool.connection_kwargs["socket_timeout"] == 0.3
+    assert made.get_retry().get_retries() == 0
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +116,23 @@ def _rejects(breaker: CircuitBreaker) -> bool:
     except CircuitOpenError:
         return True
     return False
+
+
+def test_a_ready_cluster_client_is_bounded_and_works(cluster: RedisClusterServers) -> None:
+    from redis.cluster import ClusterNode, RedisCluster
+
+    port = cluster.nodes[0].port
+    client = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", port)], socket_timeout=5)
+    store = RedisStore(client, timeout=0.3)
+    try:
+        breaker = CircuitBreaker("ready-cluster", store=store)
+        assert breaker.call(lambda: "through") == "through"
+        pools = [
+            n.redis_connection.connection_pool for n in client.get_nodes() if n.redis_connection
+        ]
+        assert pools and all(p.connection_kwargs["socket_timeout"] == 0.3 for p in pools)
+    finally:
+        store.close()
 
 
 def test_the_cli_sees_every_breaker_on_every_node(cluster: RedisClusterServers) -> None:
