@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, RedisStore, State
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_sentinel import RedisSentinelSet
+from cbtasks._testing.redis_server import RedisServer
 from tests.conftest import wait_for
 
 POLICY = BreakerPolicy(failure_threshold=2, open_seconds=30)
+FEATURES = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture
@@ -95,3 +99,41 @@ def _calls_reach_redis(breaker: CircuitBreaker) -> bool:
     with contextlib.suppress(CircuitOpenError):
         breaker.call(lambda: None)
     return breaker.store.available  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_tasks_through_a_failover_complete_once(
+    sentinels: RedisSentinelSet, tmp_path: Path, how: str
+) -> None:
+    """A worker whose breaker state is behind Sentinel; the master SIGKILLed or SIGSTOPped
+    mid-traffic: every task completes, none calls the endpoint twice after a success."""
+    with RedisServer() as broker, ModelServer() as model:
+        env = {
+            "CBTASKS_REDIS_URL": sentinels.url,
+            "CBTASKS_BROKER_URL": broker.url,
+            "CBTASKS_RESULT_URL": broker.url,
+            "CBTASKS_MODEL_URL": model.url,
+        }
+        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
+        try:
+            app = client_app(broker.url)
+            assert (
+                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
+            )
+            model.faults(latency_ms=50)
+            model.reset_stats()
+            sent = [app.send_task("workers.predict", (FEATURES,)) for _ in range(60)]
+            wait_for(lambda: model.stats()["requests"] >= 10, 60, "traffic")
+            if how == "killed":
+                sentinels.master.process.kill()
+            else:
+                sentinels.master.freeze()
+            answers = [result.get(timeout=120) for result in sent]
+            assert all(answer["label"] == "setosa" for answer in answers)
+            stats = model.stats()
+            assert stats["calls_after_success"] == 0, stats
+            assert stats["ok"] >= 60
+        finally:
+            if how == "frozen":
+                sentinels.master.thaw()
+            worker.stop()
