@@ -149,6 +149,23 @@ def test_the_cli_sees_every_breaker_on_every_node(cluster: RedisClusterServers) 
     assert set(names) <= {row["name"] for row in json.loads(result.stdout)}
 
 
+def test_the_metrics_collector_reads_every_node(cluster: RedisClusterServers) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cbtasks.ops.metrics import BreakerCollector
+
+    store = RedisStore(cluster.url)
+    names = [f"metrics-{i}" for i in range(6)]
+    for name in names:
+        CircuitBreaker(name, store=store).call(lambda: None)
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(store))
+    text = generate_latest(registry).decode()
+    store.close()
+    for name in names:
+        assert f'cbtasks_breaker_state{{breaker="{name}",state="closed"}} 1.0' in text
+
+
 def test_tasks_park_defer_and_complete_once_with_the_state_on_a_cluster(
     cluster: RedisClusterServers, tmp_path: Any
 ) -> None:
