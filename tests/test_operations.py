@@ -135,6 +135,7 @@ def test_help_everywhere() -> None:
         "disable",
         "enable",
         "watch",
+        "waited",
         "batch",
         "metrics",
         "demo",

@@ -186,6 +186,40 @@ def test_a_deferred_task_keeps_its_parent_and_root(fresh: dict[str, Any]) -> Non
     events.stop()
 
 
+def test_after_recovery_an_operator_finds_which_tasks_waited_how_long_and_why(
+    fresh: dict[str, Any],
+) -> None:
+    """Flower ends with SUCCESS; `cbtasks waited NAME` still says who waited, how long, why."""
+    import json
+    import subprocess
+    import sys
+
+    tasks = fresh["tasks"]
+    events = _EventLog(tasks.app)
+    fresh["breaker"].force_open()
+    result = tasks.predict.delay(FEATURES)
+    wait_for(lambda: events.count(result.id, "task-circuit_open") >= 2, 60, "two deferrals")
+    fresh["breaker"].force_close()
+    assert result.get(timeout=60)["label"] == "setosa"
+    events.stop()
+    shown = subprocess.run(
+        [sys.executable, "-m", "cbtasks", "waited", "iris-model", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "CBTASKS_REDIS_URL": fresh["redis"].url},
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    entry = next(e for e in json.loads(shown.stdout) if e["task_id"] == result.id)
+    assert entry["task"] == "workers.predict" and entry["mode"] == "countdown"
+    assert entry["deferrals"] >= 2 and entry["waited_seconds"] > 0
+    assert entry["reason"] == "forced open by an operator"
+    table = subprocess.run(
+        [sys.executable, "-m", "cbtasks", "waited", "iris-model"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "CBTASKS_REDIS_URL": fresh["redis"].url},
+    ).stdout  # fmt: skip
+    assert result.id in table and "forced open by an operator" in table
+
+
 def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[str, Any]) -> None:
     """The completion guard: the same task id a second time gets the stored result, no call."""
     tasks, model = fresh["tasks"], fresh["model"]

@@ -84,3 +84,20 @@ def _open_until(row: dict[str, Any]) -> str:
         return "until closed"  # an operator's open has no end of its own
     until = row["open_until"]
     return datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3] if until else "-"
+
+
+def waits_table(entries: list[dict[str, Any]]) -> str:
+    """Requests that waited for a circuit, newest first (``cbtasks waited``)."""
+    header = ("TASK ID", "TASK", "DEFERRALS", "WAITED", "MODE", "RAN AT", "WHY")
+    lines = [header]
+    for e in entries:
+        ran = datetime.datetime.fromtimestamp(float(e.get("ran_at", 0))).strftime("%H:%M:%S")
+        waited = f"{float(e.get('waited_seconds', 0)):.1f}s"
+        lines.append(
+            (str(e.get("task_id")), str(e.get("task")), str(e.get("deferrals")), waited,
+             str(e.get("mode")), ran, str(e.get("reason")))
+        )  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    )

@@ -3,6 +3,7 @@
     cbtasks status [--json]         every breaker: state, failures, open until, probes, parked
     cbtasks open|close|reset|disable|enable NAME   cluster-wide (open asks; --yes skips)
     cbtasks watch [--interval S]    a live view
+    cbtasks waited NAME             requests that waited for NAME's circuit: how long, why
     cbtasks batch INPUT.jsonl --task MODULE.TASK --out OUTPUT.jsonl
     cbtasks metrics [--port N]              Prometheus metrics of the breakers in Redis
     cbtasks demo                            the demo (see ``python -m cbtasks.ops.demo``)
@@ -32,7 +33,7 @@ from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._policy import BreakerPolicy
 from ..stores import RedisStore
 from ..stores._parking import ParkingLot
-from ._views import as_dict, plain_table, rich_table
+from ._views import as_dict, plain_table, rich_table, waits_table
 
 COMMANDS = {
     "open": ("force_open", "open a breaker until closed or reset (asks first)"),
@@ -236,6 +237,32 @@ def _live(view: Callable[[], tuple[Any, str]], interval: float, count: int | Non
             shown += 1
             if count is None or shown < count:
                 time.sleep(interval)
+
+
+@main.command()
+@click.argument("name")
+@with_redis
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, help="newest N (default 20)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def waited(
+    ctx: click.Context,
+    name: str,
+    redis_url: str | None,
+    prefix: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Requests that waited for NAME's circuit and then ran: how long, and why."""
+    from ..task._waits import recent_waits
+
+    store = _store(ctx, redis_url, prefix)
+    entries = recent_waits(store.client, store.prefix, name, limit)
+    store.close()
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    click.echo(waits_table(entries) if entries else f"no request has waited for {name!r} lately")
 
 
 @main.command()

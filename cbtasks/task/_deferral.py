@@ -195,7 +195,7 @@ def publish_parked(
         and isinstance(retries, int)
         and retries >= 0
         and isinstance(headers, dict)
-        and set(headers) <= {DEFERRALS, DEADLINE, DEFERRED_AT}
+        and set(headers) <= {DEFERRALS, DEADLINE, DEFERRED_AT, "cbtasks_reason"}
         and (queue is None or isinstance(queue, str))
         and isinstance(options, dict)
     ):

@@ -52,6 +52,7 @@ from ._deferral import (
 )
 from ._options import hide_redis_url_from_reports, validate_options, validate_task
 from ._parts import ProcessParts
+from ._waits import REASON, note_wait
 
 __all__ = ["CircuitBreakerTask"]
 
@@ -134,7 +135,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             return self._rejected(rejection, args, kwargs)
         waited = waited_since(request)
         if waited is not None:
-            metrics().waited(guard.name, str(self._option("defer")), waited)
+            note_wait(self, guard.name, waited)
         start = perf_counter()
         failure: CircuitOpenError | None = None
         try:
@@ -213,6 +214,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             raise exhausted
         deferred_at = header(request, DEFERRED_AT) or time.time()
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
+        headers[REASON] = exc.reason[:200]
         collect_now_and_then(int(self._option("gc_every")))
         mode = self._option("defer")
         metrics().deferral(exc.name, mode)
