@@ -274,3 +274,23 @@ async def _answer() -> str:
 
 async def _divide() -> float:
     return 1 / 0
+
+
+def test_a_plain_url_to_one_node_is_told_to_name_the_cluster(
+    cluster: RedisClusterServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One node's URL would see a third of the breakers: the CLI refuses, the store says why."""
+    one_node = f"redis://127.0.0.1:{cluster.nodes[0].port}/0"
+    result = subprocess.run(
+        [sys.executable, "-m", "cbtasks", "status", "--redis-url", one_node],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "is a node of a Redis Cluster: use redis+cluster://" in result.stderr
+    store = RedisStore(one_node)
+    try:
+        for i in range(12):  # some of these names live on another node: MOVED
+            assert CircuitBreaker(f"moved-{i}", store=store).call(lambda: "answered") == "answered"
+        assert "use redis+cluster://" in caplog.text
+    finally:
+        store.close()

@@ -80,6 +80,7 @@ def _store(ctx: click.Context, redis_url: str | None, prefix: str | None) -> Red
     try:
         store = RedisStore(url, prefix=prefix or PREFIX, timeout=2.0)
         store.ping()
+        store.refuse_one_cluster_node()  # one node would show only its own breakers
     except (PolicyError, StoreError) as exc:
         raise CLIError(str(exc), 2) from None
     return store

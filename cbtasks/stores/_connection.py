@@ -8,7 +8,7 @@ from typing import Any
 import redis
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
@@ -153,8 +153,13 @@ def describe_client(client: Any) -> str:
     return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"
 
 
-def unreachable_message(client: redis.Redis, exc: BaseException) -> str:
+def unreachable_message(client: Any, exc: BaseException) -> str:
     """What went wrong talking to Redis, and what to check; never the password."""
+    if isinstance(exc, MovedError):
+        return (
+            f"Redis at {describe_client(client)} is a node of a Redis Cluster and the breaker's "
+            f"keys live on another ({exc}); use redis+cluster://host:port[,host:port...]"
+        )
     if not isinstance(exc, REDIS_DOWN):
         return (
             f"Redis at {describe_client(client)} refused the breaker's scripts "

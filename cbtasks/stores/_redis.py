@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
+from redis.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from .._errors import StoreError, StoreUnavailableError
@@ -121,6 +122,21 @@ class RedisStore(RedisStoreBase):
             raise StoreError(
                 f"Redis at {describe_client(self.client)} refused PING: {exc}"
             ) from exc
+
+    def refuse_one_cluster_node(self) -> None:
+        """StoreError if a plain URL names one node of a Redis Cluster (it holds only some
+        breakers): the URL should be ``redis+cluster://``."""
+        if isinstance(self.client, RedisCluster):
+            return
+        try:
+            enabled = self.client.info("cluster").get("cluster_enabled")
+        except redis.RedisError:
+            return
+        if enabled:
+            raise StoreError(
+                f"{describe_client(self.client)} is a node of a Redis Cluster: use "
+                "redis+cluster://host:port[,host:port...] to reach every node's breakers"
+            )
 
     def close(self) -> None:
         """Stop the news listener and close the connections."""
