@@ -24,6 +24,7 @@ def test_demo_runs_an_outage_to_its_summary() -> None:
     assert accounted and accounted.group(1) == accounted.group(2) == "120"
     assert re.search(r"called twice after success: 0", out)
     assert re.search(r"failed +0", out)
+    assert "\r" not in out  # not a terminal: lines, not one carriage-return line
     deferrals = re.search(r"deferrals +(\d+)", out)
     assert deferrals and int(deferrals.group(1)) > 0
     fallbacks = re.search(r"fallback +(\d+) answered at once by the gateway", out)

@@ -63,6 +63,28 @@ class EventCounts:
         self._connection.release()
 
 
+class StatusLine:
+    """The live counts: rewritten in place on a terminal, a line a second elsewhere (a log
+    gets lines, not one endless carriage-return line)."""
+
+    def __init__(self) -> None:
+        self.terminal = sys.stdout.isatty()
+        self._last = ""
+        self._next = 0.0
+
+    def show(self, text: str, final: bool = False) -> None:
+        if self.terminal:
+            print("\r" + text, end="", flush=True)
+            return
+        now = time.monotonic()
+        if text != self._last and (final or now >= self._next):
+            print(text, flush=True)
+            self._last, self._next = text, now + 1.0
+
+    def event(self, text: str) -> None:
+        print(("\n" if self.terminal else "") + text, flush=True)
+
+
 class GatewayRequests:
     """Sends ``count`` predictions to the gateway at ``rate`` per second, in a thread.
 
@@ -127,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sending {args.tasks} predictions through the gateway at {args.rate:g}/s; "
               "the endpoint goes down once half are done\n")  # fmt: skip
         start = time.monotonic()
+        line = StatusLine()
         outage_at: float | None = None
         last_state = "closed"
         while True:
@@ -135,22 +158,22 @@ def run(args: argparse.Namespace) -> int:
             if requests.error:
                 print(f"\nthe gateway failed: {requests.error}", file=sys.stderr)
                 return 1
+            elapsed = f"[{time.monotonic() - start:5.1f}s]"
             if outage_at is None and done >= args.tasks // 2:
                 model.faults(latency_ms=10, outage_seconds=args.outage)
                 outage_at = time.monotonic()
-                print(f"\n  [{outage_at - start:5.1f}s] endpoint DOWN for {args.outage:g} s")
+                line.event(f"  {elapsed} endpoint DOWN for {args.outage:g} s")
             status = breaker.status()
             state = status.state.value if status else "closed"
             if state != last_state:
-                print(f"\n  [{time.monotonic() - start:5.1f}s] breaker {last_state} -> {state}")
+                line.event(f"  {elapsed} breaker {last_state} -> {state}")
                 last_state = state
             c = events.counts
-            print(
-                f"\r  sent {len(results):4}  done {done:4}/{args.tasks}  "
+            line.show(
+                f"  sent {len(results):4}  done {done:4}/{args.tasks}  "
                 f"deferred {c['deferred']:4}  answered by the fallback "
                 f"{requests.answers['FALLBACK']:3}  breaker {state:9}",
-                end="",
-                flush=True,
+                final=done == args.tasks,
             )
             if done == args.tasks:
                 break
