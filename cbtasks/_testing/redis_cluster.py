@@ -16,6 +16,13 @@ import redis
 from .redis_server import RedisServer, RedisServerError
 
 SLOTS = 16384
+NODE_ARGS = (
+    "--cluster-enabled", "yes",
+    "--cluster-node-timeout", "2000",
+    # The other masters keep serving their slots when one is lost (Redis's
+    # default stops the whole cluster once the node timeout has passed).
+    "--cluster-require-full-coverage", "no",
+)  # fmt: skip
 
 
 def _cluster_port() -> int:
@@ -41,11 +48,7 @@ class RedisClusterServers:
 
     def __init__(self, masters: int = 3) -> None:
         self.nodes = [
-            RedisServer(
-                port=_cluster_port(),
-                extra_args=("--cluster-enabled", "yes", "--cluster-node-timeout", "2000"),
-            )
-            for _ in range(masters)
+            RedisServer(port=_cluster_port(), extra_args=NODE_ARGS) for _ in range(masters)
         ]
 
     @property
