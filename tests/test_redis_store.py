@@ -184,3 +184,16 @@ def _served(breaker: CircuitBreaker) -> bool:
     except CircuitOpenError:
         return False
     return breaker.store.available  # type: ignore[attr-defined, no-any-return]
+
+
+def test_an_operators_read_starts_no_news_subscription(redis_url: str, name: str) -> None:
+    """`cbtasks status` and the metrics read every breaker: no views, no news thread for it."""
+    from cbtasks.ops.cli import status_rows
+
+    writer = RedisStore(redis_url)
+    CircuitBreaker(name, store=writer).call(lambda: None)
+    reader = RedisStore(redis_url)
+    assert any(row["name"] == name for row in status_rows(reader))
+    assert reader.news._listener is None
+    writer.close()
+    reader.close()

@@ -7,6 +7,7 @@ rich's tables and its live view.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from typing import Any
 
 from ..stores import BreakerStatus
@@ -58,10 +59,7 @@ def plain_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return NO_BREAKERS
     lines = [HEADER, *(cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
-    return "\n".join(
-        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
-    )
+    return aligned(lines)
 
 
 def rich_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
@@ -97,7 +95,12 @@ def waits_table(entries: list[dict[str, Any]]) -> str:
             (str(e.get("task_id")), str(e.get("task")), str(e.get("deferrals")), waited,
              str(e.get("mode")), ran, str(e.get("reason")))
         )  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return aligned(lines)
+
+
+def aligned(lines: Sequence[tuple[str, ...]]) -> str:
+    """Columns padded to their widest cell, two spaces apart: what a script can split."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
     )

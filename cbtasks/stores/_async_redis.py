@@ -33,7 +33,7 @@ from ._news import ProcessNews
 from ._outage import OnError
 from ._redis_base import SCRIPT_ERRORS, RedisStoreBase, ScriptCall
 from ._scripts import MACHINE_SCRIPTS, parse_reply
-from ._urls import is_multi_node, parse_multi_node
+from ._urls import is_multi_node, node_options, parse_multi_node
 
 __all__ = ["AsyncRedisStore"]
 
@@ -177,18 +177,15 @@ def _async_client(url_or_client: Any, timeout: float) -> Any:
     }
     if is_multi_node(url_or_client):
         url = parse_multi_node(url_or_client)
-        options: dict[str, Any] = {
-            **url.options,
-            "username": url.username,
-            "password": url.password,
-        }
-        if url.tls:
-            options["ssl"] = True
+        options, sentinel_password = node_options(url)
         if url.kind == "cluster":
             nodes = [AsyncClusterNode(host, port) for host, port in url.nodes]
             return AsyncRedisCluster(startup_nodes=nodes, **limits, **options)
-        sentinel_kwargs = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-        sentinel_kwargs["password"] = options.pop("sentinel_password", None)
+        sentinel_kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+        }
+        sentinel_kwargs["password"] = sentinel_password
         sentinel = AsyncSentinel(list(url.nodes), sentinel_kwargs=sentinel_kwargs, **limits)  # type: ignore[no-untyped-call]
         return sentinel.master_for(str(url.service), db=url.db, **options)
     return aredis.Redis.from_url(

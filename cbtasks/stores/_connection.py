@@ -13,7 +13,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .._errors import PolicyError
-from ._urls import MultiNodeURL, is_multi_node, parse_multi_node
+from ._urls import MultiNodeURL, is_multi_node, node_options, parse_multi_node
 
 # Errors that mean "Redis cannot be reached now", as opposed to a bug: on a
 # cluster, a node lost or the cluster down too (Sentinel's "no master" is a
@@ -83,13 +83,10 @@ def bound(client: Any, timeout: float) -> Any:
 
 
 def _multi_node_client(url: MultiNodeURL, timeout: float) -> Any:
-    options: dict[str, Any] = {**url.options, "username": url.username, "password": url.password}
-    if url.tls:
-        options["ssl"] = True
+    options, sentinel_password = node_options(url)
     if url.kind == "cluster":
         nodes = [ClusterNode(host, port) for host, port in url.nodes]  # type: ignore[no-untyped-call]
         return RedisCluster(startup_nodes=nodes, **_limits(timeout), **options)
-    sentinel_password = options.pop("sentinel_password", None)
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(url.nodes),
         sentinel_kwargs={

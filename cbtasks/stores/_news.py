@@ -167,6 +167,10 @@ class ProcessNews:
                 view = self._views[name] = LocalView()
             return view
 
+    def existing_view(self, name: str) -> LocalView | None:
+        """The view of breaker ``name`` if this process has one (made by a breaker)."""
+        return self._views.get(name)
+
     def add_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park.
 

@@ -205,9 +205,13 @@ class RedisStoreBase:
                 f"breaker {name!r} has corrupt state in Redis (st={state!r}, md={mode!r}); "
                 f"`cbtasks reset {name}` writes it afresh"
             )
-        # A read of the shared state is as good as any reply: this process
-        # learns it (no state yet reads as closed, version 0: news of a trip is newer).
-        self.view(name).apply(state, remaining, mode, version, self.local_clock())
+        # A read of the shared state is as good as any reply: a breaker of this
+        # process learns it (no state yet reads as closed, version 0: news of a
+        # trip is newer). An operator's read (CLI, metrics) makes no view, and
+        # so starts no news subscription.
+        view = self.news.existing_view(name)
+        if view is not None:
+            view.apply(state, remaining, mode, version, self.local_clock())
         if not exists:
             return None
         return BreakerStatus(

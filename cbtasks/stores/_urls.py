@@ -13,6 +13,7 @@ unless ``sentinel_password`` is given).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from .._errors import PolicyError
@@ -85,6 +86,18 @@ def parse_multi_node(url: str) -> MultiNodeURL:
         db=db,
         options=dict(parse_qsl(query)),
     )
+
+
+def node_options(parsed: MultiNodeURL) -> tuple[dict[str, Any], str | None]:
+    """Keyword arguments for the data nodes' clients, and the sentinels' own password."""
+    options: dict[str, Any] = {
+        **parsed.options,
+        "username": parsed.username,
+        "password": parsed.password,
+    }
+    if parsed.tls:
+        options["ssl"] = True
+    return options, options.pop("sentinel_password", None)
 
 
 def describe(parsed: MultiNodeURL) -> str:
