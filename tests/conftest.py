@@ -35,13 +35,35 @@ class FakeClock:
         self.now_ms += round(seconds * 1000)
 
 
-def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll ``condition`` until it is true; fail after ``timeout`` seconds."""
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = 10.0,
+    what: str = "",
+    seen: Callable[[], object] | None = None,
+) -> None:
+    """Poll ``condition`` until it is true; fail after ``timeout`` seconds, saying what
+    ``seen()`` returns then (what was there instead)."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+            instead = f"; seen: {seen()!r}" if seen is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what or condition}{instead}")
         time.sleep(0.01)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's process logs (workers, gateway) end its report: CI keeps no files."""
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if report.failed and tmp_path is not None:
+        for log_file in sorted(tmp_path.glob("*.log")):
+            tail = log_file.read_text(errors="replace").splitlines()[-LOG_LINES_ON_FAILURE:]
+            report.sections.append((f"last lines of {log_file.name}", "\n".join(tail)))
+
+
+LOG_LINES_ON_FAILURE = 40
 
 
 @pytest.fixture(scope="session")

@@ -76,7 +76,10 @@ def test_breaker_redis_stopped_for_ten_seconds(model: ModelServer, tmp_path: Pat
             assert all(r.get(timeout=60)["label"] == "setosa" for r in after)
             store = RedisStore(state_redis.url)
             wait_for(
-                lambda: store.names() == ["iris-model"], 30, "the workers to write state again"
+                lambda: store.names() == ["iris-model"],
+                30,
+                "the workers to write state again",
+                seen=store.names,
             )
             store.close()
             errors = _metric(
@@ -116,10 +119,14 @@ def test_workers_killed_at_random_complete_every_task_once(
         app = client_app(redis_server.url)
         marks = redis.Redis.from_url(redis_server.url)
 
-        def settled() -> bool:
+        def answers_and_marks() -> dict[str, int]:
             stats = model.stats()
             done = sum(1 for _ in marks.scan_iter("cbtasks:done:*", count=500))
-            return stats["in_flight"] == 0 and done == stats["ok"]
+            return {"in_flight": stats["in_flight"], "ok": stats["ok"], "marked": done}
+
+        def settled() -> bool:
+            now = answers_and_marks()
+            return now["in_flight"] == 0 and now["marked"] == now["ok"]
 
         workers = [
             CeleryWorker(env, concurrency=2, name=f"k{i}", log_path=tmp_path / f"k{i}.log").start()
@@ -135,7 +142,12 @@ def test_workers_killed_at_random_complete_every_task_once(
                     "progress",
                 )
                 app.control.cancel_consumer("celery", reply=True, timeout=10, limit=len(workers))
-                wait_for(settled, 30, "every answer given to be marked complete")
+                wait_for(
+                    settled,
+                    30,
+                    "every answer given to be marked complete",
+                    seen=lambda: {**answers_and_marks(), **model.stats()},
+                )
                 victim = rng.randrange(len(workers))
                 workers[victim].kill()
                 workers[victim] = CeleryWorker(

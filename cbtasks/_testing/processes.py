@@ -52,10 +52,12 @@ class ModelServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"model server exited with {self.process.returncode}")
             try:
-                if self.admin.get("/healthz").status_code == 200:
+                # Its admin API with our token: only our own server says 200.
+                if self.admin.get("/admin/stats").status_code == 200:
                     return self
             except httpx.TransportError:
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"model server did not answer on port {self.port} in {timeout}s")
 

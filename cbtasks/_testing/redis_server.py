@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import redis
+
 
 class RedisServerError(RuntimeError):
     """redis-server could not be found or started."""
@@ -97,13 +99,31 @@ class RedisServer:
                 err = self.process.stderr.read().decode() if self.process.stderr else ""
                 self.stop()
                 raise RedisServerError(f"redis-server on port {self.port} exited: {err.strip()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
+            listener = self._listening_pid()
+            if listener == self.process.pid:
+                return self
+            if listener is not None:
+                # Another server holds the port (taken while ours was stopped, or
+                # raced for): tests talking to it would read someone else's data.
+                self.stop()
+                raise RedisServerError(
+                    f"port {self.port} is held by another redis-server (pid {listener})"
+                )
+            time.sleep(0.02)
         self.stop()
         raise RedisServerError(f"redis-server did not listen on port {self.port} in {timeout}s")
+
+    def _listening_pid(self) -> int | None:
+        """The process id of the redis-server answering on our port, if one answers."""
+        client = redis.Redis(
+            port=self.port, password=self.password, socket_timeout=0.5, socket_connect_timeout=0.2
+        )
+        try:
+            return int(client.info("server")["process_id"])
+        except (redis.RedisError, OSError, KeyError, ValueError):
+            return None
+        finally:
+            client.close()
 
     def stop(self) -> None:
         if self.process is not None:
