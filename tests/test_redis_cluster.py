@@ -240,6 +240,48 @@ def test_a_node_lost_is_an_outage_of_its_breakers_only() -> None:
         store.close()
 
 
+@pytest.mark.parametrize("how", ["killed", "frozen"])
+def test_tasks_complete_once_when_their_breakers_node_is_lost(tmp_path: Any, how: str) -> None:
+    """Tasks flowing; the master holding their breaker SIGKILLed or SIGSTOPped (no replica,
+    so no failover): every task completes, none calls the endpoint again after a success."""
+    with RedisClusterServers() as servers, RedisServer() as broker, ModelServer() as model:
+        env = {
+            "CBTASKS_REDIS_URL": servers.url,
+            "CBTASKS_BROKER_URL": broker.url,
+            "CBTASKS_RESULT_URL": broker.url,
+            "CBTASKS_MODEL_URL": model.url,
+        }
+        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
+        lost = None
+        try:
+            app = client_app(broker.url)
+            assert (
+                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
+            )
+            store = RedisStore(servers.url)
+            port = store.client.get_node_from_key("cbtasks:{iris-model}:s").port
+            store.close()
+            lost = next(node for node in servers.nodes if node.port == port)
+            model.faults(latency_ms=50)
+            model.reset_stats()
+            sent = [app.send_task("workers.predict", (FEATURES,)) for _ in range(60)]
+            wait_for(lambda: model.stats()["requests"] >= 10, 60, "traffic")
+            if how == "killed":
+                assert lost.process is not None
+                lost.process.kill()
+            else:
+                lost.freeze()
+            answers = [result.get(timeout=120) for result in sent]
+            assert all(answer["label"] == "setosa" for answer in answers)
+            stats = model.stats()
+            assert stats["calls_after_success"] == 0, stats
+            assert stats["ok"] >= 60
+        finally:
+            if how == "frozen" and lost is not None:
+                lost.thaw()
+            worker.stop()
+
+
 def test_an_asyncio_process_shares_the_cluster_circuit(cluster: RedisClusterServers) -> None:
     """AsyncRedisStore on the cluster URL: the same circuit as the blocking stores."""
     from cbtasks import AsyncRedisStore
