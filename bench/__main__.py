@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from bench import gateway, outage, overhead, redis_cost, scale
+from bench import ceiling, gateway, outage, overhead, redis_cost, scale
 
 
 def main() -> None:
@@ -16,6 +16,8 @@ def main() -> None:
     overhead.main([])
     print("\n## Redis commands per second for a fleet (bench/scale.py)\n")
     scale.main([])
+    print("\n## The ceiling of one Redis and of a 3-master cluster (bench/ceiling.py)\n")
+    ceiling.main([])
     print("\n## The gateway: latency, throughput, loop lag (bench/gateway.py)\n")
     gateway.main([])
     print("\n## Outage storm and parked backlog (bench/outage.py; about 25 minutes)\n")

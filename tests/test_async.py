@@ -117,7 +117,9 @@ def test_an_async_process_and_a_blocking_one_share_one_circuit(redis_url: str, n
 
 def test_concurrent_tasks_in_half_open_get_only_the_probe_slots(redis_url: str, name: str) -> None:
     async def scenario() -> None:
-        store = AsyncRedisStore(redis_url)
+        # A generous timeout: 30 connections opened at once on a loaded machine may
+        # take longer than the default 0.25 s, and an outage would admit every call.
+        store = AsyncRedisStore(redis_url, timeout=5)
         breaker = CircuitBreaker(name, policy=replace(POLICY, open_seconds=0.2), store=store)
         for _ in range(2):
             with pytest.raises(EndpointFailure):
@@ -133,7 +135,10 @@ def test_concurrent_tasks_in_half_open_get_only_the_probe_slots(redis_url: str, 
             return "ok"
 
         calls = [asyncio.create_task(breaker.acall(slow_probe)) for _ in range(30)]
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while started + sum(call.done() for call in calls) < len(calls):
+            assert time.monotonic() < deadline, f"{started} started; the rest not all answered"
+            await asyncio.sleep(0.01)
         release.set()
         results = await asyncio.gather(*calls, return_exceptions=True)
         assert started == 2
