@@ -138,6 +138,8 @@ def test_the_completion_guard_survives_a_wrong_type(redis_url: str) -> None:
         {"max_deferrals": 2.5},
         {"health_interval": -1},
         {"on_error": "explode"},
+        {"redis_timeout": 0},
+        {"redis_timeout": 61},
     ],
 )
 def test_task_options_that_cannot_work_fail_at_registration(options: dict[str, Any]) -> None:
@@ -155,7 +157,12 @@ def test_task_options_that_cannot_work_fail_at_registration(options: dict[str, A
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("on_open", "explode"), ("release_rate", math.nan), ("completion_ttl", 0)],
+    [
+        ("on_open", "explode"),
+        ("release_rate", math.nan),
+        ("completion_ttl", 0),
+        ("redis_timeout", "fast"),
+    ],
 )
 def test_app_settings_that_cannot_work_stop_the_worker_at_start(setting: str, value: Any) -> None:
     """app.conf.cbtasks_on_open='explode' used to be treated as defer, silently."""
@@ -170,6 +177,31 @@ def test_app_settings_that_cannot_work_stop_the_worker_at_start(setting: str, va
     app.finalize(auto=True)
     with pytest.raises(SystemExit, match=setting):
         _check_options(sender=SimpleNamespace(app=app))
+
+
+def test_a_tasks_redis_calls_are_bounded_by_its_redis_timeout() -> None:
+    """app.conf.cbtasks_redis_timeout reaches the task's store (and its guard and lot)."""
+    app = Celery("timeouts", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+    app.conf.cbtasks_redis_timeout = 1.5
+
+    @app.task(base=CircuitBreakerTask, shared=False)
+    def predict() -> None:
+        """A task whose Redis calls may take 1.5 s."""
+
+    app.finalize(auto=True)
+    assert predict.cbtasks_store.timeout == 1.5
+    assert predict.cbtasks_redis.connection_pool.connection_kwargs["socket_timeout"] == 1.5
+    predict.cbtasks_store.close()
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "61", "nan"])
+def test_the_workers_redis_timeout_setting_says_what_to_write(value: str) -> None:
+    from workers.config import from_environment
+
+    with pytest.raises(ValueError, match="CBTASKS_REDIS_TIMEOUT must be a number of seconds"):
+        from_environment({"CBTASKS_REDIS_TIMEOUT": value})
+    assert from_environment({"CBTASKS_REDIS_TIMEOUT": "2"}).redis_timeout == 2.0
 
 
 def test_store_and_timeout_mistakes_are_policy_errors(name: str) -> None:

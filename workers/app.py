@@ -5,7 +5,8 @@
 Environment: CBTASKS_REDIS_URL (breaker state), CBTASKS_BROKER_URL (Redis or
 RabbitMQ; default: the Redis URL), CBTASKS_RESULT_URL, CBTASKS_MODEL_URL (the
 model server), CBTASKS_MODEL_GRPC_TARGET (its gRPC service, host:port),
-CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_METRICS_PORT
+CBTASKS_VISIBILITY_TIMEOUT (seconds, Redis broker), CBTASKS_REDIS_TIMEOUT
+(seconds a breaker-state Redis call may take, 0.25 by default), CBTASKS_METRICS_PORT
 (Prometheus metrics of all the worker's processes).
 """
 
@@ -65,6 +66,7 @@ app.conf.update(
     },
     broker_connection_retry_on_startup=True,
     cbtasks_redis_url=config.redis_url,
+    cbtasks_redis_timeout=config.redis_timeout,
     cbtasks_policy=BreakerPolicy(failure_threshold=5, open_seconds=2.0, half_open_probes=2),
 )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ class WorkerConfig:
     model_url: str
     model_grpc_target: str | None
     visibility_timeout: float
+    redis_timeout: float
     metrics_port: int | None
 
 
@@ -37,6 +39,16 @@ def from_environment(env: dict[str, str] | None = None) -> WorkerConfig:
         raise ValueError(
             f"CBTASKS_VISIBILITY_TIMEOUT must be a number of seconds, got {raw_timeout!r}"
         ) from None
+    raw_redis_timeout = env.get("CBTASKS_REDIS_TIMEOUT", "0.25")
+    try:
+        redis_timeout = float(raw_redis_timeout)
+    except ValueError:
+        redis_timeout = math.nan
+    if not 0 < redis_timeout <= 60:
+        raise ValueError(
+            "CBTASKS_REDIS_TIMEOUT must be a number of seconds above 0 and at most 60, "
+            f"got {raw_redis_timeout!r}"
+        )
     raw_port = env.get("CBTASKS_METRICS_PORT", "")
     metrics_port = None
     if raw_port:
@@ -53,4 +65,5 @@ def from_environment(env: dict[str, str] | None = None) -> WorkerConfig:
         model_url=model_url.rstrip("/"),
         model_grpc_target=env.get("CBTASKS_MODEL_GRPC_TARGET") or None,
         visibility_timeout=visibility_timeout,
+        redis_timeout=redis_timeout,
     )

@@ -30,6 +30,9 @@ DEFAULTS: dict[str, Any] = {
     "completion_ttl": 24 * 3600.0,
     "prefix": "cbtasks",
     "on_error": "local",
+    # Bounds every Redis call the task makes (breaker, guard, parking lot):
+    # past it the call follows on_error instead of stalling the task.
+    "redis_timeout": 0.25,
     "gc_every": 25,
     "health_check": None,
     "health_interval": 1.0,
@@ -45,6 +48,7 @@ _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "max_release_rate": (0, math.inf, False, False),
     "completion_ttl": (0, 365 * 24 * 3600.0, False, False),
     "health_interval": (0, 3600.0, False, False),
+    "redis_timeout": (0, 60.0, False, False),
 }
 
 

@@ -41,8 +41,9 @@ class ProcessParts:
         url = redis_url(self.app)
         prefix = self.cbtasks_prefix
         on_error = self._option("on_error")
-        key = f"store:{url}:{prefix}:{on_error}"
-        return self._cached(key, lambda: _store(url, prefix, on_error))  # type: ignore[no-any-return]
+        timeout = float(self._option("redis_timeout"))
+        key = f"store:{url}:{prefix}:{on_error}:{timeout}"
+        return self._cached(key, lambda: _store(url, prefix, on_error, timeout))  # type: ignore[no-any-return]
 
     @property
     def cbtasks_redis(self) -> Any:
@@ -108,7 +109,7 @@ class ProcessParts:
         return option(self, name)
 
 
-def _store(url: str, prefix: str, on_error: str) -> RedisStore:
-    store = RedisStore(url, prefix=prefix, on_error=on_error)
+def _store(url: str, prefix: str, on_error: str, timeout: float) -> RedisStore:
+    store = RedisStore(url, prefix=prefix, on_error=on_error, timeout=timeout)
     store.on_store_error = metrics().store_error
     return store
