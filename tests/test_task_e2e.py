@@ -78,12 +78,18 @@ FEATURES = [5.1, 3.5, 1.4, 0.2]
 def test_outage_loses_nothing_and_calls_nothing_twice(fresh: dict[str, Any]) -> None:
     """200 tasks, an outage in the middle: all succeed, the endpoint is spared meanwhile."""
     tasks, model = fresh["tasks"], fresh["model"]
-    results = [
-        (tasks.predict_parked if i % 2 else tasks.predict).delay(FEATURES) for i in range(200)
-    ]
-    wait_for(lambda: sum(r.ready() for r in results) >= 40, 60, "the first tasks")
+
+    def send(count: int) -> list[Any]:
+        return [
+            (tasks.predict_parked if i % 2 else tasks.predict).delay(FEATURES) for i in range(count)
+        ]
+
+    results = send(40)
+    wait_for(lambda: all(r.ready() for r in results), 60, "the first tasks")
+    # The rest are sent once the outage has begun, however fast the workers are.
     model.phase("outage")
     model.faults(outage_seconds=3)
+    results += send(160)
     wait_for(lambda: not model.stats()["down"], 30, "the outage to end")
     model.phase("recovery")
     answers = [r.get(timeout=120) for r in results]
