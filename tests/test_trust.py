@@ -24,6 +24,7 @@ from cbtasks import (
     State,
     TimeWindow,
 )
+from cbtasks._testing.redis_server import free_port
 from cbtasks.ops.cli import status_rows
 from cbtasks.ops.metrics import BreakerCollector
 from cbtasks.stores._news import parse_news
@@ -114,6 +115,16 @@ def test_redis_answering_with_errors_follows_on_error(redis_url: str, name: str)
         assert store.error_count >= 1
     finally:
         store.close()
+
+
+def test_the_completion_guard_reports_what_redis_could_not_serve() -> None:
+    """A read or mark that fails is told to on_error (the metrics count it), never raised."""
+    errors: list[BaseException] = []
+    client = redis.Redis(port=free_port(), socket_connect_timeout=0.2, socket_timeout=0.2)
+    guard = CompletionGuard(client, "cbtasks", on_error=errors.append)
+    assert guard.result_of("task-1") is None
+    guard.mark("task-1", {"label": "setosa"}, ttl=60)
+    assert len(errors) == 2 and all(isinstance(e, redis.ConnectionError) for e in errors)
 
 
 def test_the_completion_guard_survives_a_wrong_type(redis_url: str) -> None:

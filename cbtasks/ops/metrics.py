@@ -141,7 +141,8 @@ class Metrics:
             "cbtasks_health_checks", "Health checks made while open", ["breaker", "result"]
         )
         self.store_errors = Counter(
-            "cbtasks_store_errors", "Failed Redis calls of the breaker store"
+            "cbtasks_store_errors",
+            "Failed Redis calls of the breaker store and of the completion guard",
         )
 
     def call(self, breaker: str, outcome: str, seconds: float | None = None) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from ..stores._connection import REDIS_TROUBLE
@@ -19,9 +20,17 @@ log = logging.getLogger("cbtasks.task")
 class CompletionGuard:
     """Marks of completed task ids, with their results, kept ``ttl`` seconds in Redis."""
 
-    def __init__(self, client: Any, prefix: str) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.client = client
         self.prefix = prefix
+        #: Told of each read or mark Redis could not serve (the metrics count them:
+        #: a mark not written is a redelivery that may call the endpoint again).
+        self.on_error = on_error
 
     def _key(self, task_id: str) -> str:
         return f"{self.prefix}:done:{task_id}"
@@ -30,7 +39,8 @@ class CompletionGuard:
         """``(result,)`` if ``task_id`` completed before, else None."""
         try:
             raw = self.client.get(self._key(task_id))
-        except REDIS_TROUBLE:
+        except REDIS_TROUBLE as exc:
+            self._failed(exc)
             return None
         return None if raw is None else (json.loads(raw),)
 
@@ -43,4 +53,9 @@ class CompletionGuard:
         try:
             self.client.set(self._key(task_id), encoded, px=int(ttl * 1000))
         except REDIS_TROUBLE as exc:
+            self._failed(exc)
             log.warning("cannot mark task %s completed (%s)", task_id, exc)
+
+    def _failed(self, exc: BaseException) -> None:
+        if self.on_error is not None:
+            self.on_error(exc)

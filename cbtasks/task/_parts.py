@@ -63,7 +63,10 @@ class ProcessParts:
     @property
     def cbtasks_completions(self) -> CompletionGuard:
         return self._cached(  # type: ignore[no-any-return]
-            "completions", lambda: CompletionGuard(self.cbtasks_redis, self.cbtasks_prefix)
+            "completions",
+            lambda: CompletionGuard(
+                self.cbtasks_redis, self.cbtasks_prefix, on_error=metrics().store_error
+            ),
         )
 
     def _make_breaker(self) -> CircuitBreaker:
