@@ -78,12 +78,15 @@ def test_breaker_redis_stopped_for_ten_seconds(model: ModelServer, tmp_path: Pat
             after = [app.send_task("workers.predict", (FEATURES,)) for _ in range(20)]
             assert all(r.get(timeout=60)["label"] == "setosa" for r in after)
             store = RedisStore(state_redis.url)
-            wait_for(
-                lambda: store.names() == ["iris-model"],
-                30,
-                "the workers to write state again",
-                seen=store.names,
-            )
+
+            def written_again() -> bool:
+                # Each process tries Redis again within a retry interval of its
+                # return, on its next call: traffic goes on while we look (20
+                # fast tasks can all finish inside that interval).
+                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)
+                return store.names() == ["iris-model"]
+
+            wait_for(written_again, 30, "the workers to write state again", seen=store.names)
             store.close()
             errors = _metric(
                 f"http://127.0.0.1:{metrics_port}/metrics", "cbtasks_store_errors_total"
