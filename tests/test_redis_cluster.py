@@ -13,14 +13,11 @@ from typing import Any
 import pytest
 
 from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, PolicyError, RedisStore, State
-from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_cluster import RedisClusterServers
-from cbtasks._testing.redis_server import RedisServer
 from cbtasks.stores._connection import describe_client, make_client
 from cbtasks.stores._urls import parse_multi_node
 from tests.conftest import wait_for
-
-FEATURES = [5.1, 3.5, 1.4, 0.2]
+from tests.state_elsewhere import FEATURES, tasks_complete_once_through, worker_with_state_on
 
 
 def test_the_url_forms_parse_as_written() -> None:
@@ -170,20 +167,9 @@ def test_tasks_park_defer_and_complete_once_with_the_state_on_a_cluster(
     cluster: RedisClusterServers, tmp_path: Any
 ) -> None:
     """The breaker, the parking lot and the completion guard on the cluster; the broker apart."""
-    with RedisServer() as broker, ModelServer() as model:
-        env = {
-            "CBTASKS_REDIS_URL": cluster.url,
-            "CBTASKS_BROKER_URL": broker.url,
-            "CBTASKS_RESULT_URL": broker.url,
-            "CBTASKS_MODEL_URL": model.url,
-        }
-        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
+    with worker_with_state_on(cluster.url, tmp_path) as (app, model):
         store = RedisStore(cluster.url)
         try:
-            app = client_app(broker.url)
-            assert (
-                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
-            )
             breaker = CircuitBreaker("iris-model", store=store)
             breaker.force_open()
             model.reset_stats()
@@ -198,7 +184,6 @@ def test_tasks_park_defer_and_complete_once_with_the_state_on_a_cluster(
             stats = model.stats()
             assert stats["requests"] == 10 and stats["calls_after_success"] == 0
         finally:
-            worker.stop()
             store.close()
 
 
@@ -244,42 +229,19 @@ def test_a_node_lost_is_an_outage_of_its_breakers_only() -> None:
 def test_tasks_complete_once_when_their_breakers_node_is_lost(tmp_path: Any, how: str) -> None:
     """Tasks flowing; the master holding their breaker SIGKILLed or SIGSTOPped (no replica,
     so no failover): every task completes, none calls the endpoint again after a success."""
-    with RedisClusterServers() as servers, RedisServer() as broker, ModelServer() as model:
-        env = {
-            "CBTASKS_REDIS_URL": servers.url,
-            "CBTASKS_BROKER_URL": broker.url,
-            "CBTASKS_RESULT_URL": broker.url,
-            "CBTASKS_MODEL_URL": model.url,
-        }
-        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
-        lost = None
+    with (
+        RedisClusterServers() as servers,
+        worker_with_state_on(servers.url, tmp_path) as (app, model),
+    ):
+        store = RedisStore(servers.url)
+        port = store.client.get_node_from_key("cbtasks:{iris-model}:s").port
+        store.close()
+        lost = next(node for node in servers.nodes if node.port == port)
         try:
-            app = client_app(broker.url)
-            assert (
-                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
-            )
-            store = RedisStore(servers.url)
-            port = store.client.get_node_from_key("cbtasks:{iris-model}:s").port
-            store.close()
-            lost = next(node for node in servers.nodes if node.port == port)
-            model.faults(latency_ms=50)
-            model.reset_stats()
-            sent = [app.send_task("workers.predict", (FEATURES,)) for _ in range(60)]
-            wait_for(lambda: model.stats()["requests"] >= 10, 60, "traffic")
-            if how == "killed":
-                assert lost.process is not None
-                lost.process.kill()
-            else:
-                lost.freeze()
-            answers = [result.get(timeout=120) for result in sent]
-            assert all(answer["label"] == "setosa" for answer in answers)
-            stats = model.stats()
-            assert stats["calls_after_success"] == 0, stats
-            assert stats["ok"] >= 60
+            tasks_complete_once_through(app, model, lost.kill if how == "killed" else lost.freeze)
         finally:
-            if how == "frozen" and lost is not None:
+            if how == "frozen":
                 lost.thaw()
-            worker.stop()
 
 
 def test_an_asyncio_process_shares_the_cluster_circuit(cluster: RedisClusterServers) -> None:

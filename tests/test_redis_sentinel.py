@@ -10,13 +10,11 @@ from pathlib import Path
 import pytest
 
 from cbtasks import BreakerPolicy, CircuitBreaker, CircuitOpenError, RedisStore, State
-from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
 from cbtasks._testing.redis_sentinel import RedisSentinelSet
-from cbtasks._testing.redis_server import RedisServer
 from tests.conftest import wait_for
+from tests.state_elsewhere import tasks_complete_once_through, worker_with_state_on
 
 POLICY = BreakerPolicy(failure_threshold=2, open_seconds=30)
-FEATURES = [5.1, 3.5, 1.4, 0.2]
 
 
 @pytest.fixture
@@ -107,33 +105,12 @@ def test_tasks_through_a_failover_complete_once(
 ) -> None:
     """A worker whose breaker state is behind Sentinel; the master SIGKILLed or SIGSTOPped
     mid-traffic: every task completes, none calls the endpoint twice after a success."""
-    with RedisServer() as broker, ModelServer() as model:
-        env = {
-            "CBTASKS_REDIS_URL": sentinels.url,
-            "CBTASKS_BROKER_URL": broker.url,
-            "CBTASKS_RESULT_URL": broker.url,
-            "CBTASKS_MODEL_URL": model.url,
-        }
-        worker = CeleryWorker(env, concurrency=2, log_path=tmp_path / "worker.log").start()
+    with worker_with_state_on(sentinels.url, tmp_path) as (app, model):
+        master = sentinels.master
         try:
-            app = client_app(broker.url)
-            assert (
-                app.send_task("workers.predict", (FEATURES,)).get(timeout=60)["label"] == "setosa"
+            tasks_complete_once_through(
+                app, model, master.kill if how == "killed" else master.freeze
             )
-            model.faults(latency_ms=50)
-            model.reset_stats()
-            sent = [app.send_task("workers.predict", (FEATURES,)) for _ in range(60)]
-            wait_for(lambda: model.stats()["requests"] >= 10, 60, "traffic")
-            if how == "killed":
-                sentinels.master.process.kill()
-            else:
-                sentinels.master.freeze()
-            answers = [result.get(timeout=120) for result in sent]
-            assert all(answer["label"] == "setosa" for answer in answers)
-            stats = model.stats()
-            assert stats["calls_after_success"] == 0, stats
-            assert stats["ok"] >= 60
         finally:
             if how == "frozen":
-                sentinels.master.thaw()
-            worker.stop()
+                master.thaw()

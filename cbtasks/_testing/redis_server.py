@@ -132,6 +132,12 @@ class RedisServer:
             self.process.stderr.close()
         self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash: nothing is saved, clients see the connection drop."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
     def freeze(self) -> None:
         """Stop the process (SIGSTOP): it holds its connections and answers nothing."""
         assert self.process is not None
