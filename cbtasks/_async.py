@@ -20,7 +20,8 @@ from time import perf_counter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
 
-from ._errors import CircuitOpenError, endpoint_retry_after
+from ._classify import retry_hint
+from ._errors import CircuitOpenError
 from ._state import Mode, Outcome, State
 from .stores import MemoryStore
 from .stores._base import BreakerStatus, Reply
@@ -106,7 +107,7 @@ class AsyncCalls:
         self, probe: str | None, exc: BaseException, elapsed_ms: float
     ) -> None:
         """:meth:`record_exception`, awaited."""
-        await self.arecord(probe, self.classify(exc), elapsed_ms, endpoint_retry_after(exc))
+        await self.arecord(probe, self.classify(exc), elapsed_ms, retry_hint(exc))
 
     async def astatus(self) -> BreakerStatus | None:
         """:meth:`status`, awaited (and this process learns the state it read)."""

@@ -7,14 +7,15 @@ import inspect
 import itertools
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from time import perf_counter
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._async import AsyncCalls, guard_async, is_async_store, new_probe_id
+from ._classify import Classifier, judge, retry_hint
 from ._commands import OperatorCommands
-from ._errors import CircuitOpenError, PolicyError, endpoint_retry_after
+from ._errors import CircuitOpenError, PolicyError
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
@@ -28,6 +29,7 @@ log = logging.getLogger("cbtasks")
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 Listener = Callable[[StateChange], object]
 
 _unnamed = itertools.count(1)
@@ -52,6 +54,12 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
     returning true when the endpoint looks healthy), one process of the fleet
     calls it every ``health_interval`` seconds while the circuit is open, and
     a pass makes it half-open at once; only the probes then close it.
+
+    ``classify`` (a callable taking the exception a call raised and returning
+    an :class:`Outcome`, or None to let the defaults decide) is asked before
+    the policy's own ``classify`` and the defaults, which know the exceptions
+    of httpx, requests, aiohttp, grpc, openai, tritonclient, botocore,
+    huggingface_hub and text-generation (see :func:`cbtasks.default_classify`).
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
         listeners: Iterable[Listener] = (),
         health_check: HealthCheck | None = None,
         health_interval: float = 1.0,
+        classify: Classifier | None = None,
     ) -> None:
         policy = with_shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
         if name is None:
@@ -96,8 +105,16 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
         self._slow_ms = (
             None if policy.slow_call_seconds is None else policy.slow_call_seconds * 1000
         )
+        if classify is not None and not callable(classify):
+            raise PolicyError(
+                f"classify must be a callable taking the exception and returning an Outcome "
+                f"or None, got {classify!r}"
+            )
         self._failures = policy.failure_exceptions
         self._ignored = policy.ignored_exceptions
+        self._hooks: tuple[Classifier, ...] = tuple(
+            hook for hook in (classify, policy.classify) if hook is not None
+        )
         self._open_calls = threading.local()
         self._async_store = is_async_store(self.store)
         if health_check is not None and self._async_store:
@@ -142,10 +159,54 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
             self._learn(reply)
         return result
 
+    def stream(
+        self, fn: Callable[P, Iterable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Iterator[T]:
+        """Iterate ``fn(*args, **kwargs)`` (a streamed answer) through the breaker.
+
+        The call is admitted when the first item is asked for and recorded
+        when the stream ends: a stream cut off midway (the iterator raised)
+        is classified like any exception; one the consumer stops reading is
+        a success (the endpoint was answering). An open circuit raises
+        :class:`CircuitOpenError`, or yields from ``fallback(*args, **kwargs)``.
+        """
+        if self._async_store:
+            self._require_sync("call")
+        try:
+            probe = self.admit()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            yield from self.fallback(*args, **kwargs)
+            return
+        start = perf_counter()
+        try:
+            yield from fn(*args, **kwargs)
+        except GeneratorExit:
+            self.record(probe, Outcome.SUCCESS, _ms_since(start))
+            raise
+        except BaseException as exc:
+            self.record_exception(probe, exc, _ms_since(start))
+            raise
+        self.record(probe, Outcome.SUCCESS, _ms_since(start))
+
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (a plain or an async function) so each call is guarded."""
+        """Decorate ``fn`` (a plain, async or generator function) so each call is guarded.
+
+        A generator function's stream is guarded as :meth:`stream` does: its
+        outcome is recorded when the stream ends.
+        """
         if inspect.iscoroutinefunction(fn):
             return cast(Callable[P, R], guard_async(self, fn))
+        if inspect.isgeneratorfunction(fn):
+            generator = cast(Callable[P, Iterable[Any]], fn)
+
+            @functools.wraps(fn)
+            def guarded_stream(*args: P.args, **kwargs: P.kwargs) -> Iterator[Any]:
+                return self.stream(generator, *args, **kwargs)
+
+            guarded_stream.breaker = self  # type: ignore[attr-defined]
+            return cast(Callable[P, R], guarded_stream)
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -201,15 +262,15 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
 
     def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
         """Count a call that raised ``exc``, classified by the policy."""
-        self.record(probe, self.classify(exc), elapsed_ms, endpoint_retry_after(exc))
+        self.record(probe, self.classify(exc), elapsed_ms, retry_hint(exc))
 
     def classify(self, exc: BaseException) -> Outcome:
-        """Failure, ignored (the caller's fault), or success (the endpoint answered)."""
-        if isinstance(exc, self._ignored):
-            return Outcome.IGNORED
-        if isinstance(exc, self._failures):
-            return Outcome.FAILURE
-        return Outcome.SUCCESS if isinstance(exc, Exception) else Outcome.IGNORED
+        """Failure, ignored (the caller's fault), or success (the endpoint answered).
+
+        The breaker's ``classify``, then the policy's, then its
+        ``ignored_exceptions``, the defaults and its ``failure_exceptions``.
+        """
+        return judge(exc, self._hooks, self._ignored, self._failures)
 
     def _answered_locally(self) -> bool:
         """True: admit without asking the store; False: ask it. Raises if known open."""

@@ -80,11 +80,3 @@ class EndpointFailure(EndpointError):
 
 class CallerError(EndpointError):
     """The request was wrong (4xx, invalid payload): the task fails, the breaker is untouched."""
-
-
-def endpoint_retry_after(exc: BaseException) -> float | None:
-    """The endpoint's own Retry-After (seconds) carried by ``exc``, if any."""
-    retry_after = getattr(exc, "retry_after", None)
-    if isinstance(exc, CircuitOpenError) or not isinstance(retry_after, int | float):
-        return None
-    return retry_after

@@ -9,11 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from ._errors import CallerError, PolicyError
+from ._errors import PolicyError
+from ._state import Outcome
 
 __all__ = ["BreakerPolicy", "CountWindow", "TimeWindow"]
 
@@ -69,11 +71,14 @@ class BreakerPolicy:
     probe reopens it. A probe not reported within ``probe_lease_seconds``
     (its worker died) gives its slot back.
 
-    Exceptions: instances of ``failure_exceptions`` are endpoint failures,
-    instances of ``ignored_exceptions`` (the caller's own errors) count as
-    neither success nor failure (by default :class:`CallerError`, which the
-    model clients raise for 4xx answers); any other exception is counted as a
-    success, since the endpoint answered.
+    Exceptions: ``classify`` (a callable taking the exception and returning
+    an :class:`Outcome`, or None to let the defaults decide) is asked first.
+    Instances of ``ignored_exceptions`` are the caller's own errors, counted
+    as neither success nor failure, in addition to those the defaults know
+    (:class:`CallerError`, a 4xx, an SDK's bad-request, auth and not-found
+    errors: see :func:`cbtasks.default_classify`). Of the rest, instances of
+    ``failure_exceptions`` are endpoint failures; any other exception is
+    counted as a success, since the endpoint answered.
     """
 
     failure_threshold: int = 5
@@ -91,7 +96,8 @@ class BreakerPolicy:
     probe_lease_seconds: float = 30.0
     honor_retry_after: bool = True
     failure_exceptions: tuple[type[BaseException], ...] = (Exception,)
-    ignored_exceptions: tuple[type[BaseException], ...] = (CallerError,)
+    ignored_exceptions: tuple[type[BaseException], ...] = ()
+    classify: Callable[[BaseException], Outcome | None] | None = None
 
     def __post_init__(self) -> None:
         _check_int("failure_threshold", self.failure_threshold, 1, 1_000_000)
@@ -136,6 +142,11 @@ class BreakerPolicy:
             )
         _check_exceptions("failure_exceptions", self.failure_exceptions)
         _check_exceptions("ignored_exceptions", self.ignored_exceptions)
+        if self.classify is not None and not callable(self.classify):
+            raise PolicyError(
+                f"classify must be a callable taking the exception and returning an Outcome "
+                f"or None, got {self.classify!r}"
+            )
 
     @property
     def uses_window(self) -> bool:

@@ -86,16 +86,22 @@ def test_refused_connections_are_endpoint_failures() -> None:
         predict(url, FEATURES)
 
 
-@pytest.mark.parametrize(
-    ("body", "content_type"), [(b"<html>oops</html>", "text/html"), (b"[1, 2]", "application/json")]
-)
-def test_malformed_bodies_are_endpoint_failures(body: bytes, content_type: str) -> None:
-    """A 200 whose body is not a JSON object is the endpoint's fault (a proxy page, say)."""
+def test_a_body_that_is_not_json_is_an_endpoint_failure() -> None:
+    """A 200 whose body is not JSON is the endpoint's fault (a proxy's error page, say)."""
     transport = httpx.MockTransport(
-        lambda request: httpx.Response(200, content=body, headers={"content-type": content_type})
+        lambda request: httpx.Response(
+            200, content=b"<html>oops</html>", headers={"content-type": "text/html"}
+        )
     )
-    with pytest.raises(EndpointFailure, match="not a JSON object"):
+    with pytest.raises(EndpointFailure, match="not JSON"):
         predict("http://model", FEATURES, transport=transport)
+
+
+@pytest.mark.parametrize("answer", [[1, 2], "a string", 3.5, False, {"label": "x"}])
+def test_any_json_answer_is_returned(answer: Any) -> None:
+    """BentoML and TorchServe answer arrays and strings: any JSON value is an answer."""
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=answer))
+    assert predict("http://model", [5.1, 3.5], transport=transport) == answer
 
 
 def test_request_id_travels_as_a_header() -> None:

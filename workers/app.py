@@ -96,7 +96,10 @@ def validate_features(features: Any) -> list[float]:
 def call_model(task: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     """The endpoint call every inference task makes; the task id travels as X-Request-ID."""
     payload = {"features": validate_features(features)}
-    return http_client(config.model_url).predict(payload, request_id=task.request.id)
+    answer: dict[str, Any] = http_client(config.model_url).predict(
+        payload, request_id=task.request.id
+    )
+    return answer
 
 
 @app.task(base=CircuitBreakerTask, bind=True, breaker="iris-model", name="workers.predict")

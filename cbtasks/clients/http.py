@@ -1,98 +1,146 @@
-"""An HTTP model client on httpx, one pooled connection pool per process."""
+"""An HTTP model client on httpx, one connection pool per process and configuration."""
 
 from __future__ import annotations
 
-from email.utils import parsedate_to_datetime
+import json
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
 
+from .._classify import headers_retry_hint, parse_retry_after
 from .._errors import CallerError, EndpointFailure
+from .._state import Outcome
 from ._encoding import encode_request
 from ._pool import per_process
+from .profiles import ServerProfile, profile_named
 
-__all__ = ["HTTPModelClient", "http_client"]
+__all__ = ["HTTPModelClient", "http_client", "parse_retry_after"]
 
-# 429 and 503 are the endpoint saying "not now"; other 4xx are the caller's fault.
-_ENDPOINT_BUSY = (429, 503)
+_DEFAULT_TIMEOUT = 10.0
 
 
 class HTTPModelClient:
-    """Calls a JSON model endpoint and maps every answer to an outcome.
+    """Calls a model endpoint over HTTP and maps every answer to an outcome.
 
-    Connection errors, timeouts, 5xx, 429 and a body that is not a JSON
-    object raise :class:`EndpointFailure` (with ``retry_after`` when the
-    endpoint sent Retry-After); other 4xx raise :class:`CallerError`.
+    Connection errors, timeouts, 5xx, 408, 424, 429, a "not ready" answer and
+    a body that cannot be read raise :class:`EndpointFailure` (with
+    ``retry_after`` when the endpoint sent ``Retry-After`` or
+    ``retry-after-ms``); other 4xx raise :class:`CallerError`. ``profile``
+    (a name from :data:`~cbtasks.clients.profiles.PROFILES`: "triton",
+    "kserve", "mlserver", "tgi", "vllm", "openai", "torchserve", "tfserving",
+    "bentoml", "ray", or "generic") sets the readiness path and reads the
+    answers whose status alone misleads. ``headers`` go with every request
+    (an API key, a bearer token); they are never shown in a repr or a log.
     """
 
     def __init__(
         self,
         base_url: str,
         *,
-        timeout: float = 10.0,
+        timeout: float | httpx.Timeout = _DEFAULT_TIMEOUT,
         transport: httpx.BaseTransport | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        profile: str | ServerProfile = "generic",
+        health_path: str | None = None,
     ) -> None:
-        if not base_url.startswith(("http://", "https://")):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if not isinstance(timeout, httpx.Timeout) and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0
+        ):
+            raise ValueError(
+                f"timeout must be a number of seconds above 0 (generation can take minutes: "
+                f"timeout=120), got {timeout!r}"
+            )
         self.base_url = base_url.rstrip("/")
+        self.profile = profile_named(profile)
+        self.health_path = health_path or self.profile.health_path
         self._client = httpx.Client(
             base_url=self.base_url,
             timeout=timeout,
             transport=transport,
-            headers=headers,
+            headers=dict(headers or {}),
             limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
         )
 
     def __repr__(self) -> str:
-        return f"HTTPModelClient({self.base_url!r})"
+        return f"HTTPModelClient({self.base_url!r}, profile={self.profile.name!r})"
+
+    # -- calls ---------------------------------------------------------------------
 
     def predict(
-        self, payload: dict[str, Any], *, path: str = "/predict", request_id: str | None = None
-    ) -> dict[str, Any]:
-        """POST ``payload`` as JSON and return the JSON object answered."""
-        body = encode_request(payload)
-        headers = {"Content-Type": "application/json"}
-        if request_id:
-            headers["X-Request-ID"] = request_id
+        self, payload: Any, *, path: str = "/predict", request_id: str | None = None
+    ) -> Any:
+        """POST ``payload`` (any JSON value) and return the JSON value answered."""
+        response = self._send(path, encode_request(payload), "application/json", request_id)
         try:
-            response = self._client.post(path, content=body, headers=headers)
-        except httpx.TimeoutException as exc:
-            raise EndpointFailure(f"{self.base_url}{path} timed out: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise EndpointFailure(f"cannot reach {self.base_url}{path}: {exc}") from exc
-        status = response.status_code
-        if status >= 500 or status in _ENDPOINT_BUSY:
-            raise EndpointFailure(
-                f"{self.base_url}{path} answered {status}",
-                status=status,
-                retry_after=parse_retry_after(response.headers.get("Retry-After")),
-            )
-        if status >= 400:
-            raise CallerError(
-                f"{self.base_url}{path} refused the request ({status}): {response.text[:500]}",
-                status=status,
-            )
-        try:
-            answer = response.json()
+            return response.json()
         except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
             raise EndpointFailure(
-                f"{self.base_url}{path} answered {status} with a body that is not a JSON object: "
-                f"{response.text[:200]!r}",
-                status=status,
-            )
-        return answer
+                f"{self.base_url}{path} answered {response.status_code} with a body that is "
+                f"not JSON: {response.text[:200]!r}",
+                status=response.status_code,
+            ) from None
 
-    def healthy(self, path: str = "/healthz", timeout: float = 2.0) -> bool:
-        """True when ``GET path`` answers 2xx within ``timeout`` seconds; never raises.
+    def post_bytes(
+        self,
+        content: bytes,
+        *,
+        path: str,
+        content_type: str = "application/octet-stream",
+        request_id: str | None = None,
+    ) -> bytes:
+        """POST raw ``content`` (an image, a tensor, a protobuf) and return the raw answer."""
+        if not isinstance(content, bytes | bytearray | memoryview):
+            raise CallerError(f"content must be bytes, got {type(content).__name__}")
+        return self._send(path, bytes(content), content_type, request_id).content
+
+    def stream(self, payload: Any, *, path: str, request_id: str | None = None) -> Iterator[Any]:
+        """POST ``payload`` and yield the events of a server-sent-event stream as they come.
+
+        Each event's ``data`` is yielded as JSON when it parses, else as text;
+        OpenAI's ``[DONE]`` ends the stream. An error event (TGI's
+        ``{"error": ..., "error_type": ...}``, OpenAI's ``{"error": {...}}``)
+        and a stream cut off midway raise :class:`EndpointFailure` (or
+        :class:`CallerError` for a request's fault) from the iterator: under
+        a breaker's decorator the call's outcome is recorded when the stream
+        ends.
+        """
+        body = encode_request(payload)
+        headers = self._headers("application/json", request_id)
+        headers["Accept"] = "text/event-stream"
+        url = f"{self.base_url}{path}"
+        try:
+            with self._client.stream("POST", path, content=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response, path)
+                for data in _sse_data(response.iter_lines()):
+                    if data == "[DONE]":
+                        return
+                    event = _json_or_text(data)
+                    if isinstance(event, dict) and event.get("error") is not None:
+                        self._raise_error_event(event, url)
+                    yield event
+        except httpx.TimeoutException as exc:
+            raise EndpointFailure(f"{url} timed out mid-stream: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise EndpointFailure(f"the stream from {url} was cut off: {exc}") from exc
+
+    def healthy(self, path: str | None = None, timeout: float = 2.0) -> bool:
+        """True when the profile's readiness path says ready within ``timeout``; never raises.
 
         For a breaker's ``health_check``: it may end an open period early, and
         only real predictions then close the circuit.
         """
         try:
-            return self._client.get(path, timeout=timeout).is_success
+            response = self._client.get(path or self.health_path, timeout=timeout)
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            return self.profile.ready(response.status_code, body)
         except Exception:  # any failure to answer is "not healthy"
             return False
 
@@ -105,24 +153,104 @@ class HTTPModelClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- answers -------------------------------------------------------------------
 
-def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (seconds or an HTTP date); None if absent or bad."""
-    if not value:
-        return None
+    def _headers(self, content_type: str, request_id: str | None) -> dict[str, str]:
+        headers = {"Content-Type": content_type}
+        if request_id:
+            headers["X-Request-ID"] = request_id
+        return headers
+
+    def _send(
+        self, path: str, body: bytes, content_type: str, request_id: str | None
+    ) -> httpx.Response:
+        url = f"{self.base_url}{path}"
+        try:
+            response = self._client.post(
+                path, content=body, headers=self._headers(content_type, request_id)
+            )
+        except httpx.TimeoutException as exc:
+            raise EndpointFailure(f"{url} timed out: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise EndpointFailure(f"cannot reach {url}: {exc}") from exc
+        if response.status_code >= 400:
+            self._raise_for(response, path)
+        return response
+
+    def _raise_for(self, response: httpx.Response, path: str) -> None:
+        status = response.status_code
+        text = response.text
+        outcome = self.profile.outcome(status, text, _json_or_text(text))
+        url = f"{self.base_url}{path}"
+        if outcome is Outcome.IGNORED:
+            raise CallerError(f"{url} refused the request ({status}): {text[:500]}", status=status)
+        raise EndpointFailure(
+            f"{url} answered {status}: {text[:200]}",
+            status=status,
+            retry_after=_retry_after(response),
+        )
+
+    def _raise_error_event(self, event: dict[str, Any], url: str) -> None:
+        error = event["error"]
+        detail = error if isinstance(error, dict) else {}
+        code = detail.get("code")
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        text = json.dumps(event)[:500]
+        outcome = self.profile.outcome(status, text, event)
+        if outcome is Outcome.IGNORED:
+            raise CallerError(f"{url} ended the stream with an error: {text}", status=status)
+        raise EndpointFailure(f"{url} ended the stream with an error: {text}", status=status)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    return headers_retry_hint({k.lower(): v for k, v in response.headers.items()})
+
+
+def _sse_data(lines: Iterator[str]) -> Iterator[str]:
+    """The data of each server-sent event (several ``data:`` lines joined by newlines)."""
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _json_or_text(text: str) -> Any:
     try:
-        return max(0.0, float(value))
+        return json.loads(text)
     except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    import datetime
-
-    return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
+        return text
 
 
-def http_client(base_url: str) -> HTTPModelClient:
-    """The process's pooled client for ``base_url`` (a new pool after a fork)."""
-    return per_process("http", base_url, HTTPModelClient)
+def http_client(
+    base_url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    timeout: float = _DEFAULT_TIMEOUT,
+    profile: str = "generic",
+    health_path: str | None = None,
+) -> HTTPModelClient:
+    """The process's pooled client for ``base_url`` and this configuration (anew after a fork).
+
+    Each distinct configuration (headers, timeout, profile) has its own pool,
+    so two API keys never share a client.
+    """
+    frozen_headers = tuple(sorted((headers or {}).items()))
+    key = repr((base_url, frozen_headers, timeout, profile, health_path))
+    return per_process(
+        "http",
+        key,
+        lambda _: HTTPModelClient(
+            base_url,
+            headers=dict(frozen_headers),
+            timeout=timeout,
+            profile=profile,
+            health_path=health_path,
+        ),
+    )

@@ -35,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "redis_timeout": 0.25,
     "gc_every": 25,
     "health_check": None,
+    "classify": None,
     "health_interval": 1.0,
     "report_state": True,
 }
@@ -74,8 +75,9 @@ def validate_options(cls: type, name: str) -> None:
 
 def validate_task(task: celery.Task) -> None:
     """Check every option as the task will use it (at worker start): PolicyError if one is bad."""
-    values = {key: option(task, key) for key in DEFAULTS if key != "health_check"}
+    values = {key: option(task, key) for key in DEFAULTS if key not in _CALLABLES}
     values["health_check"] = health_check_of(task)
+    values["classify"] = classify_of(task)
     values["fallback"] = getattr(task, "fallback", None)
     values["breaker"] = getattr(task, "breaker", None) or task.name
     _check(task.name, values)
@@ -106,6 +108,12 @@ def _check(name: str, values: dict[str, Any]) -> None:
     check = values.get("health_check")
     if check is not None and not callable(check):
         raise PolicyError(f"task {name}: health_check must be callable, got {check!r}")
+    classify = values.get("classify")
+    if classify is not None and not callable(classify):
+        raise PolicyError(
+            f"task {name}: classify must be a callable taking the exception and returning "
+            f"an Outcome or None, got {classify!r}"
+        )
     try:
         fb.as_fallback(values.get("fallback"))
     except TypeError as exc:
@@ -135,10 +143,23 @@ def _check(name: str, values: dict[str, Any]) -> None:
             )
 
 
+# Options that are functions: read from the class, so a plain function stays unbound.
+_CALLABLES = ("health_check", "classify")
+
+
+def _callable_option(task: celery.Task, name: str) -> Any:
+    value = getattr(type(task), name, None)
+    return value if value is not None else task.app.conf.get(f"cbtasks_{name}")
+
+
 def health_check_of(task: celery.Task) -> Any:
-    """The task's ``health_check`` as given: read from the class, so a function stays unbound."""
-    check = getattr(type(task), "health_check", None)
-    return check if check is not None else task.app.conf.get("cbtasks_health_check")
+    """The task's ``health_check``, else ``app.conf.cbtasks_health_check``."""
+    return _callable_option(task, "health_check")
+
+
+def classify_of(task: celery.Task) -> Any:
+    """The task's ``classify``, else ``app.conf.cbtasks_classify``: asked before the defaults."""
+    return _callable_option(task, "classify")
 
 
 def policy_of(task: celery.Task) -> BreakerPolicy:

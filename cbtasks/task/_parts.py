@@ -18,7 +18,7 @@ from ..stores._connection import describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
 from ._deferral import publish_parked, revoke_expired
-from ._options import health_check_of, option, policy_of, redis_url
+from ._options import classify_of, health_check_of, option, policy_of, redis_url
 from ._releaser import Releaser
 
 
@@ -77,6 +77,7 @@ class ProcessParts:
             listeners=[metrics().transition],
             health_check=health_check_of(self),
             health_interval=float(self._option("health_interval")),
+            classify=classify_of(self),
         )
         if breaker.health is not None:
             breaker.health.on_result = metrics().health_check

@@ -31,6 +31,7 @@ from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import fallbacks as fb
+from .._classify import retry_hint
 from .._errors import CircuitOpenError, PolicyError
 from .._policy import BreakerPolicy
 from .._state import Outcome
@@ -92,6 +93,9 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
     #: circuit is open one process of the fleet calls it every
     #: ``health_interval`` seconds, and a pass makes it half-open at once.
     health_check: Any = None
+    #: A callable taking the exception a call raised and returning an Outcome
+    #: (or None to let the defaults decide): your own rule, asked first.
+    classify: Any = None
     #: Seconds between health checks while the circuit is open.
     health_interval: float | None = None
     #: Store CIRCUIT_OPEN with {breaker, reason, retry_after, deferrals, mode} in
@@ -162,7 +166,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
                 raise
             # Only plain values leave this block (see above).
-            retry_after = float(getattr(exc, "retry_after", None) or 0.0)
+            retry_after = retry_hint(exc) or 0.0
             failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
         if failure is not None:
             return self._rejected(failure, args, kwargs)
