@@ -5,6 +5,7 @@ through Redis; a task base class defers or falls back while a circuit is open.
 """
 
 from ._breaker import CircuitBreaker
+from ._classify import Classifier, default_classify, retry_hint
 from ._errors import (
     CallerError,
     CBTasksError,
@@ -29,6 +30,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitBreakerTask",
     "CircuitOpenError",
+    "Classifier",
     "CountWindow",
     "EndpointError",
     "EndpointFailure",
@@ -43,4 +45,6 @@ __all__ = [
     "StoreError",
     "StoreUnavailableError",
     "TimeWindow",
+    "default_classify",
+    "retry_hint",
 ]

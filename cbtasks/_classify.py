@@ -262,10 +262,9 @@ def _status_outcome(exc: BaseException) -> Outcome | None:
             return triton_outcome(int(status), message)
         # No status: the client could not reach the server, or read its answer.
         return FAILURE
-    code = _call(exc, "code")
-    code_name = getattr(code, "name", None)
-    if isinstance(code_name, str):  # a grpc.StatusCode
-        return grpc_code_outcome(code_name)
+    if module == "grpc":
+        code_name = getattr(_call(exc, "code"), "name", None)  # a grpc.StatusCode
+        return grpc_code_outcome(code_name) if isinstance(code_name, str) else FAILURE
     status = _http_status(exc)
     # An HTTP error class without a status never reached an answer.
     return FAILURE if status is None else http_status_outcome(status)
@@ -338,8 +337,8 @@ def _headers_of(exc: BaseException) -> dict[str, str]:
         pairs = _items(getattr(response, "headers", None))
     if not pairs:
         pairs = _items(getattr(exc, "headers", None))  # aiohttp's ClientResponseError
-    if not pairs:
-        trailers = _call(exc, "trailing_metadata")  # grpc
+    if not pairs and type(exc).__module__.startswith("grpc"):
+        trailers = _call(exc, "trailing_metadata")
         pairs = trailers if isinstance(trailers, tuple | list) else ()
     headers: dict[str, str] = {}
     for pair in pairs:

@@ -7,10 +7,10 @@ from typing import Any
 
 import grpc
 
+from .._classify import retry_hint
 from .._errors import CallerError, EndpointFailure
 from ._encoding import encode_request
 from ._pool import per_process
-from .http import parse_retry_after
 
 __all__ = ["GRPCModelClient", "grpc_client"]
 
@@ -32,13 +32,21 @@ class GRPCModelClient:
     """Calls a unary method with JSON messages; raises EndpointFailure or CallerError.
 
     UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL (and UNKNOWN,
-    ABORTED, DATA_LOSS) are endpoint failures, with ``retry_after`` from a
-    ``retry-after`` trailing metadata entry; INVALID_ARGUMENT, NOT_FOUND,
-    PERMISSION_DENIED and the other codes are the caller's error.
+    ABORTED, DATA_LOSS) are endpoint failures, with ``retry_after`` from the
+    ``grpc-retry-pushback-ms`` or ``retry-after`` trailing metadata;
+    INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED and the other codes are
+    the caller's error. :meth:`healthy` asks the standard health service
+    (``grpc.health.v1.Health/Check`` for ``health_service``) where the server
+    has one, and falls back to the channel's readiness where it has not.
     """
 
     def __init__(
-        self, target: str, *, method: str = "/cbtasks.Model/Predict", timeout: float = 10.0
+        self,
+        target: str,
+        *,
+        method: str = "/cbtasks.Model/Predict",
+        timeout: float = 10.0,
+        health_service: str = "",
     ) -> None:
         if not target or "://" in target:
             raise ValueError(f"target must be host:port (or dns:host:port), got {target!r}")
@@ -48,6 +56,12 @@ class GRPCModelClient:
         self._call = self._channel.unary_unary(
             method,
             request_serializer=lambda encoded: encoded,  # encode_request did it
+            response_deserializer=lambda raw: raw,
+        )
+        self._health_request = _health_check_request(health_service)
+        self._health = self._channel.unary_unary(
+            _HEALTH_CHECK,
+            request_serializer=lambda encoded: encoded,
             response_deserializer=lambda raw: raw,
         )
 
@@ -65,8 +79,7 @@ class GRPCModelClient:
             details = exc.details()
             message = f"{self.target}: {code.name}: {details}"
             if code in ENDPOINT_FAILURES:
-                trailers = dict(exc.trailing_metadata() or ())
-                retry_after = parse_retry_after(trailers.get("retry-after"))
+                retry_after = retry_hint(exc)
                 raise EndpointFailure(message, status=code.name, retry_after=retry_after) from exc
             raise CallerError(message, status=code.name) from exc
         try:
@@ -78,16 +91,26 @@ class GRPCModelClient:
         return body
 
     def healthy(self, timeout: float = 2.0) -> bool:
-        """True when the channel connects within ``timeout`` seconds; never raises.
+        """True when the server says SERVING within ``timeout`` seconds; never raises.
 
-        For a breaker's ``health_check``: it may end an open period early, and
-        only real predictions then close the circuit.
+        Asks ``grpc.health.v1.Health/Check``; a server without the health
+        service (UNIMPLEMENTED) is healthy when its channel connects. For a
+        breaker's ``health_check``: it may end an open period early, and only
+        real predictions then close the circuit.
         """
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except Exception:  # grpc.FutureTimeoutError, or a closed channel
+            answer = self._health(self._health_request, timeout=timeout)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
+                return False  # NOT_FOUND (an unknown service), UNAVAILABLE, ...
+            try:
+                grpc.channel_ready_future(self._channel).result(timeout=timeout)
+            except Exception:  # grpc.FutureTimeoutError, or a closed channel
+                return False
+            return True
+        except Exception:  # a closed channel
             return False
-        return True
+        return bool(answer == _SERVING)
 
     def close(self) -> None:
         self._channel.close()
@@ -97,6 +120,22 @@ class GRPCModelClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# grpc.health.v1 (grpc/src/proto/grpc/health/v1/health.proto), written by hand so
+# that no generated code is needed: HealthCheckRequest {string service = 1;},
+# HealthCheckResponse {ServingStatus status = 1;} with SERVING = 1.
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+_SERVING = b"\x08\x01"
+
+
+def _health_check_request(service: str) -> bytes:
+    name = service.encode()
+    if not name:
+        return b""
+    if len(name) > 127:
+        raise ValueError(f"health_service must be at most 127 bytes, got {service!r}")
+    return b"\x0a" + bytes([len(name)]) + name
 
 
 def grpc_client(target: str) -> GRPCModelClient:
