@@ -3,14 +3,25 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# MLServer and KServe, whose pins do not fit the project's, in a venv of their own.
+SERVERS_VENV := .venv-servers
+SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean mutate
+.PHONY: test lint typecheck pytest demo bench clean mutate servers-venv
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
+
+$(SERVERS_STAMP): tests/servers/requirements.txt
+	test -d $(SERVERS_VENV) || $(PYTHON) -m venv $(SERVERS_VENV)
+	$(SERVERS_VENV)/bin/pip install --quiet --upgrade pip
+	$(SERVERS_VENV)/bin/pip install --quiet -r tests/servers/requirements.txt
+	touch $(SERVERS_STAMP)
+
+servers-venv: $(SERVERS_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cbtasks workers tests bench
@@ -19,7 +30,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) $(SERVERS_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -31,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SERVERS_VENV) build *.egg-info
 
 # Mutation testing of the core, the policy, the fallbacks, the clients and the
 # deferral logic against the fast tests ([tool.mutmut] in pyproject.toml); not

@@ -1,4 +1,8 @@
-"""The layout stays readable: no import cycles, no module past about 300 lines."""
+"""The layout stays readable: no import cycles.
+
+Modules are sized by their concept, not by a line count (a cap split the
+breaker into mixins once): there is no length rule here on purpose.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cbtasks", "workers", "bench")
-MAX_LINES = 320
 
 
 def _modules() -> dict[str, Path]:
@@ -65,12 +68,3 @@ def test_no_import_cycles() -> None:
             visit(name, [name])
     assert cycles == []
 
-
-def test_modules_stay_small() -> None:
-    """Every module is short enough to read in one go."""
-    too_long = {
-        name: n
-        for name, path in _modules().items()
-        if (n := len(path.read_text().splitlines())) > MAX_LINES
-    }
-    assert too_long == {}
