@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import itertools
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextvars import ContextVar
 from time import perf_counter
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, Self, TypeVar, cast
 
-from ._async import AsyncCalls, guard_async, is_async_store, new_probe_id
 from ._classify import Classifier, judge, retry_hint
-from ._commands import OperatorCommands
 from ._errors import CircuitOpenError, PolicyError
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
@@ -32,13 +33,19 @@ R = TypeVar("R")
 T = TypeVar("T")
 Listener = Callable[[StateChange], object]
 
+# The calls open in `async with` blocks of this task: (breaker, probe, start).
+# A tuple in a context variable, so each asyncio task has its own.
+_open_calls: ContextVar[tuple[tuple[object, str | None, float], ...]] = ContextVar(
+    "cbtasks_open_calls", default=()
+)
+
 _unnamed = itertools.count(1)
 _DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
 # An endpoint's Retry-After keeps the circuit open that long, up to an hour.
 _MAX_RETRY_AFTER_MS = 3_600_000
 
 
-class CircuitBreaker(OperatorCommands, AsyncCalls):
+class CircuitBreaker:
     """A circuit breaker around calls to one endpoint.
 
     The small form: ``CircuitBreaker(fail_max=5, reset_timeout=10)`` decorates
@@ -243,9 +250,11 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
         admitted call must be followed by :meth:`record` or
         :meth:`record_exception` with the id returned here.
         """
+        # Before the local view: on an async store, a blocking admit() is a
+        # mistake even while this process knows the circuit is closed.
+        self._require_sync("admit")
         if self._answered_locally():
             return None
-        self._require_sync("admit")
         return self._admission(self.store.admit(self.name, self._wire, new_probe_id()))
 
     def record(
@@ -376,6 +385,162 @@ class CircuitBreaker(OperatorCommands, AsyncCalls):
                         "breaker %r: state-change listener %r failed", self.name, listener
                     )
 
+    # -- the operator's commands: each one atomic step of the store's machine ------
+
+    def force_open(self) -> None:
+        """Open the circuit until :meth:`force_close` or :meth:`reset`, everywhere."""
+        self._control("force_open")
+
+    def force_close(self) -> None:
+        """Close the circuit now, everywhere; it may trip again."""
+        self._control("force_close")
+
+    def reset(self) -> None:
+        """Forget all state: closed, no counts, no backoff, not disabled."""
+        self._control("reset")
+
+    def disable(self) -> None:
+        """Shadow mode: admit every call but keep counting, everywhere."""
+        self._control("disable")
+
+    def enable(self) -> None:
+        """Leave shadow mode (or a forced open): the policy decides again."""
+        self._control("enable")
+
+    def health_passed(self) -> None:
+        """A health check passed: an open circuit goes half-open now (probes decide the rest)."""
+        self._control("healthy")
+
+    def _control(self, op: str) -> None:
+        self._require_sync("control")
+        self._learn(self.store.control(self.name, self._wire, op))
+
+    # -- the async forms: the same steps, only the store's round trips awaited ------
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """``await fn(*args, **kwargs)`` through the breaker."""
+        try:
+            probe = await self.aadmit()
+        except CircuitOpenError:
+            if self.fallback is None:
+                raise
+            answer = self.fallback(*args, **kwargs)
+            return await answer if inspect.isawaitable(answer) else answer  # type: ignore[no-any-return]
+        start = perf_counter()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            await self.arecord_exception(probe, exc, (perf_counter() - start) * 1000)
+            raise
+        await self.arecord(probe, Outcome.SUCCESS, (perf_counter() - start) * 1000)
+        return result
+
+    async def aadmit(self) -> str | None:
+        """:meth:`admit`, awaiting the store when it must be asked."""
+        if self._answered_locally():
+            return None
+        reply: Reply = await _store_call(self, "admit", new_probe_id())
+        return self._admission(reply)
+
+    async def arecord(
+        self,
+        probe: str | None,
+        outcome: Outcome,
+        elapsed_ms: float = 0.0,
+        retry_after: float | None = None,
+    ) -> None:
+        """:meth:`record`, awaited."""
+        details = self._record_details(elapsed_ms, retry_after)
+        self._recorded(await _store_call(self, "record", probe, outcome, *details))
+
+    async def arecord_exception(
+        self, probe: str | None, exc: BaseException, elapsed_ms: float
+    ) -> None:
+        """:meth:`record_exception`, awaited."""
+        await self.arecord(probe, self.classify(exc), elapsed_ms, retry_hint(exc))
+
+    async def astatus(self) -> BreakerStatus | None:
+        """:meth:`status`, awaited (and this process learns the state it read)."""
+        status: BreakerStatus | None = await _store_call(self, "status")
+        return status
+
+    async def acircuit(self) -> tuple[State, float]:
+        """The state a call would meet now, and seconds until an open circuit probes.
+
+        From this process's view when it knows (no round trip: the answer a
+        gateway gives while the circuit is open), else read from the store. A
+        disabled breaker (shadow mode) admits every call: it reads as closed;
+        so does an AsyncRedisStore's unreachable Redis (each worker's breaker
+        decides on its own then), at once during an outage.
+        """
+        view = self._view
+        if view.closed or view.mode == _DISABLED:
+            return State.CLOSED, 0.0
+        now = self._clock()
+        if now < view.reject_until:
+            return State.OPEN, view.reject_until - now
+        if self._async_store:  # unreachable reads as closed: the workers decide meanwhile
+            status = await self.store.status(self.name, self._wire, strict=False)
+        else:
+            status = await self.astatus()
+        if status is None or status.mode is Mode.DISABLED:
+            return State.CLOSED, 0.0
+        return status.state, status.retry_after
+
+    async def __aenter__(self) -> Self:
+        probe = await self.aadmit()
+        _open_calls.set((*_open_calls.get(), (self, probe, perf_counter())))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        calls = _open_calls.get()
+        at = max(i for i, call in enumerate(calls) if call[0] is self)
+        _, probe, start = calls[at]
+        _open_calls.set(calls[:at] + calls[at + 1 :])
+        elapsed_ms = (perf_counter() - start) * 1000
+        if exc is None:
+            await self.arecord(probe, Outcome.SUCCESS, elapsed_ms)
+        else:
+            await self.arecord_exception(probe, exc, elapsed_ms)
+
 
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
+
+
+async def _store_call(breaker: CircuitBreaker, op: str, *args: Any) -> Any:
+    """The store's ``op`` for this breaker, without holding the event loop."""
+    method = getattr(breaker.store, op)
+    if breaker._async_store:
+        return await method(breaker.name, breaker._wire, *args)
+    if isinstance(breaker.store, MemoryStore):
+        return method(breaker.name, breaker._wire, *args)  # no I/O: no thread needed
+    return await asyncio.to_thread(method, breaker.name, breaker._wire, *args)
+
+
+def guard_async(
+    breaker: CircuitBreaker, fn: Callable[P, Awaitable[R]]
+) -> Callable[P, Awaitable[R]]:
+    """``fn``, an ``async def``, with each call guarded by ``breaker``."""
+
+    @functools.wraps(fn)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await breaker.acall(fn, *args, **kwargs)
+
+    guarded.breaker = breaker  # type: ignore[attr-defined]
+    return guarded
+
+
+def new_probe_id() -> str:
+    """A random id for a call that may become a probe."""
+    return os.urandom(8).hex()
+
+
+def is_async_store(store: object) -> bool:
+    """True for a store whose operations are coroutines (AsyncRedisStore)."""
+    return inspect.iscoroutinefunction(getattr(store, "admit", None))

@@ -310,3 +310,23 @@ def test_acircuit_reads_once_then_answers_an_open_circuit_locally(
         asyncio.run(scenario())
     finally:
         worker_store.close()
+
+
+def test_a_blocking_admit_on_an_async_store_is_refused_even_while_known_closed(
+    redis_url: str, name: str
+) -> None:
+    """admit() used to answer from the local view first: on an async store it succeeded
+    while the circuit was known closed, and raised only once it was not."""
+
+    async def scenario() -> None:
+        store = AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, policy=POLICY, store=store)
+        try:
+            assert await breaker.acall(answers) == "ok"
+            assert breaker._view.closed  # this process knows it is closed
+            with pytest.raises(PolicyError, match="await breaker.aadmit"):
+                breaker.admit()
+        finally:
+            await store.aclose()
+
+    asyncio.run(scenario())
