@@ -22,7 +22,15 @@ from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
 from .stores import MemoryStore, RedisStore
-from .stores._base import AsyncStore, BreakerStatus, Reply, Store, validate_name
+from .stores._base import (
+    HEALTHY,
+    AsyncStore,
+    BreakerStatus,
+    CallResult,
+    Reply,
+    Store,
+    validate_name,
+)
 
 __all__ = ["CircuitBreaker"]
 
@@ -161,7 +169,8 @@ class CircuitBreaker:
             raise
         # record(), inlined: this is the path every healthy call takes.
         slow = slow_ms is not None and _ms_since(start) > slow_ms
-        reply = self.store.record(self.name, self._wire, probe, Outcome.SUCCESS, slow, 0)
+        how = HEALTHY if probe is None and not slow else CallResult(probe, Outcome.SUCCESS, slow)
+        reply = self.store.record(self.name, self._wire, how)
         if reply.version > self._view.version or reply.transitions:
             self._learn(reply)
         return result
@@ -266,8 +275,8 @@ class CircuitBreaker:
     ) -> None:
         """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned."""
         self._require_sync("record")
-        details = self._record_details(elapsed_ms, retry_after)
-        self._recorded(self.store.record(self.name, self._wire, probe, outcome, *details))
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after)
+        self._recorded(self.store.record(self.name, self._wire, result))
 
     def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
         """Count a call that raised ``exc``, classified by the policy."""
@@ -307,11 +316,14 @@ class CircuitBreaker:
             reason = "forced open by an operator"
         raise CircuitOpenError(self.name, retry_after, reason)
 
-    def _record_details(self, elapsed_ms: float, retry_after: float | None) -> tuple[bool, int]:
-        """Whether a call was slow, and the endpoint's Retry-After in ms (bounded)."""
+    def _call_result(
+        self, probe: str | None, outcome: Outcome, elapsed_ms: float, retry_after: float | None
+    ) -> CallResult:
+        """How a call went: slow or not, and the endpoint's Retry-After in ms (bounded)."""
         slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
-        return slow, min(retry_after_ms, _MAX_RETRY_AFTER_MS)  # an endpoint's word, bounded
+        # An endpoint's word, bounded: an hour at most.
+        return CallResult(probe, outcome, slow, min(retry_after_ms, _MAX_RETRY_AFTER_MS))
 
     def _recorded(self, reply: Reply) -> None:
         if reply.version > self._view.version or reply.transitions:
@@ -450,8 +462,8 @@ class CircuitBreaker:
         retry_after: float | None = None,
     ) -> None:
         """:meth:`record`, awaited."""
-        details = self._record_details(elapsed_ms, retry_after)
-        self._recorded(await _store_call(self, "record", probe, outcome, *details))
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after)
+        self._recorded(await _store_call(self, "record", result))
 
     async def arecord_exception(
         self, probe: str | None, exc: BaseException, elapsed_ms: float

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from cbtasks import BreakerPolicy, CountWindow, MemoryStore, Outcome, RedisStore, TimeWindow
 from cbtasks._policy import TIME_WINDOW_BUCKETS, PolicyWire
-from cbtasks.stores._base import Reply
+from cbtasks.stores._base import CallResult, Reply
 from tests.conftest import FakeClock
 
 _names = itertools.count()
@@ -198,7 +198,7 @@ def run(policy: BreakerPolicy, script: list[tuple[object, ...]], stores: list[ob
             slow = bool(slow) and policy.slow_call_seconds is not None
             ref.record(now, probe_id, outcome, slow, retry_ms)  # type: ignore[arg-type]
             for store in stores:
-                store.record(name, wire, probe_id, outcome, slow, retry_ms)  # type: ignore[attr-defined]
+                store.record(name, wire, CallResult(probe_id, outcome, slow, retry_ms))  # type: ignore[attr-defined]
         elif step[0] == "wait":
             clock.advance(int(step[1]) / 1000)  # type: ignore[call-overload]
         elif step[0] == "control":

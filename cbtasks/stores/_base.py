@@ -13,7 +13,16 @@ from .._machine import CLOSED, OPEN, Transition
 from .._policy import PolicyWire
 from .._state import Mode, Outcome, State
 
-__all__ = ["AsyncStore", "BreakerStatus", "LocalView", "Reply", "Store", "validate_name"]
+__all__ = [
+    "HEALTHY",
+    "AsyncStore",
+    "BreakerStatus",
+    "CallResult",
+    "LocalView",
+    "Reply",
+    "Store",
+    "validate_name",
+]
 
 MAX_NAME_LENGTH = 200
 # Braces would break the Redis Cluster hash tag, whitespace and control
@@ -35,6 +44,30 @@ def validate_name(name: object) -> str:
             "use letters, digits and punctuation such as '-', '.', ':' or '/'"
         )
     return name
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    """How an admitted call went, as a store records it.
+
+    ``probe_id`` is what the admission returned (None for a plain call),
+    ``slow`` whether it took longer than the policy's slow-call threshold,
+    ``retry_after_ms`` the endpoint's own "not before" (0: it said nothing).
+    """
+
+    probe_id: str | None
+    outcome: Outcome
+    slow: bool = False
+    retry_after_ms: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        """A plain, fast success: the path most calls take, which skips the machine."""
+        return self.probe_id is None and self.outcome is Outcome.SUCCESS and not self.slow
+
+
+#: A plain call that succeeded in time: made once, since most calls are this one.
+HEALTHY = CallResult(None, Outcome.SUCCESS)
 
 
 class Reply(NamedTuple):
@@ -130,8 +163,7 @@ class LocalView:
 class Store(Protocol):
     """Where breakers keep their state. Each method is one atomic step.
 
-    MemoryStore and RedisStore spell these signatures out again on purpose:
-    a Protocol is matched by structure, and mypy checks each store against it.
+    A Protocol is matched by structure: mypy checks each store against it.
     """
 
     #: The clock, in seconds, that a LocalView's ``reject_until`` is read on.
@@ -145,16 +177,8 @@ class Store(Protocol):
         """May a call go through? ``probe_id`` names it if it becomes a probe."""
         ...
 
-    def record(
-        self,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
-    ) -> Reply:
-        """Count the outcome of an admitted call."""
+    def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply:
+        """Count how an admitted call went."""
         ...
 
     def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
@@ -187,15 +211,7 @@ class AsyncStore(Protocol):
 
     async def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply: ...
 
-    async def record(
-        self,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
-    ) -> Reply: ...
+    async def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply: ...
 
     async def control(self, name: str, policy: PolicyWire, op: str) -> Reply: ...
 

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ClusterDownError, MovedError, RedisClusterException
@@ -30,25 +36,54 @@ REDIS_DOWN = (
 REDIS_TROUBLE = (redis.RedisError, OSError, RedisClusterException)
 
 
-def make_client(url_or_client: Any, timeout: float) -> Any:
+@dataclass(frozen=True)
+class _Kind:
+    """redis-py's classes for one way of talking to Redis: blocking, or asyncio."""
+
+    redis: Any
+    cluster: Any
+    node: Any
+    sentinel: Any
+    retry: Any
+    store: str
+    client: str
+
+
+BLOCKING = _Kind(
+    redis.Redis, RedisCluster, ClusterNode, Sentinel, Retry, "RedisStore", "redis.Redis"
+)
+ASYNCIO = _Kind(
+    aredis.Redis,
+    AsyncRedisCluster,
+    AsyncClusterNode,
+    AsyncSentinel,
+    AsyncRetry,
+    "AsyncRedisStore",
+    "redis.asyncio.Redis",
+)
+
+
+def make_client(url_or_client: Any, timeout: float, kind: _Kind = BLOCKING) -> Any:
     """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds.
 
     A plain ``redis://``, ``rediss://`` or ``unix://`` URL, a cluster or
-    Sentinel URL (see ``_urls``), or a ready client: a ``redis.Redis``
-    (Sentinel's ``master_for`` makes one) or a ``RedisCluster``, whose
-    timeouts and retries are then set to the store's.
+    Sentinel URL (see ``_urls``), or a ready client of ``kind`` (blocking or
+    asyncio): a ``Redis`` (Sentinel's ``master_for`` makes one) or a
+    ``RedisCluster``, whose timeouts and retries are then set to the store's.
     """
-    if isinstance(url_or_client, redis.Redis | RedisCluster):
+    if isinstance(url_or_client, kind.redis | kind.cluster):
         return bound(url_or_client, timeout)
     if not isinstance(url_or_client, str):
         raise PolicyError(
-            "RedisStore needs a Redis URL, a redis.Redis or a RedisCluster client, "
+            f"{kind.store} needs a Redis URL, a {kind.client} or a RedisCluster client, "
             f"got {type(url_or_client).__name__}"
         )
     try:
         if is_multi_node(url_or_client):
-            return _multi_node_client(parse_multi_node(url_or_client), timeout)
-        return redis.Redis.from_url(url_or_client, **_limits(timeout), health_check_interval=30)
+            return _multi_node_client(parse_multi_node(url_or_client), timeout, kind)
+        return kind.redis.from_url(
+            url_or_client, **_limits(timeout, kind), health_check_interval=30
+        )
     except (ValueError, TypeError) as exc:
         why = scrub(str(exc), url_or_client)
         raise PolicyError(
@@ -59,18 +94,23 @@ def make_client(url_or_client: Any, timeout: float) -> Any:
         ) from None
 
 
-def _limits(timeout: float) -> dict[str, Any]:
+def _limits(timeout: float, kind: _Kind) -> dict[str, Any]:
     # One try per call: on_error decides, rather than 10 retries stalling it.
     return {
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": kind.retry(NoBackoff(), 0),
     }
 
 
 def bound(client: Any, timeout: float) -> Any:
     """``client`` with the store's timeout and no retries, on every node it talks to."""
-    client.set_retry(Retry(NoBackoff(), 0))
+    if isinstance(client, AsyncRedisCluster):
+        client.retry = AsyncRetry(NoBackoff(), 0)
+        for node in client.get_nodes():
+            node.connection_kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+        return client
+    client.set_retry((AsyncRetry if isinstance(client, aredis.Redis) else Retry)(NoBackoff(), 0))
     if isinstance(client, RedisCluster):
         nodes = client.get_nodes()  # type: ignore[no-untyped-call]
         pools = [node.redis_connection.connection_pool for node in nodes if node.redis_connection]
@@ -78,25 +118,59 @@ def bound(client: Any, timeout: float) -> Any:
         pools = [client.connection_pool]
     for pool in pools:
         pool.connection_kwargs.update(socket_timeout=timeout, socket_connect_timeout=timeout)
-        pool.disconnect()  # connections made before use the new limits when remade
+        if not isinstance(client, aredis.Redis):
+            pool.disconnect()  # connections made before use the new limits when remade
     return client
 
 
-def _multi_node_client(url: MultiNodeURL, timeout: float) -> Any:
+def _multi_node_client(url: MultiNodeURL, timeout: float, kind: _Kind) -> Any:
     options, sentinel_password = node_options(url)
     if url.kind == "cluster":
-        nodes = [ClusterNode(host, port) for host, port in url.nodes]  # type: ignore[no-untyped-call]
-        return RedisCluster(startup_nodes=nodes, **_limits(timeout), **options)
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        nodes = [kind.node(host, port) for host, port in url.nodes]
+        return kind.cluster(startup_nodes=nodes, **_limits(timeout, kind), **options)
+    sentinel = kind.sentinel(
         list(url.nodes),
         sentinel_kwargs={
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "password": sentinel_password,
         },
-        **_limits(timeout),
+        **_limits(timeout, kind),
     )
-    return sentinel.master_for(url.service, db=url.db, **options)  # type: ignore[no-untyped-call]
+    return sentinel.master_for(url.service, db=url.db, **options)
+
+
+# What a blocking client needs to reach the server an asyncio client reaches.
+_TWIN_KEYS = ("host", "port", "db", "path", "username", "password", "credential_provider")
+
+
+def blocking_twin(client: Any, timeout: float) -> Any:
+    """A blocking client to the server an asyncio ``client`` reaches (for the news thread)."""
+    if isinstance(client, AsyncRedisCluster):
+        nodes = client.nodes_manager.startup_nodes.values()
+        twin = [ClusterNode(node.host, node.port) for node in nodes]  # type: ignore[no-untyped-call]
+        kwargs = client.connection_kwargs
+        return make_client(
+            RedisCluster(
+                startup_nodes=twin, username=kwargs.get("username"), password=kwargs.get("password")
+            ),
+            timeout,
+        )
+    pool = client.connection_pool
+    kwargs = {
+        key: value
+        for key, value in pool.connection_kwargs.items()
+        if key in _TWIN_KEYS or key.startswith("ssl_")
+    }
+    connection_class = getattr(redis.connection, pool.connection_class.__name__, redis.Connection)
+    return redis.Redis(
+        connection_pool=redis.ConnectionPool(
+            connection_class=connection_class,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            **kwargs,
+        )
+    )
 
 
 def password_of(url: str) -> str:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from .. import _machine as machine
 from .._policy import PolicyWire
-from .._state import STATE_BY_CODE, Mode, Outcome
-from ._base import BreakerStatus, LocalView, Reply
+from .._state import STATE_BY_CODE, Mode
+from ._base import BreakerStatus, CallResult, LocalView, Reply
 
 __all__ = ["MemoryStore"]
 
@@ -63,16 +63,8 @@ class MemoryStore:
                 decision.retry_after_ms,
             )
 
-    def record(
-        self,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
-    ) -> Reply:
-        if probe_id is None and outcome is Outcome.SUCCESS and not slow and not policy.window_kind:
+    def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply:
+        if call.healthy and not policy.window_kind:
             # The healthy path: a success in a closed circuit only clears the
             # failure count, and reading a field needs no lock.
             snap = self._snapshots.get(name)
@@ -86,7 +78,7 @@ class MemoryStore:
             snap = self._snapshot(name)
             rand = self._rand() if policy.jitter else 0.0
             transitions = machine.record(
-                snap, policy, now, probe_id, outcome, slow, retry_after_ms, rand
+                snap, policy, now, call.probe_id, call.outcome, call.slow, call.retry_after_ms, rand
             )
             return self._reply(name, snap, policy, now, tuple(transitions))
 

@@ -10,23 +10,16 @@ in a background thread and updates its local views within milliseconds.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from typing import Any
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
-from .._errors import StoreError, StoreUnavailableError
-from .._policy import PolicyWire
-from .._state import Outcome
-from ._base import BreakerStatus, Reply
-from ._connection import REDIS_DOWN, describe_client, make_client, unreachable_message
+from .._errors import StoreError
+from ._connection import describe_client, make_client
 from ._news import ProcessNews
 from ._outage import OnError
-from ._redis_base import SCRIPT_ERRORS, RedisStoreBase, ScriptCall
-from ._scripts import MACHINE_SCRIPTS, parse_reply
+from ._redis_base import RedisStoreBase, blocking
 
 __all__ = ["RedisStore"]
 
@@ -63,65 +56,15 @@ class RedisStore(RedisStoreBase):
         #: This process's views of the breakers; news makes them ask again.
         self.news = ProcessNews(self.client, prefix, self._news_lost, retry_interval)
 
-    # -- the Store interface -------------------------------------------------
+    # -- the Store interface: the flows of RedisStoreBase, driven blocking ---------
 
-    def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
-        raw = self._evalsha(name, self._machine_call("admit", name, policy, probe_id))
-        return self._admit_reply(raw, name, policy, probe_id)
-
-    def record(
-        self,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
-    ) -> Reply:
-        call = self._record_call(name, policy, probe_id, outcome, slow, retry_after_ms)
-        raw = self._evalsha(name, call)
-        return self._record_reply(
-            raw, call[0], name, policy, probe_id, outcome, slow, retry_after_ms
-        )
-
-    def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
-        raw = self._evalsha(name, self._machine_call("control", name, policy, op), strict=True)
-        return parse_reply(raw, 0)
-
-    def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
-        return self._status_from(
-            name, self._evalsha(name, self._machine_call("status", name, policy), strict=True)
-        )
-
-    def names(self) -> list[str]:
-        """Every breaker with state under this store's prefix (SCAN, not KEYS)."""
-        try:
-            return self._names_from(
-                list(self.client.scan_iter(match=self._names_pattern, count=500))
-            )
-        except REDIS_DOWN as exc:
-            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
-
-    def claim(self, name: str, what: str, ttl_ms: int) -> bool:
-        key = self._claim_key(name, what)
-        try:
-            return bool(self.client.set(key, os.getpid(), nx=True, px=max(1, ttl_ms)))
-        except REDIS_DOWN as exc:
-            self._outage(exc, name)
-            return False
-
-    # -- operations ------------------------------------------------------------
-
-    def ping(self) -> None:
-        """Raise StoreUnavailableError, saying what to check, if Redis is unreachable."""
-        try:
-            self.client.ping()
-        except REDIS_DOWN as exc:
-            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
-        except redis.RedisError as exc:
-            raise StoreError(
-                f"Redis at {describe_client(self.client)} refused PING: {exc}"
-            ) from exc
+    admit = blocking(RedisStoreBase._admit)
+    record = blocking(RedisStoreBase._record)
+    control = blocking(RedisStoreBase._control)
+    status = blocking(RedisStoreBase._status)
+    names = blocking(RedisStoreBase._names)
+    claim = blocking(RedisStoreBase._claim)
+    ping = blocking(RedisStoreBase._ping)
 
     def refuse_one_cluster_node(self) -> None:
         """StoreError if a plain URL names one node of a Redis Cluster (it holds only some
@@ -142,28 +85,3 @@ class RedisStore(RedisStoreBase):
         """Stop the news listener and close the connections."""
         self.news.stop()
         self.client.close()
-
-    # -- internals -------------------------------------------------------------
-
-    def _evalsha(self, name: str, call: ScriptCall, strict: bool = False) -> Any:
-        """One script call; None while Redis is unreachable (unless ``strict``)."""
-        op, argv = call
-        if not strict and self._skip_redis(name):
-            return None
-        try:
-            try:
-                reply = self.client.execute_command("EVALSHA", self._sha(op), *argv)
-            except NoScriptError:
-                self._shas.pop(op, None)
-                reply = self.client.execute_command("EVALSHA", self._sha(op), *argv)
-        except SCRIPT_ERRORS as exc:
-            self._failed(exc, op, name, strict)
-            return None
-        self._succeeded(name)
-        return reply
-
-    def _sha(self, op: str) -> str:
-        sha = self._shas.get(op)
-        if sha is None:
-            sha = self._shas[op] = self.client.script_load(MACHINE_SCRIPTS[op])
-        return sha

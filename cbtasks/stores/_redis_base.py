@@ -1,42 +1,122 @@
-"""What RedisStore and AsyncRedisStore share: options, keys, script arguments, replies, outages.
+"""The Redis stores' logic, written once for the blocking and the asyncio client.
 
-The two stores differ only in how they talk to Redis (a blocking client or
-``redis.asyncio``); everything around the round trip lives here, once.
+Every operation is a *flow*: a generator that yields each Redis command it
+needs (a tuple for ``execute_command``, or a :class:`Scan`) and is sent the
+answer, or has the error thrown into it, then returns the operation's
+result. :class:`~cbtasks.RedisStore` drives the flows with a blocking client,
+:class:`~cbtasks.AsyncRedisStore` awaits each command on ``redis.asyncio``;
+the line that does the I/O is the only difference between them, as httpx
+drives ``Client`` and ``AsyncClient`` from one auth flow.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import random
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
-from .._state import STATE_BY_CODE, Mode, Outcome
-from ._base import BreakerStatus, LocalView, Reply, validate_name
+from .._state import STATE_BY_CODE, Mode
+from ._base import BreakerStatus, CallResult, LocalView, Reply, validate_name
 from ._connection import REDIS_DOWN, describe_client, is_number, unreachable_message
 from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
-from ._scripts import parse_reply
+from ._scripts import MACHINE_SCRIPTS, parse_reply
 
 _MODES = frozenset(int(mode) for mode in Mode)
 
 #: A script call: the script's name and its EVALSHA arguments after the sha.
 ScriptCall = tuple[str, tuple[Any, ...]]
 
+T = TypeVar("T")
+P = ParamSpec("P")
+S = TypeVar("S", bound="RedisStoreBase")
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A flow's request for every key matching ``pattern`` (SCAN, on every node of a cluster)."""
+
+    pattern: str
+
+
+#: What a flow yields: the arguments of one ``execute_command``, or a Scan.
+Request = tuple[Any, ...] | Scan
+#: An operation: yields Requests, is sent their answers, returns its result.
+Flow = Generator[Request, Any, T]
+
+
+def blocking(flow: Callable[Concatenate[S, P], Flow[T]]) -> Callable[Concatenate[S, P], T]:
+    """The store operation that drives ``flow`` with the store's blocking client."""
+
+    @functools.wraps(flow)
+    def operation(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        steps = flow(self, *args, **kwargs)
+        client = self.client
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if isinstance(request, Scan):
+                        answer: Any = list(client.scan_iter(match=request.pattern, count=500))
+                    else:
+                        answer = client.execute_command(*request)
+                except Exception as exc:  # the flow says what a failure means
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    return operation
+
+
+def awaited(
+    flow: Callable[Concatenate[S, P], Flow[T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """The store operation that drives ``flow``, awaiting each command on ``redis.asyncio``."""
+
+    @functools.wraps(flow)
+    async def operation(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        steps = flow(self, *args, **kwargs)
+        client = self.client
+        try:
+            request = next(steps)
+            while True:
+                try:
+                    if isinstance(request, Scan):
+                        scan = client.scan_iter(match=request.pattern, count=500)
+                        answer: Any = [key async for key in scan]
+                    else:
+                        answer = await client.execute_command(*request)
+                except Exception as exc:  # the flow says what a failure means
+                    request = steps.throw(exc)
+                else:
+                    request = steps.send(answer)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    return operation
+
 
 class RedisStoreBase:
-    """Options, keys and replies of a store whose state lives in Redis.
+    """Options, keys, replies, outages and the operations' flows of a store in Redis.
 
     A subclass sets ``client`` (what it sends commands through) and ``news``
-    (a :class:`ProcessNews` on a blocking client) and does the round trips.
+    (a :class:`ProcessNews` on a blocking client), and makes its operations
+    from the flows with :func:`blocking` or :func:`awaited`.
     """
 
     client: Any
@@ -79,8 +159,6 @@ class RedisStoreBase:
         self._local = MemoryStore()
         self.outage = Outage(self.on_error, retry_interval)
         self._outages: dict[str, Outage] = {}
-        #: Calls decided by ``on_error`` while Redis was unreachable.
-        self.fallback_decisions = 0
         #: Called with the exception each time a Redis call fails (metrics hook).
         self.on_store_error: Callable[[BaseException], None] | None = None
 
@@ -112,27 +190,101 @@ class RedisStoreBase:
     def _per_breaker(self) -> bool:
         return isinstance(self.client, RedisCluster | AsyncRedisCluster)
 
+    # -- the operations, each a flow ---------------------------------------------
+
+    def _admit(self, name: str, policy: PolicyWire, probe_id: str) -> Flow[Reply]:
+        """May a call go through? ``probe_id`` names it if it becomes a probe."""
+        raw = yield from self._script(name, self._machine_call("admit", name, policy, probe_id))
+        return self._admit_reply(raw, name, policy, probe_id)
+
+    def _record(self, name: str, policy: PolicyWire, call: CallResult) -> Flow[Reply]:
+        """Count how an admitted call went."""
+        script = self._record_call(name, policy, call)
+        raw = yield from self._script(name, script)
+        return self._record_reply(raw, script[0], name, policy, call)
+
+    def _control(self, name: str, policy: PolicyWire, op: str) -> Flow[Reply]:
+        """An operator's command: force_open, force_close, reset, disable, enable, healthy."""
+        call = self._machine_call("control", name, policy, op)
+        return parse_reply((yield from self._script(name, call, strict=True)), 0)
+
+    def _status(
+        self, name: str, policy: PolicyWire, *, strict: bool = True
+    ) -> Flow[BreakerStatus | None]:
+        """The breaker as an operator sees it; None if it has no state, or (not
+        ``strict``) while Redis is unreachable, which then costs no wait."""
+        call = self._machine_call("status", name, policy)
+        return self._status_from(name, (yield from self._script(name, call, strict=strict)))
+
+    def _names(self) -> Flow[list[str]]:
+        """Every breaker with state under this store's prefix (SCAN, not KEYS)."""
+        try:
+            keys = yield Scan(self._names_pattern)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
+        return self._names_from(keys)
+
+    def _claim(self, name: str, what: str, ttl_ms: int) -> Flow[bool]:
+        """Take the fleet's turn at ``what`` for breaker ``name`` for ``ttl_ms``."""
+        key = self._claim_key(name, what)
+        try:
+            taken = yield ("SET", key, os.getpid(), "NX", "PX", max(1, ttl_ms))
+        except REDIS_DOWN as exc:
+            self._outage(exc, name)
+            return False
+        return bool(taken)
+
+    def _ping(self) -> Flow[None]:
+        """Raise StoreUnavailableError, saying what to check, if Redis is unreachable."""
+        try:
+            yield ("PING",)
+        except REDIS_DOWN as exc:
+            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
+        except redis.RedisError as exc:
+            raise StoreError(
+                f"Redis at {describe_client(self.client)} refused PING: {exc}"
+            ) from exc
+
+    def _script(self, name: str, call: ScriptCall, strict: bool = False) -> Flow[Any]:
+        """One script call; None while Redis is unreachable (unless ``strict``)."""
+        op, argv = call
+        if not strict and self._skip_redis(name):
+            return None
+        try:
+            try:
+                sha = yield from self._sha(op)
+                reply = yield ("EVALSHA", sha, *argv)
+            except NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it again
+                self._shas.pop(op, None)
+                sha = yield from self._sha(op)
+                reply = yield ("EVALSHA", sha, *argv)
+        except SCRIPT_ERRORS as exc:
+            self._failed(exc, op, name, strict)
+            return None
+        self._succeeded(name)
+        return reply
+
+    def _sha(self, op: str) -> Flow[str]:
+        sha = self._shas.get(op)
+        if sha is None:
+            loaded = yield ("SCRIPT LOAD", MACHINE_SCRIPTS[op])
+            sha = self._shas[op] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
+        return sha
+
     # -- the scripts' arguments ---------------------------------------------------
 
     def _machine_call(self, op: str, name: str, policy: PolicyWire, *args: Any) -> ScriptCall:
         """One of the machine's scripts: keys, channel and name, policy, time, then ``args``."""
         return op, (3, *self._fixed_arguments(name), policy.encoded, self._now_arg(), *args)
 
-    def _record_call(
-        self,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
-    ) -> ScriptCall:
-        if probe_id is None and outcome is Outcome.SUCCESS and not slow and not policy.window_kind:
+    def _record_call(self, name: str, policy: PolicyWire, call: CallResult) -> ScriptCall:
+        if call.healthy and not policy.window_kind:
             # The healthy path: a small script that skips loading the machine.
             key = self._fixed_arguments(name)[0]
             return "success", (1, key, policy.open_ms, self._now_arg())
         jitter = repr(random.random()) if policy.jitter else "0"
-        args = (probe_id or "", int(outcome), 1 if slow else 0, retry_after_ms, jitter)
+        slow = 1 if call.slow else 0
+        args = (call.probe_id or "", int(call.outcome), slow, call.retry_after_ms, jitter)
         return self._machine_call("record", name, policy, *args)
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
@@ -174,20 +326,11 @@ class RedisStoreBase:
         return parse_reply(raw, 3, bool(admitted), probe_id if is_probe else None, retry_after_ms)
 
     def _record_reply(
-        self,
-        raw: Any,
-        op: str,
-        name: str,
-        policy: PolicyWire,
-        probe_id: str | None,
-        outcome: Outcome,
-        slow: bool,
-        retry_after_ms: int,
+        self, raw: Any, op: str, name: str, policy: PolicyWire, call: CallResult
     ) -> Reply:
         if raw is None:
             if self.on_error is OnError.LOCAL:
-                reply = self._local.record(name, policy, probe_id, outcome, slow, retry_after_ms)
-                return _uncacheable(reply)
+                return _uncacheable(self._local.record(name, policy, call))
             return _uncacheable(Reply(True, None, 0, 0, 0, 0, 0, 0, ()))
         if op != "success":
             return parse_reply(raw, 0)
@@ -243,10 +386,7 @@ class RedisStoreBase:
 
     def _skip_redis(self, name: str) -> bool:
         """True (and counted) while an outage says not to try Redis yet."""
-        if self._outage_of(name).skip_redis():
-            self.fallback_decisions += 1
-            return True
-        return False
+        return self._outage_of(name).skip_redis()
 
     def _failed(self, exc: BaseException, op: str, name: str, strict: bool) -> None:
         """A script call failed: raise (``strict``: an operator asked) or let on_error decide."""
@@ -261,7 +401,6 @@ class RedisStoreBase:
             if strict:
                 raise StoreError(f"breaker {name!r}: Redis {op} script failed: {exc}") from exc
             self._outage(exc, name)
-        self.fallback_decisions += 1
 
     def _succeeded(self, name: str) -> None:
         """A Redis call for breaker ``name`` worked: its outage, if any, is over."""
