@@ -10,13 +10,7 @@ client: news only flips flags in the local views, which the loop reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import redis.asyncio as aredis
-
-from ._connection import ASYNCIO, blocking_twin, make_client
-from ._news import ProcessNews
-from ._outage import OnError
+from ._connection import ASYNCIO
 from ._redis_base import RedisStoreBase, awaited
 
 __all__ = ["AsyncRedisStore"]
@@ -30,32 +24,7 @@ class AsyncRedisStore(RedisStoreBase):
     breaker on this store is used through its async forms only.
     """
 
-    def __init__(
-        self,
-        url_or_client: str | aredis.Redis = "redis://localhost:6379/0",
-        *,
-        prefix: str = "cbtasks",
-        on_error: OnError | str = OnError.LOCAL,
-        timeout: float = 0.25,
-        retry_interval: float = 1.0,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(
-            prefix=prefix,
-            on_error=on_error,
-            timeout=timeout,
-            retry_interval=retry_interval,
-            clock=clock,
-        )
-        self.client = make_client(url_or_client, timeout, ASYNCIO)
-        # The news listener is a thread: it needs a blocking client to the same server.
-        twin = make_client(url_or_client, timeout) if isinstance(url_or_client, str) else None
-        self.news = ProcessNews(
-            twin or blocking_twin(self.client, timeout),
-            prefix,
-            self._news_lost,
-            retry_interval,
-        )
+    _kind = ASYNCIO
 
     # -- the store interface: the flows of RedisStoreBase, each command awaited ----
 

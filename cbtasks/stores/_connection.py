@@ -37,7 +37,7 @@ REDIS_TROUBLE = (redis.RedisError, OSError, RedisClusterException)
 
 
 @dataclass(frozen=True)
-class _Kind:
+class ClientKind:
     """redis-py's classes for one way of talking to Redis: blocking, or asyncio."""
 
     redis: Any
@@ -49,10 +49,10 @@ class _Kind:
     client: str
 
 
-BLOCKING = _Kind(
+BLOCKING = ClientKind(
     redis.Redis, RedisCluster, ClusterNode, Sentinel, Retry, "RedisStore", "redis.Redis"
 )
-ASYNCIO = _Kind(
+ASYNCIO = ClientKind(
     aredis.Redis,
     AsyncRedisCluster,
     AsyncClusterNode,
@@ -63,7 +63,7 @@ ASYNCIO = _Kind(
 )
 
 
-def make_client(url_or_client: Any, timeout: float, kind: _Kind = BLOCKING) -> Any:
+def make_client(url_or_client: Any, timeout: float, kind: ClientKind = BLOCKING) -> Any:
     """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds.
 
     A plain ``redis://``, ``rediss://`` or ``unix://`` URL, a cluster or
@@ -94,7 +94,7 @@ def make_client(url_or_client: Any, timeout: float, kind: _Kind = BLOCKING) -> A
         ) from None
 
 
-def _limits(timeout: float, kind: _Kind) -> dict[str, Any]:
+def _limits(timeout: float, kind: ClientKind) -> dict[str, Any]:
     # One try per call: on_error decides, rather than 10 retries stalling it.
     return {
         "socket_timeout": timeout,
@@ -123,7 +123,7 @@ def bound(client: Any, timeout: float) -> Any:
     return client
 
 
-def _multi_node_client(url: MultiNodeURL, timeout: float, kind: _Kind) -> Any:
+def _multi_node_client(url: MultiNodeURL, timeout: float, kind: ClientKind) -> Any:
     options, sentinel_password = node_options(url)
     if url.kind == "cluster":
         nodes = [kind.node(host, port) for host, port in url.nodes]

@@ -10,15 +10,11 @@ in a background thread and updates its local views within milliseconds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import redis
 from redis.cluster import RedisCluster
 
 from .._errors import StoreError
-from ._connection import describe_client, make_client
-from ._news import ProcessNews
-from ._outage import OnError
+from ._connection import BLOCKING, describe_client
 from ._redis_base import RedisStoreBase, blocking
 
 __all__ = ["RedisStore"]
@@ -35,26 +31,7 @@ class RedisStore(RedisStoreBase):
     ``retry_interval`` seconds; until then calls skip it.
     """
 
-    def __init__(
-        self,
-        url_or_client: str | redis.Redis = "redis://localhost:6379/0",
-        *,
-        prefix: str = "cbtasks",
-        on_error: OnError | str = OnError.LOCAL,
-        timeout: float = 0.25,
-        retry_interval: float = 1.0,
-        clock: Callable[[], float] | None = None,
-    ) -> None:
-        super().__init__(
-            prefix=prefix,
-            on_error=on_error,
-            timeout=timeout,
-            retry_interval=retry_interval,
-            clock=clock,
-        )
-        self.client = make_client(url_or_client, timeout)
-        #: This process's views of the breakers; news makes them ask again.
-        self.news = ProcessNews(self.client, prefix, self._news_lost, retry_interval)
+    _kind = BLOCKING
 
     # -- the Store interface: the flows of RedisStoreBase, driven blocking ---------
 

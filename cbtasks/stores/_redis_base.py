@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
@@ -29,7 +29,16 @@ from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode
 from ._base import BreakerStatus, CallResult, LocalView, Reply, validate_name
-from ._connection import REDIS_DOWN, describe_client, is_number, unreachable_message
+from ._connection import (
+    BLOCKING,
+    REDIS_DOWN,
+    ClientKind,
+    blocking_twin,
+    describe_client,
+    is_number,
+    make_client,
+    unreachable_message,
+)
 from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
@@ -114,22 +123,22 @@ def awaited(
 class RedisStoreBase:
     """Options, keys, replies, outages and the operations' flows of a store in Redis.
 
-    A subclass sets ``client`` (what it sends commands through) and ``news``
-    (a :class:`ProcessNews` on a blocking client), and makes its operations
-    from the flows with :func:`blocking` or :func:`awaited`.
+    A subclass says how it talks to Redis (``_kind``) and makes its
+    operations from the flows with :func:`blocking` or :func:`awaited`.
     """
 
-    client: Any
-    news: ProcessNews
+    #: How the store talks to Redis: a subclass says, blocking or asyncio.
+    _kind: ClassVar[ClientKind] = BLOCKING
 
     def __init__(
         self,
+        url_or_client: Any = "redis://localhost:6379/0",
         *,
-        prefix: str,
-        on_error: OnError | str,
-        timeout: float,
-        retry_interval: float,
-        clock: Callable[[], float] | None,
+        prefix: str = "cbtasks",
+        on_error: OnError | str = OnError.LOCAL,
+        timeout: float = 0.25,
+        retry_interval: float = 1.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         try:
             self.on_error = OnError(on_error)
@@ -161,6 +170,15 @@ class RedisStoreBase:
         self._outages: dict[str, Outage] = {}
         #: Called with the exception each time a Redis call fails (metrics hook).
         self.on_store_error: Callable[[BaseException], None] | None = None
+        self.client = make_client(url_or_client, timeout, self._kind)
+        if self._kind is BLOCKING:
+            news_client = self.client
+        elif isinstance(url_or_client, str):
+            news_client = make_client(url_or_client, timeout)
+        else:  # the news listener is a thread: a blocking client to the same server
+            news_client = blocking_twin(self.client, timeout)
+        #: This process's views of the breakers; news makes them ask again.
+        self.news = ProcessNews(news_client, prefix, self._news_lost, retry_interval)
 
     def __repr__(self) -> str:
         return (
