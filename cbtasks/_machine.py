@@ -23,6 +23,9 @@ from ._policy import PolicyWire, open_duration_ms
 from ._state import Mode, Outcome
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+#: A request that finds every probe slot taken waits at least this long (ms);
+#: stores/lua/constants.lua names the same number for the Lua machine.
+MIN_STRAGGLER_WAIT_MS = 100
 
 # Bits of one entry of a count window's ring.
 _CALL, _FAILED, _SLOW = 1, 2, 4
@@ -99,11 +102,12 @@ def admit(snap: Snapshot, w: PolicyWire, now: int, probe_id: str) -> Admission:
         if len(probes) < w.half_open_probes:
             probes[probe_id] = now + w.lease_ms
             return Admission(True, probe_id, 0, tuple(transitions))
-        # Every slot taken: come back in about one probe's duration (as long
-        # as the oldest probe has run so far, at least 100 ms), not a whole period.
+        # Every slot taken: come back in about one probe's duration (as long as
+        # the oldest probe has run so far, at least MIN_STRAGGLER_WAIT_MS), not
+        # a whole period.
         lease_end = min(probes.values())
         running = now - (lease_end - w.lease_ms)
-        wait = min(max(running, 100), lease_end - now, w.open_ms)
+        wait = min(max(running, MIN_STRAGGLER_WAIT_MS), lease_end - now, w.open_ms)
         return Admission(disabled, None, wait, tuple(transitions))
     return Admission(True, None, 0, ())
 

@@ -197,3 +197,38 @@ def test_an_operators_read_starts_no_news_subscription(redis_url: str, name: str
     assert reader.news._listener is None
     writer.close()
     reader.close()
+
+
+def test_threads_of_a_fresh_process_start_one_news_listener(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """view() checked for a listener outside its lock: eight threads asking at once (as a
+    fresh prefork child's do) could each start one."""
+    import threading
+
+    from cbtasks.stores import _news
+
+    started: list[object] = []
+    real = _news.NewsListener
+
+    class SlowToStart(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.05)  # widen the window between the check and the assignment
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            started.append(self)
+
+    monkeypatch.setattr(_news, "NewsListener", SlowToStart)
+    store = RedisStore(redis_url)
+    gate = threading.Barrier(8)
+
+    def ask(i: int) -> None:
+        gate.wait()
+        store.view(f"model-{i}")
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    store.close()
+    assert len(started) == 1

@@ -136,10 +136,10 @@ class CircuitLine:
             return self.text
         self._next = now + 1.0
         from .._errors import StoreError
-        from .._policy import BreakerPolicy
+        from ._fleet import OPERATOR_POLICY
 
         try:
-            status = self.store.status(self.name, BreakerPolicy().wire())
+            status = self.store.status(self.name, OPERATOR_POLICY)
         except StoreError:
             self.text = f"circuit {self.name}: Redis unreachable"
             return self.text

@@ -30,9 +30,10 @@ from typing import Any
 import click
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
-from .._policy import BreakerPolicy
 from ..stores import RedisStore
 from ..stores._parking import ParkingLot
+from ..task._options import DEFAULTS
+from ._fleet import OPERATOR_POLICY, known_breaker, read_fleet
 from ._views import as_dict, plain_table, rich_table, waits_table
 
 COMMANDS = {
@@ -42,7 +43,6 @@ COMMANDS = {
     "disable": ("disable", "shadow mode: admit every call, keep counting"),
     "enable": ("enable", "leave shadow mode or a forced open"),
 }
-PREFIX = "cbtasks"
 
 
 class CLIError(click.ClickException):
@@ -78,7 +78,7 @@ def _store(ctx: click.Context, redis_url: str | None, prefix: str | None) -> Red
     if not url:
         raise CLIError("no Redis to ask: pass --redis-url or set CBTASKS_REDIS_URL", 2)
     try:
-        store = RedisStore(url, prefix=prefix or PREFIX, timeout=2.0)
+        store = RedisStore(url, prefix=prefix or DEFAULTS["prefix"], timeout=2.0)
         store.ping()
         store.refuse_one_cluster_node()  # one node would show only its own breakers
     except (PolicyError, StoreError) as exc:
@@ -99,18 +99,12 @@ def with_redis(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def status_rows(store: RedisStore) -> list[dict[str, Any]]:
     """Every breaker in the store, as plain data."""
-    rows = []
-    for name in store.names():
-        try:
-            status = store.status(name, BreakerPolicy().wire())
-        except StoreUnavailableError:
-            raise
-        except StoreError as exc:  # one corrupt breaker: show it, and the rest
-            rows.append({"name": name, "state": "corrupt", "error": str(exc)})
-            continue
-        if status is not None:
-            rows.append(as_dict(status, ParkingLot(store.client, store.prefix, name)))
-    return rows
+    return [
+        {"name": read.name, "state": "corrupt", "error": read.error}
+        if read.status is None
+        else as_dict(read.status, read.lot)
+        for read in read_fleet(store)
+    ]
 
 
 def _terminal() -> bool:
@@ -128,9 +122,8 @@ def main() -> None:
 @click.pass_context
 def status(ctx: click.Context, redis_url: str | None, prefix: str | None, as_json: bool) -> None:
     """Every breaker's state."""
-    store = _store(ctx, redis_url, prefix)
-    rows = status_rows(store)
-    store.close()
+    with _store(ctx, redis_url, prefix) as store:
+        rows = status_rows(store)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     elif _terminal():
@@ -157,23 +150,21 @@ def _control_command(verb: str, op: str, what: str) -> click.Command:
         as_json: bool,
         yes: bool,
     ) -> None:
-        store = _store(ctx, redis_url, prefix)
-        known = store.names()
-        if name not in known:
-            raise CLIError(f"no breaker named {name!r} (known: {', '.join(known) or 'none yet'})")
-        if verb == "open" and not yes:
-            if not sys.stdin.isatty():
-                raise CLIError(
-                    "opening a breaker stops calls on every worker: confirm with --yes", 2
-                )
-            if not click.confirm(f"open {name!r} on every worker, stopping its calls?"):
-                click.echo("nothing changed")
-                ctx.exit(1)
-        store.control(name, BreakerPolicy().wire(), op)
-        now = store.status(name, BreakerPolicy().wire())
-        assert now is not None
-        row = as_dict(now, ParkingLot(store.client, store.prefix, name))
-        store.close()
+        with _store(ctx, redis_url, prefix) as store:
+            if unknown := known_breaker(store, name):
+                raise CLIError(unknown)
+            if verb == "open" and not yes:
+                if not sys.stdin.isatty():
+                    raise CLIError(
+                        "opening a breaker stops calls on every worker: confirm with --yes", 2
+                    )
+                if not click.confirm(f"open {name!r} on every worker, stopping its calls?"):
+                    click.echo("nothing changed")
+                    ctx.exit(1)
+            store.control(name, OPERATOR_POLICY, op)
+            now = store.status(name, OPERATOR_POLICY)
+            assert now is not None
+            row = as_dict(now, ParkingLot(store.client, store.prefix, name))
         click.echo(json.dumps(row) if as_json else f"{name}: {row['state']} ({row['mode']})")
 
     return control
@@ -257,9 +248,10 @@ def waited(
     """Requests that waited for NAME's circuit and then ran: how long, and why."""
     from ..task._waits import recent_waits
 
-    store = _store(ctx, redis_url, prefix)
-    entries = recent_waits(store.client, store.prefix, name, limit)
-    store.close()
+    with _store(ctx, redis_url, prefix) as store:
+        if unknown := known_breaker(store, name):
+            raise CLIError(unknown)
+        entries = recent_waits(store.client, store.prefix, name, limit)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return

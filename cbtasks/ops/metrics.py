@@ -21,11 +21,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from .._errors import StoreError, StoreUnavailableError
-from .._policy import BreakerPolicy
+from .._errors import StoreUnavailableError
 from .._state import StateChange
 from ..stores import RedisStore
-from ..stores._parking import ParkingLot
+from ._fleet import read_fleet
 
 __all__ = ["BreakerCollector", "Metrics", "metrics", "serve_store_metrics", "serve_worker_metrics"]
 
@@ -74,18 +73,12 @@ class BreakerCollector:
         parked = GaugeMetricFamily(
             "cbtasks_breaker_parked_requests", "Requests parked until it closes", labels=["breaker"]
         )
-        wire = BreakerPolicy().wire()
         try:
-            for name in self.store.names():
-                try:
-                    status = self.store.status(name, wire)
-                except StoreUnavailableError:
-                    raise
-                except StoreError as exc:  # one corrupt breaker: say so, keep the rest
-                    log.warning("metrics: %s", exc)
+            for read in read_fleet(self.store):
+                name, status = read.name, read.status
+                if status is None:  # corrupt: say so, keep the rest
+                    log.warning("metrics: %s", read.error)
                     state.add_metric([name, "corrupt"], 1.0)
-                    continue
-                if status is None:
                     continue
                 for value in STATES:
                     state.add_metric([name, value], 1.0 if status.state.value == value else 0.0)
@@ -96,8 +89,7 @@ class BreakerCollector:
                 failures.add_metric([name], status.consecutive_failures)
                 trips.add_metric([name], status.trips)
                 probes.add_metric([name], status.probes_in_use)
-                lot = ParkingLot(self.store.client, self.store.prefix, name)
-                parked.add_metric([name], lot.count())
+                parked.add_metric([name], read.lot.count())
         except StoreUnavailableError as exc:  # the scrape shows what it got, and the
             log.warning("metrics: %s", exc)  # per-process counters still answer
         yield from (state, mode, failures, trips, probes, parked)

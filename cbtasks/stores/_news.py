@@ -20,6 +20,7 @@ import redis
 
 from ._base import LocalView
 from ._connection import REDIS_DOWN
+from ._keys import news_channel, parked_channel
 
 log = logging.getLogger("cbtasks.redis")
 
@@ -145,13 +146,14 @@ class ProcessNews:
     ) -> None:
         self.client = client
         self.prefix = prefix
-        self.channel = f"{prefix}:news"
+        self.channel = news_channel(prefix)
         #: Where a parking lot that was empty announces its first request.
-        self.parked_channel = f"{prefix}:parked"
+        self.parked_channel = parked_channel(prefix)
         self._on_outage = on_outage
         self._retry_interval = retry_interval
         self._views: dict[str, LocalView] = {}
-        self._lock = threading.Lock()
+        # Reentrant: starting the listener forgets the views, under the same lock.
+        self._lock = threading.RLock()
         self._hooks: list[Callable[[str], None]] = []
         self._listener: NewsListener | None = None
         self._pid = os.getpid()
@@ -160,8 +162,8 @@ class ProcessNews:
 
     def view(self, name: str) -> LocalView:
         """The shared view of breaker ``name`` in this process."""
-        self._ensure_listener()
         with self._lock:
+            self._ensure_listener()
             view = self._views.get(name)
             if view is None:
                 view = self._views[name] = LocalView()
@@ -169,15 +171,17 @@ class ProcessNews:
 
     def existing_view(self, name: str) -> LocalView | None:
         """The view of breaker ``name`` if this process has one (made by a breaker)."""
-        return self._views.get(name)
+        with self._lock:
+            return self._views.get(name)
 
     def add_hook(self, hook: Callable[[str], None]) -> None:
         """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park.
 
         Hooks run on the news thread and must be quick (setting an event).
         """
-        self._ensure_listener()
-        self._hooks.append(hook)
+        with self._lock:
+            self._ensure_listener()
+            self._hooks.append(hook)
 
     def forget_views(self) -> None:
         """Every view asks the store next time: news may have been missed."""
@@ -187,7 +191,8 @@ class ProcessNews:
 
     def forget(self, name: str) -> None:
         """The view of breaker ``name`` asks the store next time."""
-        view = self._views.get(name)
+        with self._lock:
+            view = self._views.get(name)
         if view is not None:
             view.forget()
 
@@ -210,7 +215,8 @@ class ProcessNews:
                     data[:200],
                 )
             return
-        view = self._views.get(news.name)
+        with self._lock:
+            view = self._views.get(news.name)
         if view is not None:
             view.hint(news.version)
         self._tell_hooks(news.name)
@@ -226,6 +232,7 @@ class ProcessNews:
                 log.exception("breaker news hook %r failed", hook)
 
     def _ensure_listener(self) -> None:
+        """Start the listener if this process has none (the caller holds the lock)."""
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._listener = None

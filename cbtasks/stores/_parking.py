@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 import redis
 
-from ._scripts import CLOCK, lua
+from ._keys import breaker_keys, parked_channel
+from ._scripts import CLOCK, CONSTANTS, lua
 
 __all__ = ["ParkingLot", "Released"]
 
@@ -36,19 +37,18 @@ class ParkingLot:
     """The parked requests of one breaker."""
 
     def __init__(self, client: redis.Redis, prefix: str, breaker: str) -> None:
-        base = f"{prefix}:{{{breaker}}}"
+        keys = breaker_keys(prefix, breaker)
         self.client = client
-        self.prefix = prefix
         self.breaker = breaker
-        self._parked, self._data = f"{base}:parked", f"{base}:parked:data"
-        self._releasing, self._ramp = f"{base}:releasing", f"{base}:release-ramp"
-        self._state = f"{base}:s"
-        self._expiries = f"{base}:parked:expires"
-        self._dead = f"{base}:parked:dead"
-        self._wake_channel = f"{prefix}:parked"
+        self._parked, self._data = keys.parked, keys.parked_data
+        self._releasing, self._ramp = keys.releasing, keys.release_ramp
+        self._state = keys.state
+        self._expiries = keys.parked_expires
+        self._dead = keys.parked_dead
+        self._wake_channel = parked_channel(prefix)
         self._park = client.register_script(CLOCK + lua("park"))
         self._release = client.register_script(CLOCK + lua("release"))
-        self._ack = client.register_script(lua("ack"))
+        self._ack = client.register_script(CONSTANTS + lua("ack"))
 
     def park(
         self,
@@ -158,11 +158,6 @@ class ParkingLot:
         """These were re-published: forget them."""
         if request_ids:
             self._ack(keys=[self._releasing, self._data, self._parked], args=request_ids)
-
-    def expires_of(self, request_id: str) -> float | None:
-        """When a parked request expires (epoch seconds), if it does."""
-        score = self.client.zscore(self._expiries, request_id)
-        return None if score is None else float(score) / 1000
 
     def count(self) -> int:
         """Requests parked or being released."""

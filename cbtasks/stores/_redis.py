@@ -62,3 +62,9 @@ class RedisStore(RedisStoreBase):
         """Stop the news listener and close the connections."""
         self.news.stop()
         self.client.close()
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -28,7 +28,7 @@ from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode
-from ._base import BreakerStatus, CallResult, LocalView, Reply, validate_name
+from ._base import BreakerStatus, CallResult, LocalView, Reply
 from ._connection import (
     BLOCKING,
     REDIS_DOWN,
@@ -39,10 +39,11 @@ from ._connection import (
     make_client,
     unreachable_message,
 )
+from ._keys import breaker_keys, name_of_state_key, news_channel, state_keys_pattern
 from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
-from ._scripts import MACHINE_SCRIPTS, parse_reply
+from ._scripts import MACHINE_SCRIPTS, SuccessReply, admit_reply, machine_reply, status_reply
 
 _MODES = frozenset(int(mode) for mode in Mode)
 
@@ -159,7 +160,7 @@ class RedisStoreBase:
         self.prefix = prefix
         self.timeout = timeout
         self.retry_interval = retry_interval
-        self.channel = f"{prefix}:news"
+        self.channel = news_channel(prefix)
         # A fake clock (tests) is sent to the scripts; else they read Redis TIME.
         self._fake_clock = clock
         self.local_clock: Callable[[], float] = clock or time.monotonic
@@ -224,7 +225,7 @@ class RedisStoreBase:
     def _control(self, name: str, policy: PolicyWire, op: str) -> Flow[Reply]:
         """An operator's command: force_open, force_close, reset, disable, enable, healthy."""
         call = self._machine_call("control", name, policy, op)
-        return parse_reply((yield from self._script(name, call, strict=True)), 0)
+        return machine_reply((yield from self._script(name, call, strict=True)))
 
     def _status(
         self, name: str, policy: PolicyWire, *, strict: bool = True
@@ -309,10 +310,9 @@ class RedisStoreBase:
         """A breaker's keys, the news channel and its name, encoded once."""
         fixed = self._fixed.get(name)
         if fixed is None:
-            validate_name(name)
-            base = f"{self.prefix}:{{{name}}}"
+            keys = breaker_keys(self.prefix, name)
             fixed = self._fixed[name] = tuple(
-                s.encode() for s in (f"{base}:s", f"{base}:r", f"{base}:p", self.channel, name)
+                s.encode() for s in (keys.state, keys.ring, keys.probes, self.channel, name)
             )
         return fixed
 
@@ -321,15 +321,14 @@ class RedisStoreBase:
         return "" if self._fake_clock is None else str(int(self._fake_clock() * 1000))
 
     def _claim_key(self, name: str, what: str) -> str:
-        return f"{self.prefix}:{{{validate_name(name)}}}:claim:{what}"
+        return breaker_keys(self.prefix, name).claim(what)
 
     def _names_from(self, keys: list[bytes]) -> list[str]:
-        start = len(self.prefix) + 2
-        return sorted({key.decode()[start:-3] for key in keys})
+        return sorted({name_of_state_key(self.prefix, key) for key in keys})
 
     @property
     def _names_pattern(self) -> str:
-        return f"{self.prefix}:{{*}}:s"
+        return state_keys_pattern(self.prefix)
 
     # -- replies ------------------------------------------------------------------
 
@@ -340,8 +339,7 @@ class RedisStoreBase:
             admitted = self.on_error is OnError.ADMIT
             retry_ms = 0 if admitted else int(self.retry_interval * 1000)
             return _uncacheable(Reply(admitted, None, retry_ms, 0, 0, 0, 0, 0, ()))
-        admitted, is_probe, retry_after_ms = raw[0], raw[1], raw[2]
-        return parse_reply(raw, 3, bool(admitted), probe_id if is_probe else None, retry_after_ms)
+        return admit_reply(raw, probe_id)
 
     def _record_reply(
         self, raw: Any, op: str, name: str, policy: PolicyWire, call: CallResult
@@ -351,16 +349,16 @@ class RedisStoreBase:
                 return _uncacheable(self._local.record(name, policy, call))
             return _uncacheable(Reply(True, None, 0, 0, 0, 0, 0, 0, ()))
         if op != "success":
-            return parse_reply(raw, 0)
+            return machine_reply(raw)
         if type(raw) is int:  # closed: version * 4 + mode
             return Reply(True, None, 0, CLOSED, 0, raw & 3, raw >> 2, 0, ())
-        return Reply(True, None, 0, raw[0], raw[1], raw[2], raw[3], raw[4], ())
+        return Reply(True, None, 0, *SuccessReply(*raw), ())
 
     def _status_from(self, name: str, raw: Any) -> BreakerStatus | None:
         if raw is None:  # unreachable, and the caller asked not to raise
             return None
-        exists, state, remaining, mode, version, _now = raw[:6]
-        trips, consecutive, calls, failures, slow, probes, open_until = raw[-7:]
+        exists, finish, counts = status_reply(raw)
+        state, remaining, mode = finish.state, finish.remaining_ms, finish.mode
         if not 0 <= state < len(STATE_BY_CODE) or mode not in _MODES:
             raise StoreError(
                 f"breaker {name!r} has corrupt state in Redis (st={state!r}, md={mode!r}); "
@@ -372,20 +370,20 @@ class RedisStoreBase:
         # so starts no news subscription.
         view = self.news.existing_view(name)
         if view is not None:
-            view.apply(state, remaining, mode, version, self.local_clock())
+            view.apply(state, remaining, mode, finish.version, self.local_clock())
         if not exists:
             return None
         return BreakerStatus(
             name=name,
             state=STATE_BY_CODE[state],
             mode=Mode(mode),
-            open_until=open_until / 1000 if state == OPEN else None,
-            trips=trips,
-            consecutive_failures=consecutive,
-            window_calls=calls,
-            window_failures=failures,
-            window_slow=slow,
-            probes_in_use=probes if state == HALF_OPEN else 0,
+            open_until=counts.open_until / 1000 if state == OPEN else None,
+            trips=counts.trips,
+            consecutive_failures=counts.consecutive,
+            window_calls=counts.calls,
+            window_failures=counts.failures,
+            window_slow=counts.slow,
+            probes_in_use=counts.probes if state == HALF_OPEN else 0,
             retry_after=remaining / 1000 if state == OPEN else 0.0,
         )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._machine import Transition
 from ._base import Reply
@@ -16,7 +16,10 @@ def lua(name: str) -> str:
     return (_LUA / f"{name}.lua").read_text()
 
 
-CLOCK = lua("clock")
+#: Named numbers (states, modes, the straggler's wait): first in every script.
+CONSTANTS = lua("constants")
+#: The constants and the clock: what every script that reads the time starts with.
+CLOCK = CONSTANTS + lua("clock")
 _MACHINE = CLOCK + lua("common")
 
 #: The breaker machine's operations, each the machine plus its own part.
@@ -25,20 +28,80 @@ MACHINE_SCRIPTS = {op: _MACHINE + "\n" + lua(op) for op in ("admit", "record", "
 MACHINE_SCRIPTS["success"] = CLOCK + lua("success")
 
 
-def parse_reply(
+# The replies' layouts, as the scripts write them (common.lua's finish(), and
+# each operation's head and tail around it), read here by name.
+
+
+class Finish(NamedTuple):
+    """What common.lua's finish() puts after an operation's head; the transitions follow,
+    three items each (from, to, reason)."""
+
+    state: int
+    remaining_ms: int
+    mode: int
+    version: int
+    now_ms: int
+
+
+class AdmitHead(NamedTuple):
+    """admit.lua's reply before its Finish."""
+
+    admitted: int
+    is_probe: int
+    retry_after_ms: int
+
+
+class StatusTail(NamedTuple):
+    """status.lua's reply after the Finish and the transitions (it has a head: exists)."""
+
+    trips: int
+    consecutive: int
+    calls: int
+    failures: int
+    slow: int
+    probes: int
+    open_until: int
+
+
+class SuccessReply(NamedTuple):
+    """success.lua's reply outside a closed circuit (closed: one integer, version * 4 + mode)."""
+
+    state: int
+    remaining_ms: int
+    mode: int
+    version: int
+    now_ms: int
+
+
+def machine_reply(
     raw: list[Any],
-    at: int,
+    head: int = 0,
     admitted: bool = True,
     probe_id: str | None = None,
     retry_after_ms: int = 0,
 ) -> Reply:
-    """A machine script's reply from position ``at``: state, remaining, mode, version,
-    now, then (from, to, reason) for each transition."""
-    state, remaining, mode, version, now = raw[at : at + 5]
-    rest = raw[at + 5 :]
+    """A machine script's reply: its Finish after ``head`` items, then the transitions."""
+    finish = Finish(*raw[head : head + len(Finish._fields)])
+    rest = raw[head + len(Finish._fields) :]
     transitions: tuple[Transition, ...] = tuple(
         (rest[i], rest[i + 1], rest[i + 2].decode()) for i in range(0, len(rest) - 2, 3)
     )
-    return Reply(
-        admitted, probe_id, retry_after_ms, state, remaining, mode, version, now, transitions
+    return Reply(admitted, probe_id, retry_after_ms, *finish, transitions)
+
+
+def admit_reply(raw: list[Any], probe_id: str) -> Reply:
+    """admit.lua's reply: the AdmitHead, then the machine's."""
+    head = AdmitHead(*raw[: len(AdmitHead._fields)])
+    return machine_reply(
+        raw,
+        len(AdmitHead._fields),
+        bool(head.admitted),
+        probe_id if head.is_probe else None,
+        head.retry_after_ms,
     )
+
+
+def status_reply(raw: list[Any]) -> tuple[bool, Finish, StatusTail]:
+    """status.lua's reply: whether the breaker has state, its Finish, its counters."""
+    finish = Finish(*raw[1 : 1 + len(Finish._fields)])
+    return bool(raw[0]), finish, StatusTail(*raw[-len(StatusTail._fields) :])

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..stores._connection import REDIS_TROUBLE
+from ..stores._keys import done_key
 
 log = logging.getLogger("cbtasks.task")
 
@@ -33,7 +34,7 @@ class CompletionGuard:
         self.on_error = on_error
 
     def _key(self, task_id: str) -> str:
-        return f"{self.prefix}:done:{task_id}"
+        return done_key(self.prefix, task_id)
 
     def result_of(self, task_id: str) -> tuple[Any] | None:
         """``(result,)`` if ``task_id`` completed before, else None."""

@@ -24,9 +24,9 @@ from ._deferral import PoisonMessage
 
 log = logging.getLogger("cbtasks.task")
 
-#: At most this long between two looks at a lot, news or not. With the news
-#: listener's health check (one PING per 30 s), an idle worker sends about
-#: 0.2 commands a second per releaser.
+#: At most this long between two looks at a lot, news or not: an idle worker
+#: sends about 0.2 commands a second per releaser for it (and the news
+#: listener one PING per HEARTBEAT_SECONDS of silence, 5 s).
 RECHECK_SECONDS = 6.0
 #: How long a handed-out request may take to be re-published before another
 #: releaser takes it over.
@@ -58,11 +58,6 @@ class Releaser:
         self.max_rate = max_rate
         self.probe_interval = probe_interval
         self.wake = threading.Event()
-        #: Requests this releaser has re-published, and revoked as expired.
-        self.released = 0
-        self.expired = 0
-        #: Requests put aside as poison (see ParkingLot.dead_letter).
-        self.dead = 0
 
     @classmethod
     def ensure(cls, key: str, make: Callable[[], Releaser], subscribe: Any) -> Releaser:
@@ -99,7 +94,6 @@ class Releaser:
         for request_id, message in batch.expired:
             if self.expire is not None:
                 self.expire(request_id, message)
-            self.expired += 1
         done = []
         try:
             for request_id, message in batch.requests:
@@ -109,12 +103,10 @@ class Releaser:
                     # Never retried, never blocking the rest: put aside for an operator.
                     log.error("parked request %s of %s: %s", request_id, self.lot.breaker, exc)
                     self.lot.dead_letter(request_id, message, str(exc))
-                    self.dead += 1
                     continue
                 done.append(request_id)
         finally:
             self.lot.ack(done)  # what failed to publish comes back when its lease ends
-            self.released += len(done)
         return 0.0 if done or batch.expired else batch.wait
 
     def run(self) -> None:

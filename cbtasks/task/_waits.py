@@ -17,6 +17,7 @@ from typing import Any
 
 from ..ops.metrics import metrics
 from ..stores._connection import REDIS_TROUBLE
+from ..stores._keys import breaker_keys
 from ._deferral import DEFERRALS, header
 from ._options import option
 
@@ -44,13 +45,9 @@ def note_wait(task: Any, breaker: str, seconds: float) -> None:
     record_wait(task.cbtasks_redis, task.cbtasks_prefix, breaker, entry)
 
 
-def waited_key(prefix: str, breaker: str) -> str:
-    return f"{prefix}:{{{breaker}}}:waited"
-
-
 def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -> None:
     """Keep ``entry`` (a request that ran after waiting); never fails the task over it."""
-    key = waited_key(prefix, breaker)
+    key = breaker_keys(prefix, breaker).waited
     try:
         with client.pipeline(transaction=False) as pipe:
             pipe.zadd(key, {json.dumps(entry, sort_keys=True): time.time()})
@@ -63,7 +60,7 @@ def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -
 
 def recent_waits(client: Any, prefix: str, breaker: str, limit: int) -> list[dict[str, Any]]:
     """The newest ``limit`` entries, newest first."""
-    raw = client.zrevrange(waited_key(prefix, breaker), 0, limit - 1)
+    raw = client.zrevrange(breaker_keys(prefix, breaker).waited, 0, limit - 1)
     entries = []
     for item in raw:
         try:

@@ -15,11 +15,12 @@ local function admit()
       return {1, 1, 0}
     end
     -- Every slot taken: come back in about one probe's duration (as long as
-    -- the oldest probe has run so far, at least 100 ms), not a whole period.
+    -- the oldest probe has run so far, at least MIN_STRAGGLER_WAIT_MS), not a
+    -- whole period.
     local first = redis.call('ZRANGE', PROBES, 0, 0, 'WITHSCORES')
     local lease_end = tonumber(first[2])
     local running = now - (lease_end - W.lease_ms)
-    return {disabled, 0, math.min(math.max(running, 100), lease_end - now, W.open_ms)}
+    return {disabled, 0, math.min(math.max(running, MIN_STRAGGLER_WAIT_MS), lease_end - now, W.open_ms)}
   end
   return {1, 0, 0}
 end

@@ -1,4 +1,4 @@
--- Shared by every cbtasks script: the time in ms, from the caller when it
+-- Loaded by every script that reads the time: the time in ms, from the caller when it
 -- passes one (tests' fake clocks), else Redis's own clock, the one clock
 -- every host agrees on.
 local function now_ms(given)

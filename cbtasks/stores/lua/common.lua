@@ -1,14 +1,14 @@
--- Shared by every cbtasks script: the breaker's state machine in Lua.
--- It mirrors cbtasks/_machine.py line for line; the contract and property
--- tests hold the two to identical behaviour.
+-- The breaker's state machine in Lua, loaded by the machine's scripts (admit,
+-- record, control, status). It makes the transitions cbtasks/_machine.py
+-- makes; the contract and property tests hold the two to identical
+-- behaviour. (record.lua also counts failures in 'ft' for the parking lot's
+-- slow start, which the Python machine has no use for.)
 --
 -- KEYS[1] hash of the breaker's fields, KEYS[2] its count-window ring
 -- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms).
 -- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
 -- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
-local CLOSED, OPEN, HALF_OPEN = 0, 1, 2
-local NORMAL, FORCED_OPEN, DISABLED = 0, 1, 2
 local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn'}
 local H, RING, PROBES = KEYS[1], KEYS[2], KEYS[3]
 

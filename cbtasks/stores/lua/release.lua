@@ -56,11 +56,11 @@ local parked = redis.call('ZCARD', KEYS[1])
 if parked == 0 then return waiting(-1) end
 local b = redis.call('HMGET', KEYS[4], 'st', 'md', 'ou', 'vn', 'ft')
 local state, mode = tonumber(b[1]) or 0, tonumber(b[2]) or 0
-if mode == 1 then return waiting(-1) end  -- forced open: an operator's close is news
+if mode == FORCED_OPEN then return waiting(-1) end  -- forced open: an operator's close is news
 local n
-if state ~= 0 then
+if state ~= CLOSED then
   local open_until = tonumber(b[3]) or 0
-  if state == 1 and now < open_until then return waiting(open_until - now) end
+  if state == OPEN and now < open_until then return waiting(open_until - now) end
   local last = tonumber(redis.call('HGET', KEYS[5], 'probe_ts')) or 0
   if now - last < probe_every then return waiting(probe_every - (now - last)) end
   redis.call('HSET', KEYS[5], 'probe_ts', now)

@@ -13,14 +13,14 @@ if not version then
   version = 0
   redis.call('HSET', H, 'vn', 0)  -- first use: operators can list it
 end
-if state == 0 then
+if state == CLOSED then
   if (tonumber(raw[2]) or 0) ~= 0 then redis.call('HSET', H, 'cf', 0) end
   return version * 4 + mode  -- one integer: the cheapest reply to send and parse
 end
-if state == 2 then return {2, 0, mode, version, 0} end
+if state == HALF_OPEN then return {HALF_OPEN, 0, mode, version, 0} end
 local open_ms = tonumber(ARGV[1])
-if mode == 1 then return {1, open_ms, mode, version, 0} end
+if mode == FORCED_OPEN then return {OPEN, open_ms, mode, version, 0} end
 local now = now_ms(ARGV[2])
 local open_until = tonumber(redis.call('HGET', H, 'ou')) or 0
-if now < open_until then return {1, open_until - now, mode, version, now} end
-return {2, 0, mode, version, now}
+if now < open_until then return {OPEN, open_until - now, mode, version, now} end
+return {HALF_OPEN, 0, mode, version, now}
