@@ -146,10 +146,36 @@ def test_redis_gone_is_a_503_that_says_so(tmp_path: Any) -> None:
     with RedisServer() as redis_server:
         env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": "http://127.0.0.1:9"}
         with Gateway(env, log_path=tmp_path / "gateway.log") as gateway:
-            assert httpx.get(f"{gateway.url}/healthz", timeout=10).status_code == 200
-            redis_server.stop()
-            health = httpx.get(f"{gateway.url}/healthz", timeout=10)
-            assert health.status_code == 503 and "cannot reach Redis" in health.text
+            assert httpx.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+            redis_server.stop()  # the broker too: nothing can be queued
+            ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+            assert ready.status_code == 503 and "cannot reach the broker" in ready.text
+            assert httpx.get(f"{gateway.url}/livez", timeout=10).status_code == 200
             response = post(gateway.url, {"features": FEATURES})
             assert response.status_code == 503, response.text
             assert "cannot reach the broker" in response.json()["detail"]
+
+
+def test_a_frozen_breaker_redis_keeps_the_gateway_ready(tmp_path: Any) -> None:
+    """/healthz used to answer 503 while the breaker's Redis was frozen, though /predict
+    still queued requests: Kubernetes would have pulled a pod that serves. Readiness now
+    fails only when nothing can be queued; liveness only when the process is gone."""
+    with RedisServer() as broker, RedisServer() as breaker_redis:
+        env = {
+            "CBTASKS_BROKER_URL": broker.url,
+            "CBTASKS_REDIS_URL": breaker_redis.url,
+            "CBTASKS_MODEL_URL": "http://127.0.0.1:9",
+        }
+        with Gateway(env, log_path=tmp_path / "gateway.log") as gateway:
+            ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+            assert ready.status_code == 200 and ready.json()["breaker_state"] == "reachable"
+            breaker_redis.freeze()
+            try:
+                ready = httpx.get(f"{gateway.url}/readyz", timeout=10)
+                assert ready.status_code == 200, ready.text
+                assert ready.json()["breaker_state"].startswith("unreachable")
+                assert httpx.get(f"{gateway.url}/livez", timeout=10).status_code == 200
+                response = post(gateway.url, {"features": FEATURES}, wait=0)
+                assert response.status_code == 202, response.text
+            finally:
+                breaker_redis.thaw()

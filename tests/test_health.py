@@ -185,3 +185,29 @@ def test_healthz_is_down_during_an_injected_outage(model: ModelServer) -> None:
     finally:
         model.clear_faults()
     assert client.healthy() is True
+
+
+def test_the_fleet_makes_one_check_per_interval_however_many_know_it_open(
+    redis_url: str, name: str
+) -> None:
+    """Three processes that each heard "open" from the store: only the one holding the
+    fleet's turn calls the endpoint in an interval (a checker skipping the turn made three)."""
+    from cbtasks import RedisStore
+    from cbtasks._machine import OPEN
+    from cbtasks._state import Mode
+
+    calls: list[int] = []
+    stores = [RedisStore(redis_url) for _ in range(3)]
+    try:
+        checkers = [
+            HealthChecker(name, store, lambda: calls.append(1), 30.0, lambda: None)
+            for store in stores
+        ]
+        for checker in checkers:
+            checker.observe(OPEN, 60_000, Mode.NORMAL, checker.store.local_clock())
+            checker._once()
+        assert len(calls) == 1
+        assert sum(checker.checks for checker in checkers) == 1
+    finally:
+        for store in stores:
+            store.close()

@@ -108,6 +108,8 @@ def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> Non
     ("args", "code", "words"),
     [
         (("close", "no-such-breaker"), 1, "no breaker named"),
+        # waited used to answer "no request has waited" for a name that is no breaker
+        (("waited", "no-such-breaker"), 1, "no breaker named"),
         (("status", "--redis-url", "redis://127.0.0.1:1/0"), 2, "cannot reach Redis"),
         (("status", "--redis-url", "http://x"), 2, "redis://"),
         (("watch", "--interval", "-1"), 2, "'--interval': -1.0 is not in the range x>0"),

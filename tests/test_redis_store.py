@@ -232,3 +232,20 @@ def test_threads_of_a_fresh_process_start_one_news_listener(
         thread.join(10)
     store.close()
     assert len(started) == 1
+
+
+def test_an_older_reply_never_overwrites_a_newer_one() -> None:
+    """Replies race (a slow record's answer arrives after a newer admit's): the view keeps
+    the newest version; one that ignored the order would cache "closed" during an outage."""
+    from cbtasks._machine import CLOSED, OPEN
+    from cbtasks._state import Mode
+    from cbtasks.stores._base import LocalView
+
+    view = LocalView()
+    view.apply(OPEN, 60_000, Mode.NORMAL, 7, now=100.0)
+    view.apply(CLOSED, 0, Mode.NORMAL, 6, now=100.1)  # older: ignored
+    assert not view.closed and view.reject_until == pytest.approx(160.0)
+    view.apply(CLOSED, 0, Mode.NORMAL, 7, now=100.2)  # the same version again: ignored
+    assert not view.closed
+    view.apply(CLOSED, 0, Mode.NORMAL, 8, now=100.3)
+    assert view.closed and view.reject_until == 0.0

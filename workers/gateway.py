@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse
 from kombu.exceptions import KombuError
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat
 
-from cbtasks import AsyncRedisStore, CircuitBreaker, State, StoreUnavailableError
+from cbtasks import AsyncRedisStore, CircuitBreaker, State, StoreError
 from cbtasks import fallbacks as fb
 from cbtasks.server.http import guard_inputs
 from cbtasks.stores._connection import REDIS_TROUBLE
@@ -131,16 +131,42 @@ def create_gateway(
             return _error(503, f"cannot reach the result backend ({type(exc).__name__}: {exc})")
         return _reply(task_id, meta, waiting_status=200, failed_status=200)
 
-    @app.get("/healthz")
-    async def healthz() -> JSONResponse:
+    @app.get("/livez")
+    async def livez() -> JSONResponse:
+        """Liveness: the process answers. Nothing else: a restart fixes nothing more."""
+        return JSONResponse({"status": "alive"})
+
+    @app.get("/readyz")
+    @app.get("/healthz")  # the name of earlier versions
+    async def readyz() -> JSONResponse:
+        """Readiness: 503 only when a request could not be queued (the broker is away).
+
+        The breaker's Redis unreachable is said but is no reason to stop
+        traffic: /predict still queues every request, and the breaker decides
+        by its on_error meanwhile.
+        """
+        broker = await asyncio.to_thread(_broker_trouble, sender)
         store: AsyncRedisStore = app.state.store
         try:
             await store.ping()
-        except StoreUnavailableError as exc:
-            return _error(503, str(exc))
-        return JSONResponse({"status": "ok"})
+            breaker_state = "reachable"
+        except StoreError as exc:
+            breaker_state = f"unreachable ({exc}); the breaker decides by its on_error"
+        if broker is not None:
+            return _error(503, f"cannot reach the broker: {broker}")
+        return JSONResponse({"status": "ready", "breaker_state": breaker_state})
 
     return app
+
+
+def _broker_trouble(sender: celery.Celery) -> str | None:
+    """None when the broker takes a connection (one try, no wait between tries), else why not."""
+    try:
+        with sender.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+    except (KombuError, CeleryError, OSError) as exc:
+        return str(exc)
+    return None
 
 
 def _sender(app: celery.Celery) -> celery.Celery:
