@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, Self, TypeVar, cast
 
 from ._classify import Classifier, judge, retry_hint
 from ._errors import CircuitOpenError, PolicyError
+from ._events import CallRecorded, CallRejected, Events, HealthChecked, only_state_changes
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
@@ -113,7 +114,11 @@ class CircuitBreaker:
         # Any: a Store, or an AsyncStore whose methods only the async forms call.
         self.store: Any = store if store is not None else MemoryStore()
         self.fallback = fallback
-        self._listeners: list[Listener] = list(listeners)
+        #: Every call counted or refused, every transition, every health check (see
+        #: cbtasks._events): the metrics, Flower and ``listeners`` subscribe here.
+        self.events = Events()
+        for listener in listeners:
+            self.add_listener(listener)
         self._wire = policy.wire()
         self._view = self.store.view(self.name)
         self._clock = self.store.local_clock
@@ -141,6 +146,8 @@ class CircuitBreaker:
         self._health = health_checker(
             self.name, cast(Store, self.store), health_check, health_interval, self.health_passed
         )
+        if self._health is not None:
+            self._health.on_result = self._health_checked
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, policy={self.policy!r}, store={self.store!r})"
@@ -160,19 +167,24 @@ class CircuitBreaker:
                 if self.fallback is None:
                     raise
                 return cast(R, self.fallback(*args, **kwargs))
-        slow_ms = self._slow_ms
-        start = 0.0 if slow_ms is None else perf_counter()
+        slow_ms, events = self._slow_ms, self.events
+        timed = slow_ms is not None or bool(events)
+        start = perf_counter() if timed else 0.0
         try:
             result = fn(*args, **kwargs)
         except BaseException as exc:
-            self.record_exception(probe, exc, 0.0 if slow_ms is None else _ms_since(start))
+            self.record_exception(probe, exc, _ms_since(start) if timed else None)
             raise
         # record(), inlined: this is the path every healthy call takes.
-        slow = slow_ms is not None and _ms_since(start) > slow_ms
+        elapsed_ms = _ms_since(start) if timed else 0.0
+        slow = slow_ms is not None and elapsed_ms > slow_ms
         how = HEALTHY if probe is None and not slow else CallResult(probe, Outcome.SUCCESS, slow)
         reply = self.store.record(self.name, self._wire, how)
         if reply.version > self._view.version or reply.transitions:
             self._learn(reply)
+        if events:
+            seconds = elapsed_ms / 1000
+            events.emit(CallRecorded(self.name, Outcome.SUCCESS, seconds, slow, probe is not None))
         return result
 
     def stream(
@@ -262,25 +274,36 @@ class CircuitBreaker:
         # Before the local view: on an async store, a blocking admit() is a
         # mistake even while this process knows the circuit is closed.
         self._require_sync("admit")
-        if self._answered_locally():
-            return None
-        return self._admission(self.store.admit(self.name, self._wire, new_probe_id()))
+        try:
+            if self._answered_locally():
+                return None
+            return self._admission(self.store.admit(self.name, self._wire, new_probe_id()))
+        except CircuitOpenError as exc:
+            self._rejected(exc)
+            raise
 
     def record(
         self,
         probe: str | None,
         outcome: Outcome,
-        elapsed_ms: float = 0.0,
+        elapsed_ms: float | None = None,
         retry_after: float | None = None,
     ) -> None:
-        """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned."""
+        """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned.
+
+        ``elapsed_ms`` is how long the call took (None: not timed, never slow).
+        """
         self._require_sync("record")
         result = self._call_result(probe, outcome, elapsed_ms, retry_after)
-        self._recorded(self.store.record(self.name, self._wire, result))
+        self._recorded(self.store.record(self.name, self._wire, result), result, elapsed_ms)
 
-    def record_exception(self, probe: str | None, exc: BaseException, elapsed_ms: float) -> None:
-        """Count a call that raised ``exc``, classified by the policy."""
-        self.record(probe, self.classify(exc), elapsed_ms, retry_hint(exc))
+    def record_exception(
+        self, probe: str | None, exc: BaseException, elapsed_ms: float | None
+    ) -> Outcome:
+        """Count a call that raised ``exc``, classified by the policy; returns the outcome."""
+        outcome = self.classify(exc)
+        self.record(probe, outcome, elapsed_ms, retry_hint(exc))
+        return outcome
 
     def classify(self, exc: BaseException) -> Outcome:
         """Failure, ignored (the caller's fault), or success (the endpoint answered).
@@ -317,17 +340,36 @@ class CircuitBreaker:
         raise CircuitOpenError(self.name, retry_after, reason)
 
     def _call_result(
-        self, probe: str | None, outcome: Outcome, elapsed_ms: float, retry_after: float | None
+        self,
+        probe: str | None,
+        outcome: Outcome,
+        elapsed_ms: float | None,
+        retry_after: float | None,
     ) -> CallResult:
         """How a call went: slow or not, and the endpoint's Retry-After in ms (bounded)."""
-        slow = self._slow_ms is not None and elapsed_ms > self._slow_ms
+        slow = self._slow_ms is not None and elapsed_ms is not None and elapsed_ms > self._slow_ms
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
         # An endpoint's word, bounded: an hour at most.
         return CallResult(probe, outcome, slow, min(retry_after_ms, _MAX_RETRY_AFTER_MS))
 
-    def _recorded(self, reply: Reply) -> None:
+    def _recorded(self, reply: Reply, result: CallResult, elapsed_ms: float | None) -> None:
         if reply.version > self._view.version or reply.transitions:
             self._learn(reply)
+        if self.events:
+            seconds = None if elapsed_ms is None else elapsed_ms / 1000
+            self.events.emit(
+                CallRecorded(
+                    self.name, result.outcome, seconds, result.slow, result.probe_id is not None
+                )
+            )
+
+    def _rejected(self, exc: CircuitOpenError) -> None:
+        if self.events:
+            self.events.emit(CallRejected(self.name, exc.reason, exc.retry_after))
+
+    def _health_checked(self, name: str, healthy: bool) -> None:
+        if self.events:
+            self.events.emit(HealthChecked(name, healthy))
 
     def _require_sync(self, what: str) -> None:
         if self._async_store:
@@ -358,7 +400,9 @@ class CircuitBreaker:
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(StateChange)`` on every transition this process makes."""
-        self._listeners.append(listener)
+        if not callable(listener):
+            raise PolicyError(f"a listener must be callable, got {listener!r}")
+        self.events.subscribe(only_state_changes(listener))
 
     def _learn(self, reply: Reply) -> None:
         if self._health is not None:
@@ -389,13 +433,8 @@ class CircuitBreaker:
                 log.info(
                     "breaker %r: %s -> %s (%s)", self.name, event.from_state, event.to_state, reason
                 )
-            for listener in self._listeners:
-                try:
-                    listener(event)
-                except Exception:
-                    log.exception(
-                        "breaker %r: state-change listener %r failed", self.name, listener
-                    )
+            if self.events:
+                self.events.emit(event)
 
     # -- the operator's commands: each one atomic step of the store's machine ------
 
@@ -449,27 +488,33 @@ class CircuitBreaker:
 
     async def aadmit(self) -> str | None:
         """:meth:`admit`, awaiting the store when it must be asked."""
-        if self._answered_locally():
-            return None
-        reply: Reply = await _store_call(self, "admit", new_probe_id())
-        return self._admission(reply)
+        try:
+            if self._answered_locally():
+                return None
+            reply: Reply = await _store_call(self, "admit", new_probe_id())
+            return self._admission(reply)
+        except CircuitOpenError as exc:
+            self._rejected(exc)
+            raise
 
     async def arecord(
         self,
         probe: str | None,
         outcome: Outcome,
-        elapsed_ms: float = 0.0,
+        elapsed_ms: float | None = None,
         retry_after: float | None = None,
     ) -> None:
         """:meth:`record`, awaited."""
         result = self._call_result(probe, outcome, elapsed_ms, retry_after)
-        self._recorded(await _store_call(self, "record", result))
+        self._recorded(await _store_call(self, "record", result), result, elapsed_ms)
 
     async def arecord_exception(
-        self, probe: str | None, exc: BaseException, elapsed_ms: float
-    ) -> None:
+        self, probe: str | None, exc: BaseException, elapsed_ms: float | None
+    ) -> Outcome:
         """:meth:`record_exception`, awaited."""
-        await self.arecord(probe, self.classify(exc), elapsed_ms, retry_hint(exc))
+        outcome = self.classify(exc)
+        await self.arecord(probe, outcome, elapsed_ms, retry_hint(exc))
+        return outcome
 
     async def astatus(self) -> BreakerStatus | None:
         """:meth:`status`, awaited (and this process learns the state it read)."""

@@ -10,14 +10,11 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from cbtasks.task import _deferral
-from cbtasks.task._deferral import (
-    collect_now_and_then,
-    countdown,
-    expires_at,
-    header,
-    parked_message,
-)
+from cbtasks.task import _memory
+from cbtasks.task._countdown import countdown
+from cbtasks.task._headers import header
+from cbtasks.task._memory import collect_now_and_then
+from cbtasks.task._parked import expires_at, parked_message
 
 
 def app(visibility_timeout: float | None = None) -> Celery:
@@ -90,7 +87,7 @@ def test_garbage_is_collected_every_n_deferrals(monkeypatch: pytest.MonkeyPatch)
     """Every `every` deferrals a full collection; 0 never."""
     calls: list[Any] = []
     monkeypatch.setattr(gc, "collect", lambda *a: calls.append(a) or 0)
-    monkeypatch.setattr(_deferral, "_deferrals", iter(range(1, 100)))
+    monkeypatch.setattr(_memory, "_deferrals", iter(range(1, 100)))
     for _ in range(10):
         collect_now_and_then(5)
     assert len(calls) == 2
@@ -102,7 +99,7 @@ def test_garbage_is_collected_every_n_deferrals(monkeypatch: pytest.MonkeyPatch)
 def test_the_event_summary_tells_countdown_parked_failed_and_fallback_apart() -> None:
     """What Flower's task page shows as the result of a task waiting for its circuit."""
     from cbtasks import CircuitOpenError
-    from cbtasks.task._deferral import event_summary
+    from cbtasks.task._reports import event_summary
 
     exc = CircuitOpenError("iris-model", 2.0, "circuit is open")
     why = "circuit is open (breaker iris-model)"

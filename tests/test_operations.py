@@ -36,7 +36,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "CBTASKS_MODEL_URL": model.url,
             "CBTASKS_METRICS_PORT": str(metrics_port),
         }
-        worker = CeleryWorker(env, concurrency=2, queues="ops", name="ops", log_path=logs / "w.log")
+        worker = CeleryWorker(
+            env,
+            concurrency=2,
+            queues="ops",
+            name="ops",
+            log_path=logs / "w.log",
+            app="tests.worker_tasks",
+        )
         worker.start()
         store = RedisStore(redis_server.url)
         try:
@@ -705,3 +712,29 @@ def _serves_metrics(line: str, env: dict[str, str]) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(10)
+
+
+def test_a_tasks_own_retries_are_each_counted_once(fleet: dict[str, Any]) -> None:
+    """cbtasks_calls_total counts every run of a task: its own retries too (each run that
+    raised Retry was recorded by the breaker but missing from the metrics)."""
+    app = client_app(fleet["redis"].url)
+    CircuitBreaker("iris-model", store=fleet["store"]).reset()
+
+    def counted(outcome: str) -> float:
+        samples = _scrape(fleet["metrics"])
+        return _value(samples, "cbtasks_calls_total", outcome=outcome, breaker="iris-model")
+
+    def serving() -> bool:
+        try:
+            return httpx.get(fleet["metrics"], timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(serving, 30, "the worker's metrics")
+    ignored, succeeded = counted("ignored"), counted("success")
+    result = app.send_task("tests.retry_twice", queue="ops").get(timeout=60)
+    assert result["retries"] == 2
+    # Two runs that asked for a retry of their own (no cause: neither success nor
+    # failure), one that succeeded: three calls, each counted once.
+    wait_for(lambda: counted("ignored") - ignored == 2, 10, "the two retried runs counted")
+    assert counted("success") - succeeded == 1

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from cbtasks import BreakerPolicy, CircuitBreaker, CircuitBreakerTask, Outcome, RedisStore, State
 from cbtasks.stores._parking import ParkingLot
 from cbtasks.task import _releaser
-from cbtasks.task._deferral import publish_parked
+from cbtasks.task._parked import publish_parked
 from cbtasks.task._releaser import Releaser
 from tests.conftest import FakeClock, wait_for
 

@@ -7,13 +7,16 @@ clears every window bucket whatever policy it sends).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from .._errors import StoreError, StoreUnavailableError
 from .._policy import BreakerPolicy
 from ..stores import RedisStore
 from ..stores._base import BreakerStatus
+from ..stores._keys import breaker_keys
 from ..stores._parking import ParkingLot
 
 #: The policy an operator's reads and commands send (see the module's docstring).
@@ -55,3 +58,15 @@ def known_breaker(store: RedisStore, name: str) -> str | None:
     if name in known:
         return None
     return f"no breaker named {name!r} (known: {', '.join(known) or 'none yet'})"
+
+
+def recent_waits(store: RedisStore, breaker: str, limit: int) -> list[dict[str, Any]]:
+    """The newest ``limit`` requests that waited for ``breaker`` and then ran, newest first."""
+    raw = store.client.zrevrange(breaker_keys(store.prefix, breaker).waited, 0, limit - 1)
+    entries = []
+    for item in raw:
+        try:
+            entries.append(dict(json.loads(item)))
+        except (ValueError, TypeError):  # not ours: skip, as news does
+            continue
+    return entries

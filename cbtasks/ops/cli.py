@@ -33,7 +33,7 @@ from .._errors import PolicyError, StoreError, StoreUnavailableError
 from ..stores import RedisStore
 from ..stores._parking import ParkingLot
 from ..task._options import DEFAULTS
-from ._fleet import OPERATOR_POLICY, known_breaker, read_fleet
+from ._fleet import OPERATOR_POLICY, known_breaker, read_fleet, recent_waits
 from ._views import as_dict, plain_table, rich_table, waits_table
 
 COMMANDS = {
@@ -246,12 +246,10 @@ def waited(
     as_json: bool,
 ) -> None:
     """Requests that waited for NAME's circuit and then ran: how long, and why."""
-    from ..task._waits import recent_waits
-
     with _store(ctx, redis_url, prefix) as store:
         if unknown := known_breaker(store, name):
             raise CLIError(unknown)
-        entries = recent_waits(store.client, store.prefix, name, limit)
+        entries = recent_waits(store, name, limit)
     if as_json:
         click.echo(json.dumps(entries, indent=2))
         return

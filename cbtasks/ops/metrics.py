@@ -22,6 +22,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from .._errors import StoreUnavailableError
+from .._events import (
+    CallRecorded,
+    CallRejected,
+    Event,
+    FallbackServed,
+    HealthChecked,
+    RequestDeferred,
+    RequestWaited,
+)
 from .._state import StateChange
 from ..stores import RedisStore
 from ._fleet import read_fleet
@@ -137,39 +146,32 @@ class Metrics:
             "Failed Redis calls of the breaker store and of the completion guard",
         )
 
-    def call(self, breaker: str, outcome: str, seconds: float | None = None) -> None:
-        """A guarded call's outcome, and how long the endpoint took if it was called."""
-        if self.enabled:
-            self.calls.labels(breaker, outcome).inc()
-            if seconds is not None:
-                self.call_duration.labels(breaker, outcome).observe(seconds)
-
-    def waited(self, breaker: str, mode: str, seconds: float) -> None:
-        """A deferred request runs at last, ``seconds`` after it was first deferred."""
-        if self.enabled:
-            self.deferral_wait.labels(breaker, mode).observe(max(0.0, seconds))
-
-    def transition(self, event: StateChange) -> None:
-        if self.enabled:
-            self.transitions.labels(
-                event.breaker, event.from_state.value, event.to_state.value
-            ).inc()
-
-    def deferral(self, breaker: str, mode: str) -> None:
-        if self.enabled:
-            self.deferrals.labels(breaker, mode).inc()
-
-    def fallback(self, breaker: str, kind: str) -> None:
-        if self.enabled:
-            self.fallbacks.labels(breaker, kind).inc()
-
-    def probe(self, breaker: str) -> None:
-        if self.enabled:
-            self.probes.labels(breaker).inc()
-
-    def health_check(self, breaker: str, healthy: bool) -> None:
-        if self.enabled:
-            self.health_checks.labels(breaker, "healthy" if healthy else "unhealthy").inc()
+    def observe(self, event: Event) -> None:
+        """A subscriber of every breaker's events: each call counted once, as it was recorded."""
+        if not self.enabled:
+            return
+        match event:
+            case CallRecorded(breaker=breaker, outcome=outcome, seconds=seconds):
+                label = "slow" if event.slow else outcome.name.lower()
+                self.calls.labels(breaker, label).inc()
+                if seconds is not None:
+                    self.call_duration.labels(breaker, label).observe(seconds)
+                if event.probe:
+                    self.probes.labels(breaker).inc()
+            case CallRejected(breaker=breaker):
+                self.calls.labels(breaker, "rejected").inc()
+            case StateChange():
+                self.transitions.labels(
+                    event.breaker, event.from_state.value, event.to_state.value
+                ).inc()
+            case HealthChecked(breaker=breaker, healthy=healthy):
+                self.health_checks.labels(breaker, "healthy" if healthy else "unhealthy").inc()
+            case RequestDeferred(breaker=breaker, mode=mode):
+                self.deferrals.labels(breaker, mode).inc()
+            case FallbackServed(breaker=breaker, kind=kind):
+                self.fallbacks.labels(breaker, kind).inc()
+            case RequestWaited(breaker=breaker, mode=mode, seconds=seconds):
+                self.deferral_wait.labels(breaker, mode).observe(max(0.0, seconds))
 
     def store_error(self, exc: BaseException) -> None:
         if self.enabled:

@@ -17,9 +17,11 @@ from ..stores import RedisStore
 from ..stores._connection import describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
-from ._deferral import publish_parked, revoke_expired
 from ._options import classify_of, health_check_of, option, policy_of, redis_url
+from ._parked import publish_parked, revoke_expired
 from ._releaser import Releaser
+from ._reports import flower_events
+from ._waits import waits_record
 
 
 class ProcessParts:
@@ -74,13 +76,14 @@ class ProcessParts:
             self.breaker or self.name,
             policy=self._policy(),
             store=self.cbtasks_store,
-            listeners=[metrics().transition],
             health_check=health_check_of(self),
             health_interval=float(self._option("health_interval")),
             classify=classify_of(self),
         )
-        if breaker.health is not None:
-            breaker.health.on_result = metrics().health_check
+        # What the breaker and the task do reaches the metrics, Flower and the
+        # waits record through the breaker's one stream of events.
+        for subscriber in (metrics().observe, flower_events, waits_record):
+            breaker.events.subscribe(subscriber)
         return breaker
 
     def _policy(self) -> BreakerPolicy:

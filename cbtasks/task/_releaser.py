@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from ..stores._connection import REDIS_DOWN
 from ..stores._parking import ParkingLot
-from ._deferral import PoisonMessage
+from ._parked import PoisonMessage
 
 log = logging.getLogger("cbtasks.task")
 

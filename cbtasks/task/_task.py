@@ -33,27 +33,17 @@ from celery.exceptions import Ignore, Reject, Retry
 from .. import fallbacks as fb
 from .._classify import retry_hint
 from .._errors import CircuitOpenError, PolicyError
+from .._events import FallbackServed, RequestDeferred, RequestFailed, RequestWaited
 from .._policy import BreakerPolicy
 from .._state import Outcome
-from ..ops.metrics import metrics
 from ..stores._connection import REDIS_TROUBLE
-from ._deferral import (
-    DEADLINE,
-    DEFERRALS,
-    DEFERRED_AT,
-    as_the_same_request,
-    collect_now_and_then,
-    countdown,
-    expires_at,
-    header,
-    parked_message,
-    report_deferred,
-    send_circuit_event,
-    waited_since,
-)
-from ._options import hide_redis_url_from_reports, validate_options, validate_task
+from ._countdown import as_the_same_request, countdown
+from ._headers import DEADLINE, DEFERRALS, DEFERRED_AT, REASON, header, waited_since
+from ._memory import collect_now_and_then
+from ._options import hide_redis_url_from_reports, option, validate_options, validate_task
+from ._parked import expires_at, parked_message
 from ._parts import ProcessParts
-from ._waits import REASON, note_wait
+from ._reports import report_deferred
 
 __all__ = ["CircuitBreakerTask"]
 
@@ -135,32 +125,27 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         except CircuitOpenError as exc:
             rejection = exc.with_traceback(None)
         if rejection is not None:
-            metrics().call(guard.name, "rejected")
             return self._rejected(rejection, args, kwargs)
         waited = waited_since(request)
         if waited is not None:
-            note_wait(self, guard.name, waited)
+            guard.events.emit(RequestWaited(guard.name, option(self, "defer"), waited, self))
         start = perf_counter()
         failure: CircuitOpenError | None = None
         try:
             result = self.run(*args, **kwargs)
         except (Ignore, Reject):
-            guard.record(probe, Outcome.IGNORED)
-            metrics().call(guard.name, "ignored")
+            guard.record(probe, Outcome.IGNORED, _ms_since(start))
             raise
         except Retry as exc:
             # The task's own retry: its cause counts, its budget is its own.
             cause = exc.exc if isinstance(exc.exc, BaseException) else None
             if cause is None:
-                guard.record(probe, Outcome.IGNORED)
+                guard.record(probe, Outcome.IGNORED, _ms_since(start))
             else:
                 guard.record_exception(probe, cause, _ms_since(start))
             raise
         except Exception as exc:
-            elapsed_ms = _ms_since(start)
-            guard.record_exception(probe, exc, elapsed_ms)
-            outcome = guard.classify(exc)
-            metrics().call(guard.name, outcome.name.lower(), elapsed_ms / 1000)
+            outcome = guard.record_exception(probe, exc, _ms_since(start))
             # An endpoint failure is handled as a rejection would be (deferred,
             # or answered by the fallback); with on_open="fail" it is raised.
             if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
@@ -170,13 +155,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
         if failure is not None:
             return self._rejected(failure, args, kwargs)
-        elapsed_ms = _ms_since(start)
-        guard.record(probe, Outcome.SUCCESS, elapsed_ms)
-        slow_seconds = guard.policy.slow_call_seconds
-        slow = slow_seconds is not None and elapsed_ms > slow_seconds * 1000
-        metrics().call(guard.name, "slow" if slow else "success", elapsed_ms / 1000)
-        if probe is not None:
-            metrics().probe(guard.name)
+        guard.record(probe, Outcome.SUCCESS, _ms_since(start))
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
@@ -204,7 +183,7 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         if on_open == "fallback" and self._fallback is not None:
             return self._answer_with_fallback(exc, args, kwargs)
         if on_open == "fail":
-            self._event("task-circuit_open", exc, action="failed")
+            self._emit(RequestFailed(exc.name, exc, self))
             raise exc
         request = self.request
         deferrals = int(header(request, DEFERRALS) or 0)
@@ -214,25 +193,22 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
             exhausted = CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; gave up: {why}")
             if self._fallback is not None:
                 return self._answer_with_fallback(exhausted, args, kwargs)
-            self._event("task-circuit_open", exhausted, action="failed")
+            self._emit(RequestFailed(exc.name, exhausted, self))
             raise exhausted
         deferred_at = header(request, DEFERRED_AT) or time.time()
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
         collect_now_and_then(int(self._option("gc_every")))
         mode = self._option("defer")
-        metrics().deferral(exc.name, mode)
         if mode == "park" and self._parked(args, kwargs, headers):
-            self._event("task-circuit_open", exc, action="parked", deferrals=deferrals + 1)
+            self._emit(RequestDeferred(exc.name, "park", exc, deferrals + 1, None, self))
         else:
             wait = countdown(self.app, exc.retry_after, self._option("defer_jitter"))
             with as_the_same_request():
                 self.signature_from_request(
                     request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
                 ).apply_async()
-            self._event(
-                "task-circuit_open", exc, action="deferred", countdown=wait, deferrals=deferrals + 1
-            )
+            self._emit(RequestDeferred(exc.name, "countdown", exc, deferrals + 1, wait, self))
         if self._option("report_state") and not self.ignore_result:
             report_deferred(self, exc, mode, deferrals + 1)
         raise Ignore()
@@ -245,10 +221,10 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         try:
             kind, value = fb.answer(fallback, self, args, kwargs)
         except fb.NoFallback as miss:
-            self._event("task-circuit_open", exc, action="failed")
-            raise CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}") from exc
-        self._event("task-circuit_fallback", exc, kind=kind)
-        metrics().fallback(exc.name, kind)
+            failed = CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}")
+            self._emit(RequestFailed(exc.name, failed, self))
+            raise failed from exc
+        self._emit(FallbackServed(exc.name, kind, exc, self))
         return fb.mark(kind, value, exc.reason)
 
     # -- parking -------------------------------------------------------------------
@@ -286,8 +262,9 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
     def _fallback(self) -> fb.Fallback | None:
         return fb.as_fallback(self.fallback)
 
-    def _event(self, type_: str, exc: CircuitOpenError, **fields: Any) -> None:
-        send_circuit_event(self, type_, exc, **fields)
+    def _emit(self, event: RequestDeferred | FallbackServed | RequestFailed) -> None:
+        """What the task did with a refused request: to the breaker's events."""
+        self.cbtasks_breaker.events.emit(event)
 
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]

@@ -15,34 +15,32 @@ import logging
 import time
 from typing import Any
 
-from ..ops.metrics import metrics
+from .._events import Event, RequestWaited
 from ..stores._connection import REDIS_TROUBLE
 from ..stores._keys import breaker_keys
-from ._deferral import DEFERRALS, header
-from ._options import option
+from ._headers import DEFERRALS, REASON, header
 
 log = logging.getLogger("cbtasks.task")
 
 KEEP = 1000
 KEEP_SECONDS = 7 * 24 * 3600
-#: The last reason a request was deferred for (a header, as the deferral count is).
-REASON = "cbtasks_reason"
 
 
-def note_wait(task: Any, breaker: str, seconds: float) -> None:
-    """A deferred request runs at last: counted in the metrics, and kept for `cbtasks waited`."""
-    mode = str(option(task, "defer"))
-    metrics().waited(breaker, mode, seconds)
+def waits_record(event: Event) -> None:
+    """A subscriber: a deferred request ran at last; kept for `cbtasks waited`."""
+    if not isinstance(event, RequestWaited):
+        return
+    task = event.task
     entry = {
         "task_id": task.request.id,
         "task": task.name,
         "deferrals": int(header(task.request, DEFERRALS) or 0),
-        "waited_seconds": round(seconds, 3),
-        "mode": mode,
+        "waited_seconds": round(event.seconds, 3),
+        "mode": event.mode,
         "reason": str(header(task.request, REASON) or ""),
         "ran_at": time.time(),
     }
-    record_wait(task.cbtasks_redis, task.cbtasks_prefix, breaker, entry)
+    record_wait(task.cbtasks_redis, task.cbtasks_prefix, event.breaker, entry)
 
 
 def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -> None:
@@ -56,15 +54,3 @@ def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -
             pipe.execute()
     except REDIS_TROUBLE as exc:
         log.warning("cannot record the wait of task %s (%s)", entry.get("task_id"), exc)
-
-
-def recent_waits(client: Any, prefix: str, breaker: str, limit: int) -> list[dict[str, Any]]:
-    """The newest ``limit`` entries, newest first."""
-    raw = client.zrevrange(breaker_keys(prefix, breaker).waited, 0, limit - 1)
-    entries = []
-    for item in raw:
-        try:
-            entries.append(dict(json.loads(item)))
-        except (ValueError, TypeError):  # not ours: skip, as news does
-            continue
-    return entries

@@ -1,0 +1,168 @@
+"""What happened to a breaker's calls and requests: one stream of events per breaker.
+
+The breaker emits :class:`CallRecorded` for every call it counts (once, the
+task's own retries included), :class:`CallRejected` for every call it
+refuses, :class:`~cbtasks.StateChange` for every transition this process
+makes and :class:`HealthChecked` for each health check; a
+:class:`~cbtasks.CircuitBreakerTask` adds what it did with a refused or
+failed request (:class:`RequestDeferred`, :class:`FallbackServed`,
+:class:`RequestFailed`) and, when a deferred request runs at last,
+:class:`RequestWaited`. The Prometheus metrics, Flower's task events, the
+``cbtasks waited`` record and the breaker's ``listeners`` are subscribers;
+``breaker.events.subscribe(fn)`` adds yours.
+
+A subscriber runs on the thread that emits and must be quick; one that
+raises is logged and the others still run: watching never fails a call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ._state import Outcome, StateChange
+
+__all__ = [
+    "CallRecorded",
+    "CallRejected",
+    "Event",
+    "Events",
+    "FallbackServed",
+    "HealthChecked",
+    "RequestDeferred",
+    "RequestFailed",
+    "RequestWaited",
+]
+
+log = logging.getLogger("cbtasks")
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecorded:
+    """A call was made and counted: ``outcome``, ``seconds`` it took (None: not timed)."""
+
+    breaker: str
+    outcome: Outcome
+    seconds: float | None
+    slow: bool
+    #: It was a half-open probe.
+    probe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CallRejected:
+    """A call was refused without being made."""
+
+    breaker: str
+    reason: str
+    retry_after: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChecked:
+    """A health check was made while the circuit was open (by this process, for the fleet)."""
+
+    breaker: str
+    healthy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestDeferred:
+    """A task's request waits for the circuit: by ``mode`` "countdown" or "park"."""
+
+    breaker: str
+    mode: str
+    #: The rejection (or failed call) it waits out: reason and retry_after.
+    error: Any
+    deferrals: int
+    #: Seconds until it is delivered again (countdown mode), else None.
+    countdown: float | None
+    task: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackServed:
+    """A task's request was answered by its fallback of ``kind``."""
+
+    breaker: str
+    kind: str
+    error: Any
+    task: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """A task's request was not run and fails (on_open="fail", or deferrals exhausted)."""
+
+    breaker: str
+    error: Any
+    task: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RequestWaited:
+    """A deferred request runs at last, ``seconds`` after its first deferral."""
+
+    breaker: str
+    mode: str
+    seconds: float
+    task: Any
+
+
+Event = (
+    CallRecorded
+    | CallRejected
+    | StateChange
+    | HealthChecked
+    | RequestDeferred
+    | FallbackServed
+    | RequestFailed
+    | RequestWaited
+)
+Subscriber = Callable[[Event], object]
+
+
+class Events:
+    """The subscribers of one breaker's events, called in order on the emitting thread."""
+
+    __slots__ = ("_subscribers",)
+
+    def __init__(self) -> None:
+        self._subscribers: tuple[Subscriber, ...] = ()
+
+    def __bool__(self) -> bool:
+        """True when anyone listens: emitters skip building an event otherwise."""
+        return bool(self._subscribers)
+
+    def __repr__(self) -> str:
+        return f"Events(subscribers={len(self._subscribers)})"
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber(event)`` for every event from now on."""
+        if not callable(subscriber):
+            from ._errors import PolicyError
+
+            raise PolicyError(f"an event subscriber must be callable, got {subscriber!r}")
+        # A new tuple: emit() iterates the one it read, whatever is added meanwhile.
+        self._subscribers = (*self._subscribers, subscriber)
+
+    def emit(self, event: Event) -> None:
+        """Hand ``event`` to every subscriber; one that raises is logged, the rest still run."""
+        for subscriber in self._subscribers:
+            try:
+                subscriber(event)
+            except Exception:
+                log.exception("event subscriber %r failed on %r", subscriber, event)
+
+
+def only_state_changes(listener: Callable[[StateChange], object]) -> Subscriber:
+    """A breaker's ``listeners`` hear its transitions only, as they always did."""
+
+    def subscriber(event: Event) -> None:
+        if isinstance(event, StateChange):
+            listener(event)
+
+    subscriber.__qualname__ = f"only_state_changes({listener!r})"
+    return subscriber

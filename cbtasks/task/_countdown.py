@@ -1,0 +1,41 @@
+"""Countdown deferral: when the request comes back, and re-publishing it as the same request."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import celery
+from celery import _state as celery_state
+
+# A countdown message waits in worker memory, unacknowledged: it must be
+# re-published well before the broker's visibility timeout redelivers it.
+_VISIBILITY_SHARE = 0.5
+
+
+def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
+    """Until the next probe window, spread by jitter, capped below the visibility timeout."""
+    options = app.conf.broker_transport_options or {}
+    cap = float(options.get("visibility_timeout", 3600)) * _VISIBILITY_SHARE
+    return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
+
+
+@contextlib.contextmanager
+def as_the_same_request() -> Iterator[None]:
+    """Send from outside the running task, for a deferral's re-publish.
+
+    Celery makes the running task the parent (and root) of whatever it sends
+    when the message names none; a deferral is the same request again, with
+    the parent and root it came with (none, for a top-level task), not a
+    child of itself.
+    """
+    stack = celery_state._task_stack
+    hidden = []
+    while stack.top is not None:
+        hidden.append(stack.pop())
+    try:
+        yield
+    finally:
+        while hidden:
+            stack.push(hidden.pop())
