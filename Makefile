@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVERS_VENV := .venv-servers
 SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean mutate servers-venv
+.PHONY: test lint typecheck pytest docs demo bench clean mutate servers-venv
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ typecheck: $(STAMP)
 pytest: $(STAMP) $(SERVERS_STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+# The documentation site (mkdocs-material, the API reference by mkdocstrings),
+# warnings as errors: a broken link or a docstring mkdocstrings cannot read fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint typecheck docs pytest
 
 demo: $(STAMP)
 	$(BIN)/python -m cbtasks.ops.demo
@@ -42,7 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) $(SERVERS_VENV) build *.egg-info
+	rm -rf $(VENV) $(SERVERS_VENV) build site *.egg-info
 
 # Mutation testing of the core, the policy, the fallbacks, the clients and the
 # deferral logic against the fast tests ([tool.mutmut] in pyproject.toml); not

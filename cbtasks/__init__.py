@@ -4,6 +4,8 @@ The state of each breaker is shared by every worker process on every host
 through Redis; a task base class defers or falls back while a circuit is open.
 """
 
+import importlib.metadata as _metadata
+
 from ._breaker import CircuitBreaker
 from ._classify import Classifier, default_classify, retry_hint
 from ._errors import (
@@ -16,6 +18,16 @@ from ._errors import (
     StoreError,
     StoreUnavailableError,
 )
+from ._events import (
+    CallRecorded,
+    CallRejected,
+    Events,
+    FallbackServed,
+    HealthChecked,
+    RequestDeferred,
+    RequestFailed,
+    RequestWaited,
+)
 from ._policy import BreakerPolicy, CountWindow, TimeWindow
 from ._state import Outcome, State, StateChange
 from .stores import AsyncRedisStore, BreakerStatus, MemoryStore, OnError, RedisStore, Store
@@ -26,6 +38,8 @@ __all__ = [
     "BreakerPolicy",
     "BreakerStatus",
     "CBTasksError",
+    "CallRecorded",
+    "CallRejected",
     "CallerError",
     "CircuitBreaker",
     "CircuitBreakerTask",
@@ -34,11 +48,17 @@ __all__ = [
     "CountWindow",
     "EndpointError",
     "EndpointFailure",
+    "Events",
+    "FallbackServed",
+    "HealthChecked",
     "MemoryStore",
     "OnError",
     "Outcome",
     "PolicyError",
     "RedisStore",
+    "RequestDeferred",
+    "RequestFailed",
+    "RequestWaited",
     "State",
     "StateChange",
     "Store",
@@ -48,3 +68,19 @@ __all__ = [
     "default_classify",
     "retry_hint",
 ]
+
+try:
+    __version__ = _metadata.version("cbtasks")
+except _metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
+
+# Public names report the module users import them from (as httpx's do), so
+# reprs, tracebacks and the API reference say `cbtasks.CircuitBreaker`.
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type) or callable(_obj) and hasattr(_obj, "__qualname__"):
+        try:
+            _obj.__module__ = __name__
+        except (AttributeError, TypeError):  # an alias that has no module of its own
+            pass
+del _name, _obj

@@ -367,9 +367,9 @@ class CircuitBreaker:
         if self.events:
             self.events.emit(CallRejected(self.name, exc.reason, exc.retry_after))
 
-    def _health_checked(self, name: str, healthy: bool) -> None:
+    def _health_checked(self, name: str, healthy: bool, error: BaseException | None) -> None:
         if self.events:
-            self.events.emit(HealthChecked(name, healthy))
+            self.events.emit(HealthChecked(name, healthy, error))
 
     def _require_sync(self, what: str) -> None:
         if self._async_store:

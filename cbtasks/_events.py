@@ -66,6 +66,8 @@ class HealthChecked:
 
     breaker: str
     healthy: bool
+    #: What the check raised, if it raised (a timeout, a refused connection).
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)

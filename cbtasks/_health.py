@@ -29,7 +29,8 @@ class HealthChecker:
     Every ``interval`` seconds each process that a store reply told "open"
     asks the store for the fleet's turn (a lease of ``interval``): exactly one calls
     ``check()``. A truthy answer sends the ``healthy`` command. ``on_result``
-    (metrics) hears each answer. A check that raises counts as unhealthy.
+    (the breaker's events) hears each answer, with the exception if the check
+    raised one. A check that raises counts as unhealthy.
     """
 
     def __init__(
@@ -39,7 +40,7 @@ class HealthChecker:
         check: HealthCheck,
         interval: float,
         on_healthy: Callable[[], object],
-        on_result: Callable[[str, bool], None] | None = None,
+        on_result: Callable[[str, bool, BaseException | None], None] | None = None,
     ) -> None:
         self.name = name
         self.store = store
@@ -90,14 +91,15 @@ class HealthChecker:
             return
         if not self.store.claim(self.name, "health", int(self.interval * 1000)):
             return  # another process has this round
+        error: BaseException | None = None
         try:
             healthy = bool(self.check())
         except Exception as exc:
             log.debug("breaker %r: health check raised %r", self.name, exc)
-            healthy = False
+            healthy, error = False, exc
         self.checks += 1
         if self.on_result is not None:
-            self.on_result(self.name, healthy)
+            self.on_result(self.name, healthy, error)
         if healthy:
             self.passed += 1
             self.on_healthy()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import inspect
 import pathlib
 import pickle
 
@@ -37,12 +38,28 @@ def test_public_names_are_exactly_these() -> None:
         "State",
         "StateChange",
     }
-    functions = {"default_classify", "retry_hint"}
+    functions = {"default_classify", "retry_hint"}  # and the classes, by their capital
     assert sorted(cbtasks.__all__) == sorted(
         name
         for name in dir(cbtasks)
         if not name.startswith("_") and (name[0].isupper() or name in functions)
     )
+
+
+def test_public_names_report_the_public_module() -> None:
+    """Reprs, tracebacks and the API reference say cbtasks.X, not the private module."""
+    for name in cbtasks.__all__:
+        obj = getattr(cbtasks, name)
+        if isinstance(obj, type) or inspect.isfunction(obj):
+            assert obj.__module__ == "cbtasks", name
+    assert repr(cbtasks.CircuitOpenError("b", 1.0)).startswith("CircuitOpenError(")
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    """__version__ comes from the package metadata, as stamina's does."""
+    from importlib.metadata import version
+
+    assert cbtasks.__version__ == version("cbtasks")
 
 
 def test_original_small_api() -> None:

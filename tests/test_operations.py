@@ -102,7 +102,7 @@ def test_open_close_reset_disable_are_cluster_wide(fleet: dict[str, Any]) -> Non
     assert breaker.state is State.OPEN
     assert cli("close", "model-c", "--redis-url", url).returncode == 0
     assert breaker.state is State.CLOSED
-    for verb in ("close", "reset", "disable", "enable"):  # the README's --yes works everywhere
+    for verb in ("close", "reset", "disable", "enable"):  # the docs' --yes works everywhere
         assert cli(verb, "model-c", "--yes", "--redis-url", url).returncode == 0, verb
     disabled = json.loads(cli("disable", "model-c", "--json", "--redis-url", url).stdout)
     assert disabled["mode"] == "disabled"
@@ -651,9 +651,9 @@ def test_batch_interrupted_says_how_to_resume(
 
 
 def readme_operations() -> list[str]:
-    """The command lines of the README's "Operating a fleet" block, comments dropped."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Operating a fleet") :]
+    """The command lines of the docs' "Operating a fleet" block, comments dropped."""
+    readme = (ROOT / "docs" / "operations.md").read_text()
+    section = readme[readme.index("# Operating a fleet") :]
     block = section[section.index("```sh") + 5 : section.index("```", section.index("```sh") + 5)]
     return [line.split("  #")[0].strip() for line in block.strip().splitlines()]
 

@@ -141,7 +141,7 @@ def test_mlserver_bad_datatype_is_the_callers(mlserver: str) -> None:
 
 
 def test_mlserver_unknown_model_is_the_callers(mlserver: str) -> None:
-    """An unknown model: 404 (the same 404 as an unloaded one: see the README)."""
+    """An unknown model: 404 (the same 404 as an unloaded one: see docs/endpoints.md)."""
     with HTTPModelClient(mlserver, profile="mlserver") as client:
         state, raised = four_predictions(client, v2_request([1, 2, 3, 4]), "/v2/models/nope/infer")
     assert (state, raised) == (State.CLOSED, {CallerError})
@@ -149,7 +149,7 @@ def test_mlserver_unknown_model_is_the_callers(mlserver: str) -> None:
 
 def test_mlserver_bad_shape_is_counted_as_the_endpoints(mlserver: str) -> None:
     """MLServer answers a shape the model cannot take with 500 and a traceback: no client can
-    tell it from a crash, so it counts (the README says so)."""
+    tell it from a crash, so it counts (docs/endpoints.md says so)."""
     with HTTPModelClient(mlserver, profile="mlserver") as client:
         state, raised = four_predictions(
             client, v2_request([1, 2, 3], shape=[1, 3]), "/v2/models/iris/infer"
