@@ -5,6 +5,7 @@ through Redis; a task base class defers or falls back while a circuit is open.
 """
 
 import importlib.metadata as _metadata
+import inspect as _inspect
 
 from ._breaker import CircuitBreaker
 from ._classify import Classifier, default_classify, retry_hint
@@ -76,11 +77,9 @@ except _metadata.PackageNotFoundError:  # run from a source tree that was never 
 
 # Public names report the module users import them from (as httpx's do), so
 # reprs, tracebacks and the API reference say `cbtasks.CircuitBreaker`.
+# (Classifier, a type alias, has no module of its own to set.)
 for _name in __all__:
     _obj = globals()[_name]
-    if isinstance(_obj, type) or callable(_obj) and hasattr(_obj, "__qualname__"):
-        try:
-            _obj.__module__ = __name__
-        except (AttributeError, TypeError):  # an alias that has no module of its own
-            pass
+    if isinstance(_obj, type) or _inspect.isfunction(_obj):
+        _obj.__module__ = __name__
 del _name, _obj
