@@ -31,8 +31,8 @@ import click
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from ..stores import RedisStore
+from ..stores._keys import DEFAULT_PREFIX
 from ..stores._parking import ParkingLot
-from ..task._options import DEFAULTS
 from ._fleet import OPERATOR_POLICY, known_breaker, read_fleet, recent_waits
 from ._views import as_dict, plain_table, rich_table, waits_table
 
@@ -78,7 +78,7 @@ def _store(ctx: click.Context, redis_url: str | None, prefix: str | None) -> Red
     if not url:
         raise CLIError("no Redis to ask: pass --redis-url or set CBTASKS_REDIS_URL", 2)
     try:
-        store = RedisStore(url, prefix=prefix or DEFAULTS["prefix"], timeout=2.0)
+        store = RedisStore(url, prefix=prefix or DEFAULT_PREFIX, timeout=2.0)
         store.ping()
         store.refuse_one_cluster_node()  # one node would show only its own breakers
     except (PolicyError, StoreError) as exc:

@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 from ._base import validate_name
 
+#: The prefix of every key, unless a store (or app.conf.cbtasks_prefix) says otherwise.
+DEFAULT_PREFIX = "cbtasks"
+
 
 @dataclass(frozen=True, slots=True)
 class BreakerKeys:

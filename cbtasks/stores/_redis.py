@@ -50,7 +50,7 @@ from ._connection import (
     make_client,
     unreachable_message,
 )
-from ._keys import breaker_keys, name_of_state_key, news_channel, state_keys_pattern
+from ._keys import DEFAULT_PREFIX, breaker_keys, name_of_state_key, news_channel, state_keys_pattern
 from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
@@ -146,7 +146,7 @@ class RedisStoreBase:
         self,
         url_or_client: Any = "redis://localhost:6379/0",
         *,
-        prefix: str = "cbtasks",
+        prefix: str = DEFAULT_PREFIX,
         on_error: OnError | str = OnError.LOCAL,
         timeout: float = 0.25,
         retry_interval: float = 1.0,

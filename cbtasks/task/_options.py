@@ -13,6 +13,7 @@ from .. import fallbacks as fb
 from .._errors import PolicyError
 from .._policy import BreakerPolicy
 from ..stores._base import validate_name
+from ..stores._keys import DEFAULT_PREFIX
 from ..stores._outage import OnError
 
 ON_OPEN = ("defer", "fallback", "fail")
@@ -28,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "release_rate": 100.0,
     "max_release_rate": math.inf,
     "completion_ttl": 24 * 3600.0,
-    "prefix": "cbtasks",
+    "prefix": DEFAULT_PREFIX,
     "on_error": "local",
     # Bounds every Redis call the task makes (breaker, guard, parking lot):
     # past it the call follows on_error instead of stalling the task.

@@ -21,29 +21,46 @@ when the broker is Redis).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from time import perf_counter
-from typing import Any
+from typing import Any, ClassVar
 
 import celery
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import fallbacks as fb
+from .._breaker import CircuitBreaker
 from .._classify import retry_hint
 from .._errors import CircuitOpenError, PolicyError
 from .._events import FallbackServed, RequestDeferred, RequestFailed, RequestWaited
 from .._policy import BreakerPolicy
 from .._state import Outcome
-from ..stores._connection import REDIS_TROUBLE
+from ..ops.metrics import metrics
+from ..stores import RedisStore
+from ..stores._connection import REDIS_TROUBLE, describe_client
+from ..stores._parking import ParkingLot
+from ._completion import CompletionGuard
 from ._countdown import as_the_same_request, countdown
 from ._headers import DEADLINE, DEFERRALS, DEFERRED_AT, REASON, header, waited_since
 from ._memory import collect_now_and_then
-from ._options import hide_redis_url_from_reports, option, validate_options, validate_task
-from ._parked import expires_at, parked_message
-from ._parts import ProcessParts
-from ._reports import report_deferred
+from ._options import (
+    classify_of,
+    health_check_of,
+    hide_redis_url_from_reports,
+    option,
+    policy_of,
+    redis_url,
+    validate_options,
+    validate_task,
+)
+from ._parked import expires_at, parked_message, publish_parked, revoke_expired
+from ._releaser import Releaser
+from ._reports import flower_events, report_deferred
+from ._waits import waits_record
 
 __all__ = ["CircuitBreakerTask"]
 
@@ -52,7 +69,7 @@ hide_redis_url_from_reports()
 log = logging.getLogger("cbtasks.task")
 
 
-class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
+class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     """A task whose calls to a model endpoint go through a shared circuit breaker."""
 
     #: The breaker's name; tasks sharing it share one circuit. Default: the task's name.
@@ -99,6 +116,95 @@ class CircuitBreakerTask(ProcessParts, celery.Task):  # type: ignore[misc]
         # options as class attributes: bad options fail here, at registration.
         super().__init_subclass__(**kwargs)
         validate_options(cls, getattr(cls, "name", None) or cls.__name__)
+
+    # -- what each process makes once: breaker, store, parking lot, guard, releaser --
+    #
+    # Celery's prefork pool forks after the app is loaded, so nothing made in the
+    # parent is used in a child: each part is made once per process id.
+
+    _per_process: ClassVar[dict[tuple[int, str], Any]] = {}
+
+    @property
+    def cbtasks_breaker(self) -> CircuitBreaker:
+        """This process's breaker object for the task's circuit."""
+        return self._cached("breaker", self._make_breaker)  # type: ignore[no-any-return]
+
+    @property
+    def cbtasks_store(self) -> RedisStore:
+        url = redis_url(self.app)
+        prefix = self.cbtasks_prefix
+        on_error = self._option("on_error")
+        timeout = float(self._option("redis_timeout"))
+        key = f"store:{url}:{prefix}:{on_error}:{timeout}"
+        return self._cached(key, lambda: _store(url, prefix, on_error, timeout))  # type: ignore[no-any-return]
+
+    @property
+    def cbtasks_redis(self) -> Any:
+        return self.cbtasks_store.client
+
+    @property
+    def cbtasks_prefix(self) -> str:
+        return str(self._option("prefix"))
+
+    @property
+    def cbtasks_parking(self) -> ParkingLot:
+        return self._cached(  # type: ignore[no-any-return]
+            "parking",
+            lambda: ParkingLot(self.cbtasks_redis, self.cbtasks_prefix, self.cbtasks_breaker.name),
+        )
+
+    @property
+    def cbtasks_completions(self) -> CompletionGuard:
+        return self._cached(  # type: ignore[no-any-return]
+            "completions",
+            lambda: CompletionGuard(
+                self.cbtasks_redis, self.cbtasks_prefix, on_error=metrics().store_error
+            ),
+        )
+
+    def _make_breaker(self) -> CircuitBreaker:
+        breaker = CircuitBreaker(
+            self.breaker or self.name,
+            policy=self._policy(),
+            store=self.cbtasks_store,
+            health_check=health_check_of(self),
+            health_interval=float(self._option("health_interval")),
+            classify=classify_of(self),
+        )
+        # What the breaker and the task do reaches the metrics, Flower and the
+        # waits record through the breaker's one stream of events.
+        for subscriber in (metrics().observe, flower_events, waits_record):
+            breaker.events.subscribe(subscriber)
+        return breaker
+
+    def _policy(self) -> BreakerPolicy:
+        return policy_of(self)
+
+    def _cached(self, what: str, make: Any) -> Any:
+        key = (os.getpid(), f"{self.name}:{what}")
+        value = self._per_process.get(key)
+        if value is None:
+            value = self._per_process[key] = make()
+        return value
+
+    def cbtasks_releaser(self) -> Releaser:
+        """This process's releaser of the breaker's parked requests, started if need be."""
+        store = self.cbtasks_store
+        key = f"{describe_client(store.client)}|{store.prefix}|{self.cbtasks_breaker.name}"
+
+        def make() -> Releaser:
+            return Releaser(
+                self.cbtasks_parking,
+                functools.partial(publish_parked, self.app, self.cbtasks_breaker.name),
+                expire=functools.partial(revoke_expired, self.app),
+                rate=float(self._option("release_rate")),
+                max_rate=float(self._option("max_release_rate")),
+            )
+
+        return Releaser.ensure(key, make, store.add_news_hook)
+
+    def _option(self, name: str) -> Any:
+        return option(self, name)
 
     # -- the run -----------------------------------------------------------------
 
@@ -295,3 +401,9 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
 
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
+
+
+def _store(url: str, prefix: str, on_error: str, timeout: float) -> RedisStore:
+    store = RedisStore(url, prefix=prefix, on_error=on_error, timeout=timeout)
+    store.on_store_error = metrics().store_error
+    return store
