@@ -41,8 +41,8 @@ def test_the_half_open_wait_is_the_same_number() -> None:
 def test_no_script_spells_a_state_or_a_mode_as_a_bare_number() -> None:
     """A comparison with a literal state or mode code in a script is a constant not named."""
     bare = re.compile(r"\b(state|mode|S\.st|S\.md)\s*[=~]=\s*\d")
-    for op, text in MACHINE_SCRIPTS.items():
-        assert not bare.search(text), op
+    for op, script in MACHINE_SCRIPTS.items():
+        assert not bare.search(script.text), op
     for name in ("park", "release", "ack"):
         text = (resources.files("cbtasks.stores") / "lua" / f"{name}.lua").read_text()
         assert not bare.search(text), name

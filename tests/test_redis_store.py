@@ -249,3 +249,24 @@ def test_an_older_reply_never_overwrites_a_newer_one() -> None:
     assert not view.closed
     view.apply(CLOSED, 0, Mode.NORMAL, 8, now=100.3)
     assert view.closed and view.reject_until == 0.0
+
+
+def test_scripts_survive_a_script_flush(redis_url: str, name: str) -> None:
+    """Run by their SHA; after SCRIPT FLUSH (or a restart) Redis says NOSCRIPT and the
+    script is loaded again, for the breaker's scripts and the parking lot's alike."""
+    from cbtasks.stores._parking import ParkingLot
+
+    store = RedisStore(redis_url)
+    breaker = CircuitBreaker(name, store=store, fail_max=1)
+    lot = ParkingLot(store.client, store.prefix, name)
+    try:
+        breaker.call(lambda: None)
+        store.client.script_flush()
+        with pytest.raises(ConnectionResetError):
+            breaker.call(boom)
+        assert breaker.state is State.OPEN
+        store.client.script_flush()
+        assert lot.park("r1", {"task": "x"}) >= 1
+        assert lot.count() == 1
+    finally:
+        store.close()

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 import redis
 
 from ._keys import breaker_keys, parked_channel
-from ._scripts import CLOCK, CONSTANTS, lua
+from ._redis import drive
+from ._scripts import ACK, PARK, RELEASE, LuaScript
 
 __all__ = ["ParkingLot", "Released"]
 
@@ -46,9 +47,6 @@ class ParkingLot:
         self._expiries = keys.parked_expires
         self._dead = keys.parked_dead
         self._wake_channel = parked_channel(prefix)
-        self._park = client.register_script(CLOCK + lua("park"))
-        self._release = client.register_script(CLOCK + lua("release"))
-        self._ack = client.register_script(CONSTANTS + lua("ack"))
 
     def park(
         self,
@@ -70,7 +68,7 @@ class ParkingLot:
             self.breaker,
             _ms(expires_at),
         ]
-        return int(self._park(keys=keys, args=args))
+        return int(self._run(PARK, keys, args))
 
     def release(
         self,
@@ -103,7 +101,7 @@ class ParkingLot:
             int(probe_interval * 1000),
             most,
         ]
-        raw = self._release(keys=keys, args=args)
+        raw = self._run(RELEASE, keys, args)
         wait_ms, expired_count = int(raw[0]), int(raw[1])
         pairs = [(raw[i].decode(), raw[i + 1]) for i in range(2, len(raw), 2)]
         expired = [(rid, self._read(rid, data)) for rid, data in pairs[:expired_count]]
@@ -157,7 +155,10 @@ class ParkingLot:
     def ack(self, request_ids: list[str]) -> None:
         """These were re-published: forget them."""
         if request_ids:
-            self._ack(keys=[self._releasing, self._data, self._parked], args=request_ids)
+            self._run(ACK, [self._releasing, self._data, self._parked], request_ids)
+
+    def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        return drive(self.client, script.run(len(keys), *keys, *args))
 
     def count(self) -> int:
         """Requests parked or being released."""

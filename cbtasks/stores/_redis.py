@@ -32,7 +32,6 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 import redis
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from .._machine import CLOSED, HALF_OPEN, OPEN
@@ -79,27 +78,49 @@ Request = tuple[Any, ...] | Scan
 Flow = Generator[Request, Any, T]
 
 
+def drive(client: Any, flow: Flow[T]) -> T:
+    """Run ``flow`` on a blocking client: each request sent, its answer (or error) handed back."""
+    try:
+        request = next(flow)
+        while True:
+            try:
+                if isinstance(request, Scan):
+                    answer: Any = list(client.scan_iter(match=request.pattern, count=500))
+                else:
+                    answer = client.execute_command(*request)
+            except Exception as exc:  # the flow says what a failure means
+                request = flow.throw(exc)
+            else:
+                request = flow.send(answer)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def adrive(client: Any, flow: Flow[T]) -> T:
+    """Run ``flow`` on a ``redis.asyncio`` client, awaiting each request: :func:`drive`'s twin."""
+    try:
+        request = next(flow)
+        while True:
+            try:
+                if isinstance(request, Scan):
+                    scan = client.scan_iter(match=request.pattern, count=500)
+                    answer: Any = [key async for key in scan]
+                else:
+                    answer = await client.execute_command(*request)
+            except Exception as exc:  # the flow says what a failure means
+                request = flow.throw(exc)
+            else:
+                request = flow.send(answer)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
 def blocking(flow: Callable[Concatenate[S, P], Flow[T]]) -> Callable[Concatenate[S, P], T]:
     """The store operation that drives ``flow`` with the store's blocking client."""
 
     @functools.wraps(flow)
     def operation(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        steps = flow(self, *args, **kwargs)
-        client = self.client
-        try:
-            request = next(steps)
-            while True:
-                try:
-                    if isinstance(request, Scan):
-                        answer: Any = list(client.scan_iter(match=request.pattern, count=500))
-                    else:
-                        answer = client.execute_command(*request)
-                except Exception as exc:  # the flow says what a failure means
-                    request = steps.throw(exc)
-                else:
-                    request = steps.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return drive(self.client, flow(self, *args, **kwargs))
 
     return operation
 
@@ -111,23 +132,7 @@ def awaited(
 
     @functools.wraps(flow)
     async def operation(self: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        steps = flow(self, *args, **kwargs)
-        client = self.client
-        try:
-            request = next(steps)
-            while True:
-                try:
-                    if isinstance(request, Scan):
-                        scan = client.scan_iter(match=request.pattern, count=500)
-                        answer: Any = [key async for key in scan]
-                    else:
-                        answer = await client.execute_command(*request)
-                except Exception as exc:  # the flow says what a failure means
-                    request = steps.throw(exc)
-                else:
-                    request = steps.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        return await adrive(self.client, flow(self, *args, **kwargs))
 
     return operation
 
@@ -175,7 +180,6 @@ class RedisStoreBase:
         # A fake clock (tests) is sent to the scripts; else they read Redis TIME.
         self._fake_clock = clock
         self.local_clock: Callable[[], float] = clock or time.monotonic
-        self._shas: dict[str, str] = {}
         self._fixed: dict[str, tuple[bytes, ...]] = {}
         self._local = MemoryStore()
         self.outage = Outage(self.on_error, retry_interval)
@@ -281,25 +285,12 @@ class RedisStoreBase:
         if not strict and self._skip_redis(name):
             return None
         try:
-            try:
-                sha = yield from self._sha(op)
-                reply = yield ("EVALSHA", sha, *argv)
-            except NoScriptError:  # Redis restarted, or SCRIPT FLUSH: load it again
-                self._shas.pop(op, None)
-                sha = yield from self._sha(op)
-                reply = yield ("EVALSHA", sha, *argv)
+            reply = yield from MACHINE_SCRIPTS[op].run(*argv)
         except SCRIPT_ERRORS as exc:
             self._failed(exc, op, name, strict)
             return None
         self._succeeded(name)
         return reply
-
-    def _sha(self, op: str) -> Flow[str]:
-        sha = self._shas.get(op)
-        if sha is None:
-            loaded = yield ("SCRIPT LOAD", MACHINE_SCRIPTS[op])
-            sha = self._shas[op] = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
-        return sha
 
     # -- the scripts' arguments ---------------------------------------------------
 

@@ -1,9 +1,18 @@
-"""The Lua scripts of the stores and the parking lot, read once from ``stores/lua``."""
+"""The Lua scripts of the stores and the parking lot: read once, run one way.
+
+Every script is a :class:`LuaScript`: run by its SHA1 (computed here, so no
+round trip is spent loading it), loaded with SCRIPT LOAD only when Redis
+answers NOSCRIPT (a restart, a failover, SCRIPT FLUSH), and run again.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Generator
 from importlib import resources
 from typing import Any, NamedTuple
+
+from redis.exceptions import NoScriptError
 
 from .._machine import Transition
 from ._base import Reply
@@ -22,10 +31,35 @@ CONSTANTS = lua("constants")
 CLOCK = CONSTANTS + lua("clock")
 _MACHINE = CLOCK + lua("common")
 
+
+class LuaScript:
+    """One script: its text and SHA1; :meth:`run` is the flow of commands that runs it."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+
+    def run(self, numkeys: int, *argv: Any) -> Generator[tuple[Any, ...], Any, Any]:
+        """EVALSHA with ``numkeys`` keys then arguments in ``argv``; SCRIPT LOAD on NOSCRIPT."""
+        try:
+            return (yield ("EVALSHA", self.sha, numkeys, *argv))
+        except NoScriptError:  # Redis restarted, failed over, or SCRIPT FLUSH
+            yield ("SCRIPT LOAD", self.text)
+            return (yield ("EVALSHA", self.sha, numkeys, *argv))
+
+
 #: The breaker machine's operations, each the machine plus its own part.
-MACHINE_SCRIPTS = {op: _MACHINE + "\n" + lua(op) for op in ("admit", "record", "control", "status")}
+MACHINE_SCRIPTS = {
+    op: LuaScript(_MACHINE + "\n" + lua(op)) for op in ("admit", "record", "control", "status")
+}
 # The healthy path's script does without the machine: only the clock.
-MACHINE_SCRIPTS["success"] = CLOCK + lua("success")
+MACHINE_SCRIPTS["success"] = LuaScript(CLOCK + lua("success"))
+#: The parking lot's scripts.
+PARK = LuaScript(CLOCK + lua("park"))
+RELEASE = LuaScript(CLOCK + lua("release"))
+ACK = LuaScript(CONSTANTS + lua("ack"))
 
 
 # The replies' layouts, as the scripts write them (common.lua's finish(), and
