@@ -23,6 +23,22 @@ __all__ = ["app", "predict", "predict_grpc", "predict_or_default", "predict_park
 @app.task(
     base=CircuitBreakerTask,
     bind=True,
+    breaker="pause-model",
+    defer="pause",
+    name="tests.predict_paused",
+)
+def predict_paused(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """Its queue is paused by every worker while its circuit is open."""
+    return call_model(self, features)
+
+
+# The paused queue is the breaker's own: only predict_paused is routed there.
+app.conf.task_routes = {**(app.conf.task_routes or {}), "tests.predict_paused": "pause-model"}
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
     breaker="iris-model",
     max_deferrals=2,
     defer_jitter=0.1,

@@ -8,6 +8,7 @@ clears every window bucket whatever policy it sends).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ class BreakerRead:
     lot: ParkingLot
     #: Set when the breaker's state is corrupt; ``status`` is then None.
     error: str | None = None
+    #: Workers that paused the breaker's queue (defer="pause") while it is open.
+    paused: int = 0
 
 
 def read_fleet(store: RedisStore) -> Iterator[BreakerRead]:
@@ -49,7 +52,13 @@ def read_fleet(store: RedisStore) -> Iterator[BreakerRead]:
             yield BreakerRead(name, None, lot, str(exc))
             continue
         if status is not None:
-            yield BreakerRead(name, status, lot)
+            yield BreakerRead(name, status, lot, paused=paused_workers(store, name))
+
+
+def paused_workers(store: RedisStore, name: str) -> int:
+    """How many workers have breaker ``name``'s queue paused now (their notes not run out)."""
+    now_ms = int(time.time() * 1000)
+    return int(store.client.zcount(breaker_keys(store.prefix, name).paused, now_ms, "+inf"))
 
 
 def known_breaker(store: RedisStore, name: str) -> str | None:

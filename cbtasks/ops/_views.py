@@ -13,12 +13,23 @@ from typing import Any
 from ..stores import BreakerStatus
 from ..stores._parking import ParkingLot
 
-HEADER = ("NAME", "STATE", "MODE", "FAILURES", "TRIPS", "OPEN UNTIL", "PROBES", "PARKED", "DEAD")
+HEADER = (
+    "NAME",
+    "STATE",
+    "MODE",
+    "FAILURES",
+    "TRIPS",
+    "OPEN UNTIL",
+    "PROBES",
+    "PARKED",
+    "DEAD",
+    "PAUSED",
+)
 NO_BREAKERS = "no breakers yet (a breaker appears after its first call)"
 _STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow", "corrupt": "magenta"}
 
 
-def as_dict(status: BreakerStatus, lot: ParkingLot) -> dict[str, Any]:
+def as_dict(status: BreakerStatus, lot: ParkingLot, paused: int = 0) -> dict[str, Any]:
     """One breaker as plain data (``--json``)."""
     return {
         "name": status.name,
@@ -33,6 +44,8 @@ def as_dict(status: BreakerStatus, lot: ParkingLot) -> dict[str, Any]:
         "parked": lot.count(),
         # Parked requests that could not be released (poison), kept for an operator.
         "dead_letters": lot.dead_count(),
+        # Workers that stopped consuming the breaker's queue (defer="pause").
+        "paused_workers": paused,
     }
 
 
@@ -51,6 +64,7 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         str(row["probes_in_use"]),
         str(row["parked"]),
         str(row["dead_letters"]),
+        str(row.get("paused_workers", 0)),
     )
 
 

@@ -33,7 +33,7 @@ from .._errors import PolicyError, StoreError, StoreUnavailableError
 from ..stores import RedisStore
 from ..stores._keys import DEFAULT_PREFIX
 from ..stores._parking import ParkingLot
-from ._fleet import OPERATOR_POLICY, known_breaker, read_fleet, recent_waits
+from ._fleet import OPERATOR_POLICY, known_breaker, paused_workers, read_fleet, recent_waits
 from ._views import as_dict, plain_table, rich_table, waits_table
 
 COMMANDS = {
@@ -102,7 +102,7 @@ def status_rows(store: RedisStore) -> list[dict[str, Any]]:
     return [
         {"name": read.name, "state": "corrupt", "error": read.error}
         if read.status is None
-        else as_dict(read.status, read.lot)
+        else as_dict(read.status, read.lot, read.paused)
         for read in read_fleet(store)
     ]
 
@@ -164,7 +164,8 @@ def _control_command(verb: str, op: str, what: str) -> click.Command:
             store.control(name, OPERATOR_POLICY, op)
             now = store.status(name, OPERATOR_POLICY)
             assert now is not None
-            row = as_dict(now, ParkingLot(store.client, store.prefix, name))
+            lot = ParkingLot(store.client, store.prefix, name)
+            row = as_dict(now, lot, paused_workers(store, name))
         click.echo(json.dumps(row) if as_json else f"{name}: {row['state']} ({row['mode']})")
 
     return control

@@ -82,6 +82,11 @@ class BreakerCollector:
         parked = GaugeMetricFamily(
             "cbtasks_breaker_parked_requests", "Requests parked until it closes", labels=["breaker"]
         )
+        paused = GaugeMetricFamily(
+            "cbtasks_queue_paused",
+            "Workers that stopped consuming the breaker's queue while it is open (defer=pause)",
+            labels=["breaker"],
+        )
         try:
             for read in read_fleet(self.store):
                 name, status = read.name, read.status
@@ -99,9 +104,10 @@ class BreakerCollector:
                 trips.add_metric([name], status.trips)
                 probes.add_metric([name], status.probes_in_use)
                 parked.add_metric([name], read.lot.count())
+                paused.add_metric([name], read.paused)
         except StoreUnavailableError as exc:  # the scrape shows what it got, and the
             log.warning("metrics: %s", exc)  # per-process counters still answer
-        yield from (state, mode, failures, trips, probes, parked)
+        yield from (state, mode, failures, trips, probes, parked, paused)
 
 
 class Metrics:

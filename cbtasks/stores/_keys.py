@@ -9,7 +9,9 @@ Cluster slot and one script can touch them all:
   messages, ``:parked:expires`` their expiry, ``:parked:dead`` the poison
   ones, ``:releasing`` the leases of releases in flight, ``:release-ramp``
   the slow start;
-- ``:waited`` the requests that waited and then ran.
+- ``:waited`` the requests that waited and then ran; ``:paused`` the workers
+  that paused the breaker's queue (defer="pause"), ``:claim:consume:<queue>``
+  the half-open consumer's lease.
 
 Outside any breaker: ``<prefix>:news`` and ``<prefix>:parked`` (channels),
 ``<prefix>:done:<task id>`` (the completion guard).
@@ -79,6 +81,10 @@ class BreakerKeys:
     @property
     def waited(self) -> str:
         return f"{self.base}:waited"
+
+    @property
+    def paused(self) -> str:
+        return f"{self.base}:paused"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -17,10 +17,13 @@ from ..stores._keys import DEFAULT_PREFIX
 from ..stores._outage import OnError
 
 ON_OPEN = ("defer", "fallback", "fail")
-DEFER = ("countdown", "park")
+DEFER = ("countdown", "park", "pause")
+#: What defer="pause" does with a request already in hand when the circuit opens.
+IN_HAND = ("countdown", "park")
 DEFAULTS: dict[str, Any] = {
     "on_open": "defer",
     "defer": "countdown",
+    "pause_in_hand": "countdown",
     "max_deferrals": 1000,
     "defer_deadline": 24 * 3600.0,
     "defer_jitter": 1.0,
@@ -104,6 +107,11 @@ def _check(name: str, values: dict[str, Any]) -> None:
         )
     if defer is not None and defer not in DEFER:
         raise PolicyError(f"task {name}: defer must be one of {', '.join(DEFER)}, got {defer!r}")
+    in_hand = values.get("pause_in_hand")
+    if in_hand is not None and in_hand not in IN_HAND:
+        raise PolicyError(
+            f"task {name}: pause_in_hand must be one of {', '.join(IN_HAND)}, got {in_hand!r}"
+        )
     if on_open == "fallback" and values.get("fallback") is None:
         raise PolicyError(f"task {name}: on_open='fallback' needs fallback=...")
     check = values.get("health_check")

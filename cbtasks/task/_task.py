@@ -58,6 +58,7 @@ from ._options import (
     validate_task,
 )
 from ._parked import expires_at, parked_message, publish_parked, revoke_expired
+from ._pause import PauseQueues, check_pause_queues, pause_queues
 from ._releaser import Releaser
 from ._reports import flower_events, report_deferred
 from ._waits import waits_record
@@ -78,8 +79,12 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     breaker_policy: BreakerPolicy | None = None
     #: What a rejected request does: "defer" (default), "fallback" or "fail".
     on_open: str | None = None
-    #: How it is deferred: "countdown" (default) or "park".
+    #: How it is deferred: "countdown" (default), "park", or "pause" (the fleet stops
+    #: consuming the task's queue while the circuit is open; see ``_pause``).
     defer: str | None = None
+    #: With defer="pause": what a request already in hand when the circuit opens
+    #: does, "countdown" (default) or "park".
+    pause_in_hand: str | None = None
     #: A fallback from cbtasks.fallbacks, or a callable taking the task's arguments.
     fallback: Any = None
     #: Deferrals allowed before the request gets its fallback or fails.
@@ -125,6 +130,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     _per_process: ClassVar[dict[tuple[int, str], Any]] = {}
 
     @property
+    def cbtasks_breaker_name(self) -> str:
+        """The name of the task's circuit (``breaker``, else the task's name)."""
+        return self.breaker or self.name
+
+    @property
     def cbtasks_breaker(self) -> CircuitBreaker:
         """This process's breaker object for the task's circuit."""
         return self._cached("breaker", self._make_breaker)  # type: ignore[no-any-return]
@@ -164,7 +174,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     def _make_breaker(self) -> CircuitBreaker:
         breaker = CircuitBreaker(
-            self.breaker or self.name,
+            self.cbtasks_breaker_name,
             policy=self._policy(),
             store=self.cbtasks_store,
             health_check=health_check_of(self),
@@ -202,6 +212,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             )
 
         return Releaser.ensure(key, make, store.add_news_hook)
+
+    def _deferral_mode(self) -> str:
+        """How a request in hand is deferred: countdown or park (pause: its in-hand choice)."""
+        mode = str(self._option("defer"))
+        return str(self._option("pause_in_hand")) if mode == "pause" else mode
 
     def _option(self, name: str) -> Any:
         return option(self, name)
@@ -305,7 +320,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
         collect_now_and_then(int(self._option("gc_every")))
-        mode = self._option("defer")
+        mode = self._deferral_mode()
         if mode == "park" and self._parked(args, kwargs, headers):
             self._emit(RequestDeferred(exc.name, "park", exc, deferrals + 1, None, self))
         else:
@@ -377,14 +392,18 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 def _check_options(sender: Any = None, **_: Any) -> None:
     """Every option of every CircuitBreakerTask, app.conf included, before the worker starts."""
     app = getattr(sender, "app", None) or celery.current_app
-    for task in list(app.tasks.values()):
-        if isinstance(task, CircuitBreakerTask):
-            try:
+    try:
+        for task in list(app.tasks.values()):
+            if isinstance(task, CircuitBreakerTask):
                 validate_task(task)
-            except PolicyError as exc:
-                log.critical("cbtasks: %s", exc)
-                # Celery logs and swallows a receiver's Exception: stop the worker.
-                raise SystemExit(f"cbtasks: {exc}") from None
+        if pause_queues(app):
+            check_pause_queues(app)
+            # Before the consumer is built (worker_init comes first): its bootstep.
+            app.steps["consumer"].add(PauseQueues)
+    except PolicyError as exc:
+        log.critical("cbtasks: %s", exc)
+        # Celery logs and swallows a receiver's Exception: stop the worker.
+        raise SystemExit(f"cbtasks: {exc}") from None
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
@@ -395,7 +414,7 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
     per worker keeps an idle fleet's Redis traffic to one re-check per worker.
     """
     for task in list(celery.current_app.tasks.values()):
-        if isinstance(task, CircuitBreakerTask) and task._option("defer") == "park":
+        if isinstance(task, CircuitBreakerTask) and task._deferral_mode() == "park":
             task.cbtasks_releaser()
 
 

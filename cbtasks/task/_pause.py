@@ -1,0 +1,313 @@
+"""defer="pause": while a breaker's circuit is open, the fleet stops taking its queue.
+
+A request handled while the endpoint is down is work spent on nothing; the
+cheapest deferral is not taking the message at all. The queue a pause-mode
+task is routed to belongs to its breaker (checked when the worker starts). A
+consumer bootstep, :class:`PauseQueues`, runs one :class:`QueueGate` per such
+queue in each worker's main process; the gate keeps the worker's consumption
+of the queue in line with the circuit, level-triggered: news of the breaker
+wakes it, and it looks again every ``RECHECK_SECONDS`` in case news was lost.
+
+- open (or forced open): the worker stops consuming the queue
+  (``cancel_task_queue``); the messages wait in the broker, costing nothing;
+- half-open: the probes must come from real requests, so one worker of the
+  fleet, the one holding a lease in Redis, consumes; its extra prefetched
+  requests meet the probe budget and wait as messages in hand do;
+- closed (or disabled, or Redis unreachable: the breaker decides per task
+  then): every worker consumes again, each after a random delay of up to
+  ``RESUME_JITTER_SECONDS``, so the endpoint is not met by the whole fleet at
+  once.
+
+Consumer calls go through the event loop (``consumer.call_soon``), never from
+the gate's thread. A message already in hand when the circuit opens (one a
+process prefetched, or one an in-flight BRPOP delivered) is deferred by
+countdown or parked (``pause_in_hand``), so nothing is lost. With the Redis
+broker, kombu restores a dead worker's unacknowledged messages only from a
+channel that consumes something: a worker whose every queue is paused
+consumes ``cbtasks.restore`` (a queue nothing is sent to) meanwhile.
+
+Each paused worker notes itself in ``<prefix>:{breaker}:paused`` (a sorted set
+of hostnames by the time the note runs out), which ``cbtasks status`` and the
+``cbtasks_queue_paused`` gauge count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from celery import bootsteps
+
+from .._state import Mode, State
+from ..stores._connection import REDIS_TROUBLE
+from ..stores._keys import breaker_keys
+
+log = logging.getLogger("cbtasks.task")
+
+#: At most this long between two looks at the circuit, news or not.
+RECHECK_SECONDS = 2.0
+#: A worker resuming after a close waits a random delay of up to this long.
+RESUME_JITTER_SECONDS = 1.0
+#: How long the half-open consumer's lease lasts (renewed at every look).
+PROBE_LEASE_SECONDS = 3 * RECHECK_SECONDS
+#: How long a worker's "paused" note lasts unless renewed (a dead worker's runs out).
+PAUSED_NOTE_SECONDS = 3 * RECHECK_SECONDS
+#: The queue a worker whose every queue is paused consumes (nothing is sent to it).
+RESTORE_QUEUE = "cbtasks.restore"
+
+
+class QueueGate:
+    """One worker's consumption of one queue, kept in line with its breaker's circuit.
+
+    ``consume(bool)`` is called on this gate's thread with what the worker
+    should do; it hands the change to the consumer's event loop.
+    """
+
+    def __init__(
+        self,
+        queue: str,
+        breaker: Any,
+        consume: Callable[[bool], None],
+        hostname: str,
+        *,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.queue = queue
+        self.breaker = breaker
+        self.store = breaker.store
+        self.hostname = hostname
+        self._consume = consume
+        self._rand = rand
+        keys = breaker_keys(self.store.prefix, breaker.name)
+        self._paused_key = keys.paused
+        self._lease_key = keys.claim(f"consume:{queue}")
+        self._wire = breaker.policy.wire()
+        #: What this worker does now: it consumes every queue when it starts.
+        self.consuming = True
+        self.wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"QueueGate({self.queue!r}, breaker={self.breaker.name!r})"
+
+    # -- deciding ------------------------------------------------------------------
+
+    def should_consume(self) -> bool:
+        """What the circuit says this worker should do with the queue now."""
+        try:
+            status = self.store.status(self.breaker.name, self._wire, strict=False)
+        except REDIS_TROUBLE:
+            status = None
+        if status is None or status.mode is Mode.DISABLED:
+            return True  # no state yet, shadow mode, or Redis away: the breaker decides
+        if status.state is State.CLOSED:
+            return True
+        if status.state is State.HALF_OPEN and status.mode is not Mode.FORCED_OPEN:
+            return self._hold_probe_lease()
+        return False
+
+    def _hold_probe_lease(self) -> bool:
+        """True while this worker is the fleet's one half-open consumer of the queue."""
+        client, ttl = self.store.client, int(PROBE_LEASE_SECONDS * 1000)
+        try:
+            if client.set(self._lease_key, self.hostname, nx=True, px=ttl):
+                return True
+            holder = client.get(self._lease_key)
+            if holder is not None and holder.decode() == self.hostname:
+                client.pexpire(self._lease_key, ttl)
+                return True
+        except REDIS_TROUBLE:
+            return True  # Redis away: the breaker decides per task
+        return False
+
+    # -- acting --------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        """Look at the circuit once and make the worker's consumption follow it."""
+        wanted = self.should_consume()
+        if wanted and not self.consuming:
+            # A close reaches every worker at once: spread the fleet's return.
+            if self._stopped.wait(self._rand() * RESUME_JITTER_SECONDS):
+                return
+            wanted = self.should_consume()
+        if wanted != self.consuming:
+            self.consuming = wanted
+            log.info(
+                "queue %r of breaker %r: %s",
+                self.queue,
+                self.breaker.name,
+                "consuming again" if wanted else "paused while the circuit is open",
+            )
+            self._consume(wanted)
+        self._note()
+
+    def _note(self) -> None:
+        """Keep this worker's "paused" note current (or take it away)."""
+        client = self.store.client
+        try:
+            if self.consuming:
+                client.zrem(self._paused_key, self.hostname)
+            else:
+                until = int((time.time() + PAUSED_NOTE_SECONDS) * 1000)
+                client.zadd(self._paused_key, {self.hostname: until})
+        except REDIS_TROUBLE as exc:
+            log.debug("cannot note the pause of %r (%s)", self.queue, exc)
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.store.add_news_hook(self._on_news)
+        self._thread = threading.Thread(
+            target=self._run, name=f"cbtasks-pause-{self.queue}", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        with contextlib.suppress(*REDIS_TROUBLE):  # else the note runs out on its own
+            self.store.client.zrem(self._paused_key, self.hostname)
+
+    def _on_news(self, name: str) -> None:
+        if name == self.breaker.name:
+            self.wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self.wake.clear()
+            try:
+                self.reconcile()
+            except Exception:
+                log.exception("queue %r: the pause check failed", self.queue)
+            self.wake.wait(RECHECK_SECONDS)
+
+
+class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The consumer bootstep of defer="pause": a QueueGate per paused queue it consumes."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.gates: list[QueueGate] = []
+
+    def start(self, consumer: Any) -> None:
+        from ._task import CircuitBreakerTask
+
+        consumed = {queue.name for queue in consumer.task_consumer.queues}
+        tasks = {}
+        for queue, task in pause_queues(consumer.app).items():
+            if queue in consumed:
+                tasks[queue] = task
+        redis_broker = getattr(consumer.connection.transport, "driver_type", "") == "redis"
+        for queue, task in tasks.items():
+            assert isinstance(task, CircuitBreakerTask)
+            gate = QueueGate(
+                queue,
+                task.cbtasks_breaker,
+                _consumer_switch(consumer, queue, consumed, redis_broker),
+                consumer.hostname,
+            )
+            # Before the event loop runs: a worker that starts while the circuit
+            # is open takes nothing from the queue.
+            if not gate.should_consume():
+                gate.consuming = False
+                _apply(consumer, queue, False, consumed, redis_broker)
+                gate._note()
+            gate.start()
+            self.gates.append(gate)
+
+    def stop(self, consumer: Any) -> None:
+        for gate in self.gates:
+            gate.stop()
+        self.gates = []
+
+    shutdown = stop
+
+
+def _consumer_switch(
+    consumer: Any, queue: str, consumed: set[str], redis_broker: bool
+) -> Callable[[bool], None]:
+    """What a gate calls: the change, handed to the consumer's event loop."""
+
+    def switch(consume: bool) -> None:
+        consumer.call_soon(_apply, consumer, queue, consume, consumed, redis_broker)
+        dispatcher = getattr(consumer, "event_dispatcher", None)
+        if dispatcher is not None:
+            consumer.call_soon(
+                dispatcher.send,
+                "worker-circuit_queue",
+                queue=queue,
+                paused=not consume,
+            )
+
+    return switch
+
+
+def _apply(consumer: Any, queue: str, consume: bool, consumed: set[str], redis: bool) -> None:
+    """On the event loop: start or stop consuming ``queue``."""
+    if consume:
+        consumer.add_task_queue(queue)
+        consumed.add(queue)
+        if redis and consumer.task_consumer.consuming_from(RESTORE_QUEUE):
+            consumer.cancel_task_queue(RESTORE_QUEUE)
+        return
+    if redis and consumed == {queue}:
+        # The worker's last queue: keep a channel consuming, so kombu still
+        # restores the unacknowledged messages of dead workers.
+        consumer.add_task_queue(RESTORE_QUEUE)
+    consumer.cancel_task_queue(queue)
+    consumed.discard(queue)
+
+
+def pause_queues(app: Any) -> dict[str, Any]:
+    """Each queue a defer="pause" task is routed to, with that task (one per queue)."""
+    from ._task import CircuitBreakerTask
+
+    queues: dict[str, Any] = {}
+    for task in list(app.tasks.values()):
+        if isinstance(task, CircuitBreakerTask) and task._option("defer") == "pause":
+            queues.setdefault(queue_of(app, task), task)
+    return queues
+
+
+def queue_of(app: Any, task: Any) -> str:
+    """The queue ``task`` is sent to by the app's routes (``task_routes``), else the default.
+
+    (A task's own ``queue`` attribute is deprecated in Celery 5.7: route it instead.)
+    """
+    route = app.amqp.router.route({}, task.name, (), {})
+    queue = route.get("queue")
+    return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
+
+
+def check_pause_queues(app: Any) -> None:
+    """Refuse (PolicyError) a paused queue shared with a task of another breaker."""
+    from .._errors import PolicyError
+    from ._task import CircuitBreakerTask
+
+    for queue, owner in pause_queues(app).items():
+        breaker = owner.cbtasks_breaker_name
+        strangers = sorted(
+            task.name
+            for task in list(app.tasks.values())
+            if not task.name.startswith("celery.")
+            and queue_of(app, task) == queue
+            and not (isinstance(task, CircuitBreakerTask) and task.cbtasks_breaker_name == breaker)
+        )
+        if strangers:
+            raise PolicyError(
+                f"queue {queue!r} belongs to breaker {breaker!r} (task {owner.name} pauses it "
+                f"while the circuit is open), but {', '.join(strangers)} "
+                f"{'is' if len(strangers) == 1 else 'are'} routed there too and would stop "
+                f"with it: route {'it' if len(strangers) == 1 else 'them'} to another queue, "
+                f"or use defer='countdown' or 'park'"
+            )

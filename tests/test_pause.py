@@ -1,0 +1,338 @@
+"""defer="pause": the fleet stops taking a breaker's queue while its circuit is open.
+
+The gate on its own (a real Redis, a consumer that records what it is told),
+then real workers: messages wait in the broker while open and run once after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from cbtasks import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitBreakerTask,
+    EndpointFailure,
+    PolicyError,
+    RedisStore,
+)
+from cbtasks._testing.processes import CeleryWorker, ModelServer, client_app
+from cbtasks._testing.redis_server import RedisServer
+from cbtasks.ops._fleet import paused_workers
+from cbtasks.task import _pause
+from cbtasks.task._pause import QueueGate, check_pause_queues
+from tests.conftest import wait_for
+
+POLICY = BreakerPolicy(failure_threshold=1, open_seconds=300, half_open_probes=1)
+
+
+def down() -> None:
+    raise EndpointFailure("503")
+
+
+class Switches:
+    """What a gate told the consumer, in order."""
+
+    def __init__(self) -> None:
+        self.told: list[bool] = []
+
+    def __call__(self, consume: bool) -> None:
+        self.told.append(consume)
+
+
+@pytest.fixture
+def store(redis_url: str) -> Iterator[RedisStore]:
+    with RedisStore(redis_url) as store:
+        yield store
+
+
+def gate_for(store: RedisStore, name: str, host: str = "w1@host") -> tuple[QueueGate, Switches]:
+    switches = Switches()
+    breaker = CircuitBreaker(name, policy=POLICY, store=store)
+    return QueueGate("q", breaker, switches, host, rand=lambda: 0.0), switches
+
+
+def test_open_pauses_and_close_resumes(store: RedisStore, name: str) -> None:
+    """Open: stop consuming, noted for operators; closed: consume again, the note gone."""
+    gate, switches = gate_for(store, name)
+    gate.reconcile()
+    assert switches.told == [] and gate.consuming  # no state yet: consume
+    gate.breaker.force_open()
+    gate.reconcile()
+    assert switches.told == [False]
+    assert paused_workers(store, name) == 1
+    gate.reconcile()
+    assert switches.told == [False]  # level-triggered: told once
+    gate.breaker.force_close()
+    gate.reconcile()
+    assert switches.told == [False, True]
+    assert paused_workers(store, name) == 0
+
+
+def test_shadow_mode_and_an_unreachable_redis_keep_consuming(name: str) -> None:
+    """Disabled (shadow mode) admits every call; Redis away: each task's breaker decides."""
+    with RedisServer() as own, RedisStore(own.url) as store:
+        gate, switches = gate_for(store, name)
+        gate.breaker.force_open()
+        gate.breaker.disable()
+        gate.reconcile()
+        assert switches.told == []
+        gate.breaker.enable()
+        gate.breaker.force_open()
+        gate.reconcile()
+        assert switches.told == [False]
+        own.stop()
+        gate.reconcile()
+        assert switches.told == [False, True]
+
+
+def test_one_worker_of_the_fleet_consumes_while_half_open(store: RedisStore, name: str) -> None:
+    """The probes must come from real requests: one worker, under a lease, takes them."""
+    first, first_told = gate_for(store, name, "w1@host")
+    second, second_told = gate_for(store, name, "w2@host")
+    with pytest.raises(EndpointFailure):
+        first.breaker.call(down)  # a trip: open
+    for gate in (first, second):
+        gate.reconcile()
+    first.breaker.health_passed()  # open -> half-open
+    for _ in range(3):  # the holder renews its lease; the other stays paused
+        first.reconcile()
+        second.reconcile()
+    assert first_told.told == [False, True]
+    assert second_told.told == [False]
+    first.breaker.force_close()
+    second.reconcile()
+    assert second_told.told == [False, True]
+
+
+def test_news_wakes_the_gate(
+    store: RedisStore, redis_url: str, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A trip made by another process is acted on at once, not at the next re-check."""
+    monkeypatch.setattr(_pause, "RECHECK_SECONDS", 60.0)
+    gate, switches = gate_for(store, name)
+    gate.start()
+    try:
+        wait_for(lambda: store.news._listener is not None, 5, "the news listener")
+        wait_for(lambda: store.news._listener.subscriptions > 0, 5, "the subscription")
+        with RedisStore(redis_url) as other:
+            CircuitBreaker(name, policy=POLICY, store=other).force_open()
+        wait_for(lambda: switches.told == [False], 5, "the gate to pause on news")
+    finally:
+        gate.stop()
+
+
+def test_the_recheck_covers_lost_news(
+    store: RedisStore, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no news at all, the slow re-check still finds the open circuit."""
+    monkeypatch.setattr(_pause, "RECHECK_SECONDS", 0.1)
+    gate, switches = gate_for(store, name)
+    monkeypatch.setattr(store, "add_news_hook", lambda hook: None)  # news never arrives
+    gate.start()
+    try:
+        gate.breaker.force_open()
+        wait_for(lambda: switches.told == [False], 5, "the re-check to pause")
+        gate.breaker.force_close()
+        wait_for(lambda: switches.told == [False, True], 5, "the re-check to resume")
+    finally:
+        gate.stop()
+
+
+def test_a_queue_shared_with_another_breakers_task_is_refused() -> None:
+    """Pausing the queue would stop a task that is not the breaker's: the worker refuses,
+    naming the tasks and the queue."""
+    app = Celery("pause-shared", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+    app.conf.task_routes = {"*": {"queue": "gpu"}}
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
+    def generate() -> None:
+        """Pauses the gpu queue while llm's circuit is open."""
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="embedder")
+    def embed() -> None:
+        """Another breaker's task on the same queue."""
+
+    @app.task(shared=False)
+    def housekeeping() -> None:
+        """A plain task on the same queue."""
+
+    app.finalize(auto=True)
+    with pytest.raises(PolicyError) as refused:
+        check_pause_queues(app)
+    message = str(refused.value)
+    assert "queue 'gpu' belongs to breaker 'llm'" in message
+    assert "embed" in message and "housekeeping" in message
+
+
+def test_tasks_sharing_the_breaker_may_share_its_queue() -> None:
+    """Every task on the queue with the same breaker: nothing to refuse."""
+    app = Celery("pause-ok", set_as_current=False)
+    app.conf.task_routes = {"*": {"queue": "gpu"}}
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
+    def generate() -> None:
+        """Pauses the gpu queue."""
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="llm")
+    def summarize() -> None:
+        """Same breaker, same queue."""
+
+    app.finalize(auto=True)
+    check_pause_queues(app)
+
+
+def test_a_request_in_hand_is_deferred_by_its_pause_in_hand_mode() -> None:
+    """What a process already holds when the circuit opens: countdown or park, as chosen."""
+    app = Celery("pause-in-hand", set_as_current=False)
+
+    @app.task(base=CircuitBreakerTask, shared=False, defer="pause")
+    def by_countdown() -> None:
+        """The default."""
+
+    @app.task(base=CircuitBreakerTask, shared=False, defer="pause", pause_in_hand="park")
+    def by_park() -> None:
+        """Parked."""
+
+    app.finalize(auto=True)
+    assert by_countdown._deferral_mode() == "countdown"
+    assert by_park._deferral_mode() == "park"
+
+    def dropped() -> None:
+        """Must never be registered."""
+
+    with pytest.raises(PolicyError, match="pause_in_hand must be one of countdown, park"):
+        app.task(base=CircuitBreakerTask, shared=False, defer="pause", pause_in_hand="drop")(
+            dropped
+        )
+        app.finalize(auto=True)
+
+
+# -- real workers ------------------------------------------------------------------------
+
+FEATURES = [5.1, 3.5, 1.4, 0.2]
+QUEUE = "pause-model"
+
+
+@pytest.fixture(scope="module")
+def pause_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    logs = tmp_path_factory.mktemp("pause")
+    with RedisServer() as redis_server, ModelServer() as model:
+        env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": model.url}
+        store = RedisStore(redis_server.url)
+        try:
+            yield {"redis": redis_server, "model": model, "env": env, "store": store, "logs": logs}
+        finally:
+            store.close()
+
+
+def queued(url: str) -> int:
+    return int(redis.Redis.from_url(url).llen(QUEUE))
+
+
+def test_a_paused_worker_leaves_the_messages_in_the_broker(pause_fleet: dict[str, Any]) -> None:
+    """Open: the worker takes nothing from the queue (no endpoint call, no re-publish);
+    closed: it takes them all, each run once."""
+    url, model = pause_fleet["redis"].url, pause_fleet["model"]
+    model.clear_faults()
+    breaker = CircuitBreaker("pause-model", store=pause_fleet["store"])
+    breaker.reset()
+    worker = CeleryWorker(
+        pause_fleet["env"],
+        concurrency=2,
+        queues=QUEUE,
+        name="pause1",
+        log_path=pause_fleet["logs"] / "pause1.log",
+        app="tests.worker_tasks",
+    )
+    worker.start()
+    try:
+        app = client_app(url)
+        first = app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        assert first.get(timeout=60)["label"] == "setosa"
+        breaker.force_open()
+        wait_for(lambda: paused_workers(pause_fleet["store"], "pause-model") == 1, 10, "pause")
+        calls_before = model.stats()["requests"]
+        results = [
+            app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(10)
+        ]
+        wait_for(lambda: queued(url) == 10, 10, "the ten to wait in the queue")
+        assert model.stats()["requests"] == calls_before
+        breaker.force_close()
+        assert all(r.get(timeout=60)["label"] == "setosa" for r in results)
+        assert queued(url) == 0
+        assert paused_workers(pause_fleet["store"], "pause-model") == 0
+        assert model.stats()["calls_after_success"] == 0
+    finally:
+        worker.stop()
+
+
+def test_a_worker_started_while_open_takes_nothing(pause_fleet: dict[str, Any]) -> None:
+    """The gate decides before the event loop runs: nothing is taken, then all once closed."""
+    url = pause_fleet["redis"].url
+    breaker = CircuitBreaker("pause-model", store=pause_fleet["store"])
+    breaker.reset()
+    breaker.force_open()
+    app = client_app(url)
+    results = [app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(5)]
+    worker = CeleryWorker(
+        pause_fleet["env"],
+        concurrency=2,
+        queues=QUEUE,
+        name="pause2",
+        log_path=pause_fleet["logs"] / "pause2.log",
+        app="tests.worker_tasks",
+    )
+    worker.start()
+    try:
+        wait_for(lambda: paused_workers(pause_fleet["store"], "pause-model") == 1, 30, "pause")
+        assert queued(url) == 5
+        breaker.force_close()
+        assert all(r.get(timeout=60)["label"] == "setosa" for r in results)
+    finally:
+        worker.stop()
+
+
+def test_a_worker_killed_while_paused_loses_nothing(pause_fleet: dict[str, Any]) -> None:
+    """A worker SIGKILLed with a request in hand while the fleet is paused: the request
+    comes back to the queue (kombu restores unacked messages only from a channel that
+    consumes something: the paused worker consumes cbtasks.restore meanwhile), waits
+    there while open, and runs once the circuit closes."""
+    url, model, store = pause_fleet["redis"].url, pause_fleet["model"], pause_fleet["store"]
+    breaker = CircuitBreaker("pause-model", store=store)
+    breaker.reset()
+    model.clear_faults()
+    model.faults(latency_ms=8000)
+    env = {**pause_fleet["env"], "CBTASKS_VISIBILITY_TIMEOUT": "3"}
+    holder = CeleryWorker(
+        env, concurrency=1, queues=QUEUE, name="holder", app="tests.worker_tasks",
+        log_path=pause_fleet["logs"] / "holder.log",
+    )  # fmt: skip
+    survivor = CeleryWorker(
+        env, concurrency=1, queues=QUEUE, name="survivor", app="tests.worker_tasks",
+        log_path=pause_fleet["logs"] / "survivor.log",
+    )  # fmt: skip
+    holder.start()
+    try:
+        requests_before = model.stats()["requests"]
+        result = client_app(url).send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        wait_for(lambda: model.stats()["requests"] > requests_before, 30, "the call in flight")
+        survivor.start()
+        breaker.force_open()
+        wait_for(lambda: paused_workers(store, "pause-model") == 2, 30, "both paused")
+        holder.kill()
+        wait_for(lambda: queued(url) == 1, 30, "the killed worker's request back in the queue")
+        model.clear_faults()
+        breaker.force_close()
+        assert result.get(timeout=60)["label"] == "setosa"
+        assert queued(url) == 0
+    finally:
+        holder.stop()
+        survivor.stop()
+        model.clear_faults()
