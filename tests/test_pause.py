@@ -336,3 +336,73 @@ def test_a_worker_killed_while_paused_loses_nothing(pause_fleet: dict[str, Any])
         holder.stop()
         survivor.stop()
         model.clear_faults()
+
+
+def test_pause_with_rabbitmq_as_broker(pause_fleet: dict[str, Any]) -> None:
+    """basic.cancel on RabbitMQ: while open the messages wait in the queue, then run once."""
+    from tests.test_task_e2e import RABBITMQ_URL, _rabbitmq_reachable
+
+    if not _rabbitmq_reachable():
+        pytest.skip(f"no RabbitMQ at {RABBITMQ_URL} (set CBTASKS_TEST_RABBITMQ_URL); CI has one")
+    store = pause_fleet["store"]
+    breaker = CircuitBreaker("pause-model", store=store)
+    breaker.reset()
+    pause_fleet["model"].clear_faults()
+    client = Celery(
+        "rabbit-pause", broker=RABBITMQ_URL, backend=pause_fleet["redis"].url, set_as_current=False
+    )
+    client.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+
+    def waiting() -> int:
+        with client.connection() as connection:
+            return int(connection.default_channel.queue_declare(QUEUE, passive=True).message_count)
+
+    with client.connection() as connection:  # what an earlier run may have left
+        connection.default_channel.queue_declare(QUEUE, durable=True, auto_delete=False)
+        connection.default_channel.queue_purge(QUEUE)
+    env = {**pause_fleet["env"], "CBTASKS_BROKER_URL": RABBITMQ_URL}
+    worker = CeleryWorker(
+        env, concurrency=2, queues=QUEUE, name="rabbitpause", app="tests.worker_tasks",
+        log_path=pause_fleet["logs"] / "rabbitpause.log",
+    )  # fmt: skip
+    worker.start()
+    try:
+        first = client.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        assert first.get(timeout=60)["label"] == "setosa"
+        breaker.force_open()
+        wait_for(lambda: paused_workers(store, "pause-model") == 1, 30, "the pause")
+        results = [
+            client.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(8)
+        ]
+        wait_for(lambda: waiting() == 8, 10, "the eight to wait in RabbitMQ")
+        breaker.force_close()
+        assert all(r.get(timeout=60)["label"] == "setosa" for r in results)
+        assert waiting() == 0
+    finally:
+        worker.stop()
+        with client.connection() as connection:
+            connection.default_channel.queue_delete(QUEUE)
+
+
+def test_a_shared_queue_stops_the_worker_at_start() -> None:
+    """The check runs at worker_init: the worker refuses to start, saying why."""
+    from types import SimpleNamespace
+
+    from cbtasks.task._task import _check_options
+
+    app = Celery("pause-refused", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+    app.conf.task_routes = {"*": {"queue": "gpu"}}
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
+    def generate() -> None:
+        """Pauses the gpu queue."""
+
+    @app.task(shared=False)
+    def cleanup() -> None:
+        """Not the breaker's."""
+
+    app.finalize(auto=True)
+    with pytest.raises(SystemExit, match="queue 'gpu' belongs to breaker 'llm'"):
+        _check_options(sender=SimpleNamespace(app=app))
+    assert not any(step.__name__ == "PauseQueues" for step in app.steps["consumer"])
