@@ -32,6 +32,18 @@ def predict_paused(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     return call_model(self, features)
 
 
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="iris-model",
+    completion_check="always",
+    name="tests.predict_checked",
+)
+def predict_checked(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """The completion guard looks at every message: the same task id again gets the result."""
+    return call_model(self, features)
+
+
 # The paused queue is the breaker's own: only predict_paused is routed there.
 app.conf.task_routes = {**(app.conf.task_routes or {}), "tests.predict_paused": "pause-model"}
 

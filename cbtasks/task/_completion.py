@@ -19,16 +19,25 @@ log = logging.getLogger("cbtasks.task")
 
 
 class CompletionGuard:
-    """Marks of completed task ids, with their results, kept ``ttl`` seconds in Redis."""
+    """Marks of completed task ids, with their results.
+
+    With a result backend (``backend``), the mark is Celery's own: a task that
+    succeeded has SUCCESS and its result there, so the guard writes nothing
+    and reads the backend. Without one (or for a task that ignores its
+    result), the guard keeps its own mark in Redis for ``ttl`` seconds.
+    """
 
     def __init__(
         self,
         client: Any,
         prefix: str,
         on_error: Callable[[BaseException], None] | None = None,
+        backend: Any = None,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        #: The task's result backend, when it stores the task's results.
+        self.backend = backend
         #: Told of each read or mark Redis could not serve (the metrics count them:
         #: a mark not written is a redelivery that may call the endpoint again).
         self.on_error = on_error
@@ -38,6 +47,13 @@ class CompletionGuard:
 
     def result_of(self, task_id: str) -> tuple[Any] | None:
         """``(result,)`` if ``task_id`` completed before, else None."""
+        if self.backend is not None:
+            try:
+                meta = self.backend.get_task_meta(task_id)
+            except Exception as exc:  # a backend that cannot answer: call, as in an outage
+                self._failed(exc)
+                return None
+            return (meta.get("result"),) if meta.get("status") == "SUCCESS" else None
         try:
             raw = self.client.get(self._key(task_id))
         except REDIS_TROUBLE as exc:
@@ -46,7 +62,9 @@ class CompletionGuard:
         return None if raw is None else (json.loads(raw),)
 
     def mark(self, task_id: str, result: Any, ttl: float) -> None:
-        """Remember that ``task_id`` completed with ``result``."""
+        """Remember that ``task_id`` completed with ``result`` (the backend's store does it)."""
+        if self.backend is not None:
+            return
         try:
             encoded = json.dumps(result)
         except (TypeError, ValueError):

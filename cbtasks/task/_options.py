@@ -20,6 +20,8 @@ ON_OPEN = ("defer", "fallback", "fail")
 DEFER = ("countdown", "park", "pause")
 #: What defer="pause" does with a request already in hand when the circuit opens.
 IN_HAND = ("countdown", "park")
+#: Which messages the completion guard looks at.
+COMPLETION_CHECK = ("redelivered", "always")
 DEFAULTS: dict[str, Any] = {
     "on_open": "defer",
     "defer": "countdown",
@@ -32,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "release_rate": 100.0,
     "max_release_rate": math.inf,
     "completion_ttl": 24 * 3600.0,
+    "completion_check": "redelivered",
     "prefix": DEFAULT_PREFIX,
     "on_error": "local",
     # Bounds every Redis call the task makes (breaker, guard, parking lot):
@@ -107,6 +110,12 @@ def _check(name: str, values: dict[str, Any]) -> None:
         )
     if defer is not None and defer not in DEFER:
         raise PolicyError(f"task {name}: defer must be one of {', '.join(DEFER)}, got {defer!r}")
+    completion = values.get("completion_check")
+    if completion is not None and completion not in COMPLETION_CHECK:
+        raise PolicyError(
+            f"task {name}: completion_check must be one of {', '.join(COMPLETION_CHECK)}, "
+            f"got {completion!r}"
+        )
     in_hand = values.get("pause_in_hand")
     if in_hand is not None and in_hand not in IN_HAND:
         raise PolicyError(

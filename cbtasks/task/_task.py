@@ -99,8 +99,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     #: Where the slow start stops growing (default: no cap, the workers'
     #: concurrency is the limit).
     max_release_rate: float | None = None
-    #: Seconds a completed task id is remembered (no second call if redelivered).
+    #: Seconds a completed task id is remembered (no second call if redelivered),
+    #: where the task has no result backend to remember it.
     completion_ttl: float | None = None
+    #: Which messages the completion guard looks at: "redelivered" (default: those
+    #: the broker redelivers, and deferred ones) or "always" (every message: the
+    #: same task id sent again on purpose is answered from the first run).
+    completion_check: str | None = None
     #: A callable returning true when the endpoint looks healthy: while the
     #: circuit is open one process of the fleet calls it every
     #: ``health_interval`` seconds, and a pass makes it half-open at once.
@@ -168,7 +173,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         return self._cached(  # type: ignore[no-any-return]
             "completions",
             lambda: CompletionGuard(
-                self.cbtasks_redis, self.cbtasks_prefix, on_error=metrics().store_error
+                self.cbtasks_redis,
+                self.cbtasks_prefix,
+                on_error=metrics().store_error,
+                backend=self._result_backend(),
             ),
         )
 
@@ -227,7 +235,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         request = self.request
         if request.called_directly or request.is_eager:
             return self._call_in_place(args, kwargs)
-        done = self._completion(request.id)
+        done = self._completion(request.id) if self._may_have_run(request) else None
         if done is not None:
             log.info(
                 "task %s[%s] completed before: not calling the endpoint again",
@@ -371,6 +379,28 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         self.cbtasks_parking.park(self.request.id, message, expires_at=expires_at(message))
 
     # -- the completion guard ---------------------------------------------------------
+
+    def _may_have_run(self, request: Any) -> bool:
+        """Whether this message may be a request that completed already: worth a look.
+
+        A message the broker redelivers (Redis restoring an unacknowledged one,
+        RabbitMQ after a lost connection) may have run; so may a deferred one
+        (a parked request released twice when its release's ack was lost). A
+        fresh message has not: the healthy path reads nothing.
+        ``completion_check="always"`` looks at every message (the same task id
+        sent again on purpose).
+        """
+        if self._option("completion_check") == "always":
+            return True
+        delivery = getattr(request, "delivery_info", None) or {}
+        return bool(delivery.get("redelivered")) or header(request, DEFERRALS) is not None
+
+    def _result_backend(self) -> Any:
+        """The backend that keeps this task's results, if any (the completion guard reads it)."""
+        backend = self.backend
+        if self.ignore_result or backend is None or type(backend).__name__ == "DisabledBackend":
+            return None
+        return backend
 
     def _completion(self, task_id: str) -> tuple[Any] | None:
         done: tuple[Any] | None = self.cbtasks_completions.result_of(task_id)
