@@ -19,6 +19,7 @@ idles that long and the Redis commands it sends are counted by kind.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import threading
@@ -39,6 +40,7 @@ _TIME = "recovery to last done (s)"
 VARIANTS = {
     "cbtasks countdown": "workers.predict",
     "cbtasks park": "workers.predict_parked",
+    "cbtasks pause": "workers.predict_paused",
     "celery autoretry": "workers.predict_autoretry",
     "pybreaker redis + retry": "workers.predict_pybreaker_redis",
     "pybreaker memory + retry": "workers.predict_pybreaker_memory",
@@ -58,20 +60,68 @@ def _stack(
     # A client app of its own per run: Celery caches its connections per app.
     client = client_app(server.url, f"bench-{name}")
     worker = CeleryWorker(
-        env, concurrency=4, log_path=logs / f"{name}.log", app="bench.baselines"
+        env,
+        concurrency=4,
+        queues="celery,iris-model",  # iris-model: the pause variant's own queue
+        log_path=logs / f"{name}.log",
+        app="bench.baselines",
     ).start()
     return server, model, worker, client
+
+
+#: The queue each task is sent to (a client app has no routes): pause needs its own.
+QUEUES = {"workers.predict_paused": "iris-model"}
 
 
 def _send(app: Any, task_name: str, tasks: int, rate: float) -> list[Any]:
     """``tasks`` tasks, all at once (rate 0) or ``rate`` a second, from a thread."""
     results: list[Any] = []
+    queue = QUEUES.get(task_name, "celery")
     start = time.monotonic()
     for i in range(tasks):
         if rate:
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
-        results.append(app.send_task(task_name, (FEATURES,)))
+        results.append(app.send_task(task_name, (FEATURES,), queue=queue))
     return results
+
+
+def _done_times(client: Any, results: list[Any]) -> list[float]:
+    """When each task was done (epoch seconds), from the result backend's date_done."""
+    from datetime import datetime
+
+    times = []
+    for result in results:
+        raw = client.get(f"celery-task-meta-{result.id}")
+        if raw:
+            done = json.loads(raw).get("date_done")
+            if done:
+                times.append(datetime.fromisoformat(done).timestamp())
+    return sorted(times)
+
+
+def _rate(times: list[float]) -> float:
+    """Tasks done per second over the span in which ``times`` fell."""
+    if len(times) < 2:
+        return 0.0
+    return (len(times) - 1) / max(times[-1] - times[0], 1e-3)
+
+
+def healthy_run(task_name: str, tasks: int, latency_ms: float, logs: Path) -> float:
+    """The same workers' throughput on a healthy backlog of ``tasks``: tasks done per second."""
+    server, model, worker, app = _stack(logs, f"healthy-{task_name}")
+    try:
+        client = redis.Redis.from_url(server.url)
+        queue = QUEUES.get(task_name, "celery")
+        app.send_task(task_name, (FEATURES,), queue=queue).get(timeout=60)
+        model.faults(latency_ms=latency_ms)
+        results = _send(app, task_name, tasks, 0.0)
+        for result in results:
+            result.get(timeout=600)
+        return _rate(_done_times(client, results))
+    finally:
+        worker.stop()
+        model.stop()
+        server.stop()
 
 
 def outage_run(
@@ -86,7 +136,8 @@ def outage_run(
     server, model, worker, app = _stack(logs, task_name, open_seconds)
     try:
         client = redis.Redis.from_url(server.url)
-        app.send_task(task_name, (FEATURES,)).get(timeout=60)  # the worker is up
+        queue = QUEUES.get(task_name, "celery")
+        app.send_task(task_name, (FEATURES,), queue=queue).get(timeout=60)  # the worker is up
         model.faults(latency_ms=latency_ms)
         model.reset_stats()
         client.config_resetstat()
@@ -108,6 +159,7 @@ def outage_run(
         while model.stats()["down"]:
             time.sleep(0.05)
         recovered = time.monotonic()
+        recovered_at = time.time()
         model.phase("recovery")
         sender.join()
         lost = 0
@@ -122,6 +174,10 @@ def outage_run(
         commandstats = client.info("commandstats")
         commands = sum(v["calls"] for v in commandstats.values())
 
+        # The drain: tasks done after the endpoint came back, per second, over
+        # the span from the first of them to the last.
+        drained = [t for t in _done_times(client, results) if t >= recovered_at]
+
         def per_task(command: str) -> float:
             return round(commandstats.get(f"cmdstat_{command}", {}).get("calls", 0) / tasks, 1)
 
@@ -129,6 +185,7 @@ def outage_run(
             "endpoint calls in outage": stats["phases"].get("outage", {}).get("requests", 0),
             "peak concurrency after": stats["phases"].get("recovery", {}).get("peak_in_flight", 0),
             "recovery to last done (s)": round(done - recovered, 1),
+            "drain rate (tasks/s)": round(_rate(drained)),
             "Redis commands per task": round(commands / tasks, 1),
             # What clients send, by who sends it (a script's own commands are
             # counted in the total too): cbtasks' scripts (breaker, parking),
@@ -137,6 +194,7 @@ def outage_run(
             "GET+SET (guard, results)": round(per_task("get") + per_task("set"), 1),
             "broker messages (LPUSH)": per_task("lpush"),
             "worker peak RSS (MB)": round(memory.peak / 2**20),
+            "worst process growth (MB)": round(memory.worst_growth / 2**20, 1),
             "lost": lost,
             "duplicates": stats["calls_after_success"],
         }
@@ -218,6 +276,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backlog", type=int, default=0, help="parked backlog size (0: skip)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (medians)")
+    parser.add_argument(
+        "--healthy",
+        type=int,
+        default=0,
+        help="also a healthy backlog of this many tasks per variant: the workers' own pace",
+    )
     args = parser.parse_args(argv)
     chosen = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in chosen if v not in VARIANTS]
@@ -248,6 +312,10 @@ def main(argv: list[str] | None = None) -> None:
                     open_seconds=args.open_seconds,
                 )
             )
+    healthy: dict[str, float] = {}
+    if args.healthy:
+        for variant in chosen:
+            healthy[variant] = healthy_run(VARIANTS[variant], args.healthy, args.latency_ms, logs)
     baseline = "celery autoretry" if "celery autoretry" in runs else chosen[0]
     rows: list[tuple[str, ...]] = []
     for variant in chosen:
@@ -260,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
             for mine, theirs in zip(runs[variant], runs[baseline], strict=True)
         )
         figures[f"time vs {baseline}"] = round(ratio, 2)
+        if healthy:
+            figures["healthy rate (tasks/s)"] = round(healthy[variant])
+            figures["drain vs healthy"] = round(
+                figures["drain rate (tasks/s)"] / max(healthy[variant], 1e-3), 2
+            )
         if not rows:
             rows.append(("variant", *figures))
         rows.append((variant, *(f"{v:g}" for v in figures.values())))

@@ -45,7 +45,7 @@ def predict_checked(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
 
 
 # The paused queue is the breaker's own: only predict_paused is routed there.
-app.conf.task_routes = {**(app.conf.task_routes or {}), "tests.predict_paused": "pause-model"}
+app.conf.task_routes = {**app.conf.task_routes, "tests.predict_paused": "pause-model"}
 
 
 @app.task(

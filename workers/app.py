@@ -124,6 +124,22 @@ def predict_parked(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
     base=CircuitBreakerTask,
     bind=True,
     breaker="iris-model",
+    defer="pause",
+    name="workers.predict_paused",
+)
+def predict_paused(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """The same, on the breaker's own queue, which the fleet stops consuming while open."""
+    return call_model(self, features)
+
+
+# defer="pause" stops the whole queue: it must be the breaker's own.
+app.conf.task_routes = {"workers.predict_paused": {"queue": "iris-model"}}
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="iris-model",
     on_open="fallback",
     fallback=DefaultPrediction({"label": "unknown", "probabilities": []}),
     name="workers.predict_or_default",
