@@ -106,18 +106,21 @@ def _rate(times: list[float]) -> float:
     return (len(times) - 1) / max(times[-1] - times[0], 1e-3)
 
 
-def healthy_run(task_name: str, tasks: int, latency_ms: float, logs: Path) -> float:
-    """The same workers' throughput on a healthy backlog of ``tasks``: tasks done per second."""
+def healthy_run(task_name: str, tasks: int, latency_ms: float, logs: Path) -> tuple[float, float]:
+    """The same workers on a healthy backlog of ``tasks``: tasks done per second, and the
+    Redis commands per task."""
     server, model, worker, app = _stack(logs, f"healthy-{task_name}")
     try:
         client = redis.Redis.from_url(server.url)
         queue = QUEUES.get(task_name, "celery")
         app.send_task(task_name, (FEATURES,), queue=queue).get(timeout=60)
         model.faults(latency_ms=latency_ms)
+        client.config_resetstat()
         results = _send(app, task_name, tasks, 0.0)
         for result in results:
             result.get(timeout=600)
-        return _rate(_done_times(client, results))
+        commands = sum(v["calls"] for v in client.info("commandstats").values())
+        return _rate(_done_times(client, results)), commands / tasks
     finally:
         worker.stop()
         model.stop()
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
                     open_seconds=args.open_seconds,
                 )
             )
-    healthy: dict[str, float] = {}
+    healthy: dict[str, tuple[float, float]] = {}
     if args.healthy:
         for variant in chosen:
             healthy[variant] = healthy_run(VARIANTS[variant], args.healthy, args.latency_ms, logs)
@@ -329,9 +332,14 @@ def main(argv: list[str] | None = None) -> None:
         )
         figures[f"time vs {baseline}"] = round(ratio, 2)
         if healthy:
-            figures["healthy rate (tasks/s)"] = round(healthy[variant])
+            rate, commands = healthy[variant]
+            figures["healthy rate (tasks/s)"] = round(rate)
             figures["drain vs healthy"] = round(
-                figures["drain rate (tasks/s)"] / max(healthy[variant], 1e-3), 2
+                figures["drain rate (tasks/s)"] / max(rate, 1e-3), 2
+            )
+            figures["healthy commands per task"] = round(commands, 1)
+            figures["commands vs healthy"] = round(
+                figures["Redis commands per task"] / max(commands, 1e-3), 2
             )
         if not rows:
             rows.append(("variant", *figures))

@@ -145,7 +145,7 @@ def test_a_sleeping_releaser_wakes_on_news(redis_url: str, name: str) -> None:
     published: list[str] = []
     try:
         trip(breaker)
-        releaser = Releaser(lot, lambda request_id, _: published.append(request_id), rate=20)
+        releaser = Releaser(lot, lambda request_id, _, **__: published.append(request_id), rate=20)
         store.add_news_hook(releaser.hear)
         threading.Thread(target=releaser.run, daemon=True).start()
         lot.park("a", {"task": "t"})
@@ -167,7 +167,7 @@ def test_a_lost_news_message_is_caught_by_the_recheck(
     published: list[str] = []
     try:
         breaker.force_open()
-        releaser = Releaser(lot, lambda request_id, _: published.append(request_id), rate=20)
+        releaser = Releaser(lot, lambda request_id, _, **__: published.append(request_id), rate=20)
         threading.Thread(target=releaser.run, daemon=True).start()  # deaf: no news hook
         lot.park("a", {"task": "t"})
         wait_for(lambda: releaser.wake.is_set() is False, 2, "the releaser to sleep")
@@ -205,7 +205,7 @@ def test_a_releaser_revokes_what_expired(redis_url: str, name: str) -> None:
         breaker.force_open()
         releaser = Releaser(
             lot,
-            lambda request_id, _: published.append(request_id),
+            lambda request_id, _, **__: published.append(request_id),
             expire=lambda request_id, _: expired.append(request_id),
             rate=20,
         )

@@ -63,7 +63,11 @@ _NEVER = frozenset({"serializer", "compression", "content_type", "content_encodi
 
 
 def publish_parked(
-    app: celery.Celery, breaker: str, request_id: str, message: dict[str, Any]
+    app: celery.Celery,
+    breaker: str,
+    request_id: str,
+    message: dict[str, Any],
+    producer: Any = None,
 ) -> None:
     """Publish a parked request again, under its own task id.
 
@@ -96,7 +100,10 @@ def publish_parked(
         raise PoisonMessage(f"its task_id is not {request_id!r}")
     kept = {key: _without_transport(options[key]) for key in _OPTIONS if key in options}
     kept["task_id"] = request_id
-    task.apply_async(args, kwargs, retries=retries, headers=headers, queue=queue, **kept)
+    # One producer for a whole release batch: no connection acquired per message.
+    task.apply_async(
+        args, kwargs, retries=retries, headers=headers, queue=queue, producer=producer, **kept
+    )
 
 
 def _without_transport(value: Any) -> Any:

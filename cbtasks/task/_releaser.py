@@ -11,6 +11,7 @@ the circuit closes, ``release.lua`` paces the backlog with a slow start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -44,15 +45,19 @@ class Releaser:
     def __init__(
         self,
         lot: ParkingLot,
-        publish: Callable[[str, dict[str, Any]], None],
+        publish: Callable[..., None],
         *,
         expire: Callable[[str, dict[str, Any]], None] | None = None,
+        producer: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         rate: float,
         max_rate: float = math.inf,
         probe_interval: float = 1.0,
     ) -> None:
         self.lot = lot
+        #: ``publish(request_id, message, producer=...)`` re-publishes one request.
         self.publish = publish
+        #: A producer for a whole batch (the app's pool), so no message waits for one.
+        self.producer = producer
         self.expire = expire
         self.rate = rate
         self.max_rate = max_rate
@@ -94,17 +99,19 @@ class Releaser:
         for request_id, message in batch.expired:
             if self.expire is not None:
                 self.expire(request_id, message)
-        done = []
+        done: list[str] = []
         try:
-            for request_id, message in batch.requests:
-                try:
-                    self.publish(request_id, message)
-                except PoisonMessage as exc:
-                    # Never retried, never blocking the rest: put aside for an operator.
-                    log.error("parked request %s of %s: %s", request_id, self.lot.breaker, exc)
-                    self.lot.dead_letter(request_id, message, str(exc))
-                    continue
-                done.append(request_id)
+            # One producer for the batch: no message waits to acquire one.
+            with self.producer() as producer:
+                for request_id, message in batch.requests:
+                    try:
+                        self.publish(request_id, message, producer=producer)
+                    except PoisonMessage as exc:
+                        # Never retried, never blocking the rest: put aside for an operator.
+                        log.error("parked request %s of %s: %s", request_id, self.lot.breaker, exc)
+                        self.lot.dead_letter(request_id, message, str(exc))
+                        continue
+                    done.append(request_id)
         finally:
             self.lot.ack(done)  # what failed to publish comes back when its lease ends
         return 0.0 if done or batch.expired else batch.wait

@@ -215,6 +215,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 self.cbtasks_parking,
                 functools.partial(publish_parked, self.app, self.cbtasks_breaker.name),
                 expire=functools.partial(revoke_expired, self.app),
+                producer=self.app.producer_or_acquire,
                 rate=float(self._option("release_rate")),
                 max_rate=float(self._option("max_release_rate")),
             )
