@@ -232,6 +232,20 @@ def pause_fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
             store.close()
 
 
+def pause_worker(
+    fleet: dict[str, Any], name: str, concurrency: int = 2, **env: str
+) -> CeleryWorker:
+    """A worker of the test app consuming only the paused queue (not started)."""
+    return CeleryWorker(
+        {**fleet["env"], **env},
+        concurrency=concurrency,
+        queues=QUEUE,
+        name=name,
+        log_path=fleet["logs"] / f"{name}.log",
+        app="tests.worker_tasks",
+    )
+
+
 def queued(url: str) -> int:
     return int(redis.Redis.from_url(url).llen(QUEUE))
 
@@ -243,14 +257,7 @@ def test_a_paused_worker_leaves_the_messages_in_the_broker(pause_fleet: dict[str
     model.clear_faults()
     breaker = CircuitBreaker("pause-model", store=pause_fleet["store"])
     breaker.reset()
-    worker = CeleryWorker(
-        pause_fleet["env"],
-        concurrency=2,
-        queues=QUEUE,
-        name="pause1",
-        log_path=pause_fleet["logs"] / "pause1.log",
-        app="tests.worker_tasks",
-    )
+    worker = pause_worker(pause_fleet, "pause1")
     worker.start()
     try:
         app = client_app(url)
@@ -281,14 +288,7 @@ def test_a_worker_started_while_open_takes_nothing(pause_fleet: dict[str, Any]) 
     breaker.force_open()
     app = client_app(url)
     results = [app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(5)]
-    worker = CeleryWorker(
-        pause_fleet["env"],
-        concurrency=2,
-        queues=QUEUE,
-        name="pause2",
-        log_path=pause_fleet["logs"] / "pause2.log",
-        app="tests.worker_tasks",
-    )
+    worker = pause_worker(pause_fleet, "pause2")
     worker.start()
     try:
         wait_for(lambda: paused_workers(pause_fleet["store"], "pause-model") == 1, 30, "pause")
@@ -309,15 +309,9 @@ def test_a_worker_killed_while_paused_loses_nothing(pause_fleet: dict[str, Any])
     breaker.reset()
     model.clear_faults()
     model.faults(latency_ms=8000)
-    env = {**pause_fleet["env"], "CBTASKS_VISIBILITY_TIMEOUT": "3"}
-    holder = CeleryWorker(
-        env, concurrency=1, queues=QUEUE, name="holder", app="tests.worker_tasks",
-        log_path=pause_fleet["logs"] / "holder.log",
-    )  # fmt: skip
-    survivor = CeleryWorker(
-        env, concurrency=1, queues=QUEUE, name="survivor", app="tests.worker_tasks",
-        log_path=pause_fleet["logs"] / "survivor.log",
-    )  # fmt: skip
+    short = {"CBTASKS_VISIBILITY_TIMEOUT": "3"}
+    holder = pause_worker(pause_fleet, "holder", concurrency=1, **short)
+    survivor = pause_worker(pause_fleet, "survivor", concurrency=1, **short)
     holder.start()
     try:
         requests_before = model.stats()["requests"]
@@ -360,11 +354,7 @@ def test_pause_with_rabbitmq_as_broker(pause_fleet: dict[str, Any]) -> None:
     with client.connection() as connection:  # what an earlier run may have left
         connection.default_channel.queue_declare(QUEUE, durable=True, auto_delete=False)
         connection.default_channel.queue_purge(QUEUE)
-    env = {**pause_fleet["env"], "CBTASKS_BROKER_URL": RABBITMQ_URL}
-    worker = CeleryWorker(
-        env, concurrency=2, queues=QUEUE, name="rabbitpause", app="tests.worker_tasks",
-        log_path=pause_fleet["logs"] / "rabbitpause.log",
-    )  # fmt: skip
+    worker = pause_worker(pause_fleet, "rabbitpause", CBTASKS_BROKER_URL=RABBITMQ_URL)
     worker.start()
     try:
         first = client.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
