@@ -396,3 +396,43 @@ def test_a_shared_queue_stops_the_worker_at_start() -> None:
     with pytest.raises(SystemExit, match="queue 'gpu' belongs to breaker 'llm'"):
         _check_options(sender=SimpleNamespace(app=app))
     assert not any(step.__name__ == "PauseQueues" for step in app.steps["consumer"])
+
+
+def test_a_call_in_flight_when_it_opens_finishes_and_the_rest_wait(
+    pause_fleet: dict[str, Any],
+) -> None:
+    """The circuit opens while a slow call runs: it finishes, the requests behind it stay in
+    the paused queue (whatever the worker held meets the open circuit and is deferred back
+    there by countdown), and all run once after the close; `cbtasks status` counts the
+    paused worker meanwhile."""
+    from cbtasks.ops.cli import status_rows
+
+    url, model, store = pause_fleet["redis"].url, pause_fleet["model"], pause_fleet["store"]
+    breaker = CircuitBreaker("pause-model", store=store)
+    breaker.reset()
+    model.clear_faults()
+    model.reset_stats()
+    model.faults(latency_ms=1500)
+    worker = pause_worker(pause_fleet, "inhand", concurrency=1)
+    worker.start()
+    try:
+        app = client_app(url)
+        warm = app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        assert warm.get(timeout=60)["label"] == "setosa"
+        requests = model.stats()["requests"]
+        results = [
+            app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(3)
+        ]
+        wait_for(lambda: model.stats()["requests"] > requests, 30, "the first call in flight")
+        breaker.force_open()
+        wait_for(lambda: paused_workers(store, "pause-model") == 1, 10, "the pause")
+        row = next(r for r in status_rows(store) if r["name"] == "pause-model")
+        assert row["paused_workers"] == 1
+        wait_for(lambda: queued(url) == 2, 30, "the two not yet run, waiting in the queue")
+        model.clear_faults()
+        breaker.force_close()
+        assert all(r.get(timeout=60)["label"] == "setosa" for r in results)
+        assert model.stats()["calls_after_success"] == 0
+    finally:
+        worker.stop()
+        model.clear_faults()
