@@ -39,10 +39,10 @@ class Switches:
     """What a gate told the consumer, in order."""
 
     def __init__(self) -> None:
-        self.told: list[bool] = []
+        self.told: list[str] = []
 
-    def __call__(self, consume: bool) -> None:
-        self.told.append(consume)
+    def __call__(self, mode: str) -> None:
+        self.told.append(mode)
 
 
 @pytest.fixture
@@ -64,13 +64,13 @@ def test_open_pauses_and_close_resumes(store: RedisStore, name: str) -> None:
     assert switches.told == [] and gate.consuming  # no state yet: consume
     gate.breaker.force_open()
     gate.reconcile()
-    assert switches.told == [False]
+    assert switches.told == ["pause"]
     assert paused_workers(store, name) == 1
     gate.reconcile()
-    assert switches.told == [False]  # level-triggered: told once
+    assert switches.told == ["pause"]  # level-triggered: told once
     gate.breaker.force_close()
     gate.reconcile()
-    assert switches.told == [False, True]
+    assert switches.told == ["pause", "consume"]
     assert paused_workers(store, name) == 0
 
 
@@ -85,10 +85,10 @@ def test_shadow_mode_and_an_unreachable_redis_keep_consuming(name: str) -> None:
         gate.breaker.enable()
         gate.breaker.force_open()
         gate.reconcile()
-        assert switches.told == [False]
+        assert switches.told == ["pause"]
         own.stop()
         gate.reconcile()
-        assert switches.told == [False, True]
+        assert switches.told == ["pause", "consume"]
 
 
 def test_one_worker_of_the_fleet_consumes_while_half_open(store: RedisStore, name: str) -> None:
@@ -103,11 +103,14 @@ def test_one_worker_of_the_fleet_consumes_while_half_open(store: RedisStore, nam
     for _ in range(3):  # the holder renews its lease; the other stays paused
         first.reconcile()
         second.reconcile()
-    assert first_told.told == [False, True]
-    assert second_told.told == [False]
+    # The lease holder takes only the probes (its prefetch cut to the budget).
+    assert first_told.told == ["pause", "probe"]
+    assert second_told.told == ["pause"]
     first.breaker.force_close()
+    first.reconcile()
     second.reconcile()
-    assert second_told.told == [False, True]
+    assert first_told.told == ["pause", "probe", "consume"]
+    assert second_told.told == ["pause", "consume"]
 
 
 def test_news_wakes_the_gate(
@@ -122,7 +125,7 @@ def test_news_wakes_the_gate(
         wait_for(lambda: store.news._listener.subscriptions > 0, 5, "the subscription")
         with RedisStore(redis_url) as other:
             CircuitBreaker(name, policy=POLICY, store=other).force_open()
-        wait_for(lambda: switches.told == [False], 5, "the gate to pause on news")
+        wait_for(lambda: switches.told == ["pause"], 5, "the gate to pause on news")
     finally:
         gate.stop()
 
@@ -137,9 +140,9 @@ def test_the_recheck_covers_lost_news(
     gate.start()
     try:
         gate.breaker.force_open()
-        wait_for(lambda: switches.told == [False], 5, "the re-check to pause")
+        wait_for(lambda: switches.told == ["pause"], 5, "the re-check to pause")
         gate.breaker.force_close()
-        wait_for(lambda: switches.told == [False, True], 5, "the re-check to resume")
+        wait_for(lambda: switches.told == ["pause", "consume"], 5, "the re-check to resume")
     finally:
         gate.stop()
 
@@ -149,7 +152,8 @@ def test_a_queue_shared_with_another_breakers_task_is_refused() -> None:
     naming the tasks and the queue."""
     app = Celery("pause-shared", set_as_current=False)
     app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
-    app.conf.task_routes = {"*": {"queue": "gpu"}}
+    app.conf.task_routes = {f"tests.test_pause.{n}": "gpu" for n in ("generate", "embed")}
+    app.conf.task_routes["tests.test_pause.housekeeping"] = "gpu"
 
     @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
     def generate() -> None:
@@ -174,7 +178,8 @@ def test_a_queue_shared_with_another_breakers_task_is_refused() -> None:
 def test_tasks_sharing_the_breaker_may_share_its_queue() -> None:
     """Every task on the queue with the same breaker: nothing to refuse."""
     app = Celery("pause-ok", set_as_current=False)
-    app.conf.task_routes = {"*": {"queue": "gpu"}}
+    # Shared tasks of other test modules join every app: route only this test's.
+    app.conf.task_routes = {f"tests.test_pause.{n}": "gpu" for n in ("generate", "summarize")}
 
     @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
     def generate() -> None:
@@ -382,7 +387,7 @@ def test_a_shared_queue_stops_the_worker_at_start() -> None:
 
     app = Celery("pause-refused", set_as_current=False)
     app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
-    app.conf.task_routes = {"*": {"queue": "gpu"}}
+    app.conf.task_routes = {f"tests.test_pause.{n}": "gpu" for n in ("generate", "cleanup")}
 
     @app.task(base=CircuitBreakerTask, shared=False, breaker="llm", defer="pause")
     def generate() -> None:
@@ -436,3 +441,31 @@ def test_a_call_in_flight_when_it_opens_finishes_and_the_rest_wait(
     finally:
         worker.stop()
         model.clear_faults()
+
+
+def test_the_half_open_consumer_takes_only_the_probe_budget() -> None:
+    """While a worker is the fleet's half-open consumer its prefetch is cut to the probes;
+    the cut is undone by what it took, so ETA messages held meanwhile keep their count."""
+    from types import SimpleNamespace
+
+    from kombu.common import QoS
+
+    from cbtasks.task._pause import CONSUME, PAUSE, PROBE, _apply
+
+    told: list[int] = []
+    queues: list[str] = []
+    consumer = SimpleNamespace(
+        qos=QoS(lambda prefetch_count: told.append(prefetch_count), 4),
+        add_task_queue=queues.append,
+        cancel_task_queue=lambda q: queues.append(f"-{q}"),
+        task_consumer=SimpleNamespace(consuming_from=lambda q: False),
+    )
+    consumed: set[str] = set()
+    _apply(consumer, "q", PROBE, 2, consumed, False)
+    assert consumer.qos.value == 2 and told[-1] == 2 and queues == ["q"]
+    consumer.qos.increment_eventually(1)  # a countdown message arrives and is held
+    _apply(consumer, "q", CONSUME, 2, consumed, False)
+    assert consumer.qos.value == 5  # the worker's 4, plus the message it holds
+    _apply(consumer, "q", PROBE, 2, consumed, False)
+    _apply(consumer, "q", PAUSE, 2, consumed, False)
+    assert consumer.qos.value == 5 and queues[-1] == "-q"

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from kombu.exceptions import KombuError
 
 from ..fallbacks import is_fallback
+from ..task._headers import CHECK_COMPLETION
 from ._progress import ProgressReport
 
 # A dead broker is one clear line after a few seconds, not retries for half a minute.
@@ -238,8 +239,11 @@ def _run(
                     counts["failed"] += 1
                     finished += 1
                     continue
-                options = {"queue": queue} if queue else {}
+                options: dict[str, Any] = {"queue": queue} if queue else {}
                 options["task_id"] = row_task_id(source, number, text)
+                # A resumed batch sends a row's task id again on purpose: the
+                # completion guard looks, and a row that ran is not run again.
+                options["headers"] = {CHECK_COMPLETION: True}
                 try:
                     sent = task.apply_async(args, kwargs, retry_policy=_SEND_RETRIES, **options)
                 except (KombuError, OSError) as exc:

@@ -16,8 +16,11 @@ DEFERRALS, DEADLINE = "cbtasks_deferrals", "cbtasks_deadline"
 DEFERRED_AT = "cbtasks_deferred_at"
 #: The last reason it was deferred for (for `cbtasks waited`).
 REASON = "cbtasks_reason"
-#: Every header cbtasks sets: a parked message may carry these and no other.
-ALL = frozenset({DEFERRALS, DEADLINE, DEFERRED_AT, REASON})
+#: Set by a sender that sends a task id again on purpose (``cbtasks batch`` when it
+#: resumes): the completion guard looks, whatever the task's completion_check.
+CHECK_COMPLETION = "cbtasks_check_completion"
+#: Every header cbtasks sets on a deferral: a parked message may carry these and no other.
+ALL = frozenset({DEFERRALS, DEADLINE, DEFERRED_AT, REASON, CHECK_COMPLETION})
 
 
 def waited_since(request: Any) -> float | None:

@@ -11,8 +11,9 @@ wakes it, and it looks again every ``RECHECK_SECONDS`` in case news was lost.
 - open (or forced open): the worker stops consuming the queue
   (``cancel_task_queue``); the messages wait in the broker, costing nothing;
 - half-open: the probes must come from real requests, so one worker of the
-  fleet, the one holding a lease in Redis, consumes; its extra prefetched
-  requests meet the probe budget and wait as messages in hand do;
+  fleet, the one holding a lease in Redis, consumes, with its prefetch cut
+  to the probe budget (``half_open_probes``) meanwhile, so it does not take
+  requests that would only meet "probes in progress";
 - closed (or disabled, or Redis unreachable: the breaker decides per task
   then): every worker consumes again, each after a random delay of up to
   ``RESUME_JITTER_SECONDS``, so the endpoint is not met by the whole fleet at
@@ -61,18 +62,23 @@ PAUSED_NOTE_SECONDS = 3 * RECHECK_SECONDS
 RESTORE_QUEUE = "cbtasks.restore"
 
 
+#: What a worker does with a paused queue: take it, take only the probes, or leave it.
+CONSUME, PROBE, PAUSE = "consume", "probe", "pause"
+
+
 class QueueGate:
     """One worker's consumption of one queue, kept in line with its breaker's circuit.
 
-    ``consume(bool)`` is called on this gate's thread with what the worker
-    should do; it hands the change to the consumer's event loop.
+    ``consume(mode)`` is called on this gate's thread with what the worker
+    should do (CONSUME, PROBE or PAUSE); it hands the change to the
+    consumer's event loop.
     """
 
     def __init__(
         self,
         queue: str,
         breaker: Any,
-        consume: Callable[[bool], None],
+        consume: Callable[[str], None],
         hostname: str,
         *,
         rand: Callable[[], float] = random.random,
@@ -88,7 +94,9 @@ class QueueGate:
         self._lease_key = keys.claim(f"consume:{queue}")
         self._wire = breaker.policy.wire()
         #: What this worker does now: it consumes every queue when it starts.
-        self.consuming = True
+        self.mode = CONSUME
+        #: The probe budget: the prefetch while this worker is the half-open consumer.
+        self.probes = breaker.policy.half_open_probes
         self.wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -98,19 +106,28 @@ class QueueGate:
 
     # -- deciding ------------------------------------------------------------------
 
+    @property
+    def consuming(self) -> bool:
+        """Whether the worker takes the queue now (all of it, or the probes)."""
+        return self.mode != PAUSE
+
     def should_consume(self) -> bool:
+        """Whether the circuit lets this worker take the queue now."""
+        return self.wanted() != PAUSE
+
+    def wanted(self) -> str:
         """What the circuit says this worker should do with the queue now."""
         try:
             status = self.store.status(self.breaker.name, self._wire, strict=False)
         except REDIS_TROUBLE:
             status = None
         if status is None or status.mode is Mode.DISABLED:
-            return True  # no state yet, shadow mode, or Redis away: the breaker decides
+            return CONSUME  # no state yet, shadow mode, or Redis away: the breaker decides
         if status.state is State.CLOSED:
-            return True
+            return CONSUME
         if status.state is State.HALF_OPEN and status.mode is not Mode.FORCED_OPEN:
-            return self._hold_probe_lease()
-        return False
+            return PROBE if self._hold_probe_lease() else PAUSE
+        return PAUSE
 
     def _hold_probe_lease(self) -> bool:
         """True while this worker is the fleet's one half-open consumer of the queue."""
@@ -130,20 +147,15 @@ class QueueGate:
 
     def reconcile(self) -> None:
         """Look at the circuit once and make the worker's consumption follow it."""
-        wanted = self.should_consume()
-        if wanted and not self.consuming:
+        wanted = self.wanted()
+        if wanted == CONSUME and self.mode == PAUSE:
             # A close reaches every worker at once: spread the fleet's return.
             if self._stopped.wait(self._rand() * RESUME_JITTER_SECONDS):
                 return
-            wanted = self.should_consume()
-        if wanted != self.consuming:
-            self.consuming = wanted
-            log.info(
-                "queue %r of breaker %r: %s",
-                self.queue,
-                self.breaker.name,
-                "consuming again" if wanted else "paused while the circuit is open",
-            )
+            wanted = self.wanted()
+        if wanted != self.mode:
+            self.mode = wanted
+            log.info("queue %r of breaker %r: %s", self.queue, self.breaker.name, _SAID[wanted])
             self._consume(wanted)
         self._note()
 
@@ -200,8 +212,6 @@ class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
         self.gates: list[QueueGate] = []
 
     def start(self, consumer: Any) -> None:
-        from ._task import CircuitBreakerTask
-
         consumed = {queue.name for queue in consumer.task_consumer.queues}
         tasks = {}
         for queue, task in pause_queues(consumer.app).items():
@@ -209,18 +219,18 @@ class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
                 tasks[queue] = task
         redis_broker = getattr(consumer.connection.transport, "driver_type", "") == "redis"
         for queue, task in tasks.items():
-            assert isinstance(task, CircuitBreakerTask)
             gate = QueueGate(
                 queue,
                 task.cbtasks_breaker,
-                _consumer_switch(consumer, queue, consumed, redis_broker),
+                _consumer_switch(consumer, queue, task_probes(task), consumed, redis_broker),
                 consumer.hostname,
             )
             # Before the event loop runs: a worker that starts while the circuit
             # is open takes nothing from the queue.
-            if not gate.should_consume():
-                gate.consuming = False
-                _apply(consumer, queue, False, consumed, redis_broker)
+            first = gate.wanted()
+            if first != CONSUME:
+                gate.mode = first
+                _apply(consumer, queue, first, gate.probes, consumed, redis_broker)
                 gate._note()
             gate.start()
             self.gates.append(gate)
@@ -233,28 +243,61 @@ class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
     shutdown = stop
 
 
+_SAID = {
+    CONSUME: "consuming again",
+    PROBE: "the fleet's half-open consumer (prefetch cut to the probe budget)",
+    PAUSE: "paused while the circuit is open",
+}
+
+
 def _consumer_switch(
-    consumer: Any, queue: str, consumed: set[str], redis_broker: bool
-) -> Callable[[bool], None]:
+    consumer: Any, queue: str, probes: int, consumed: set[str], redis_broker: bool
+) -> Callable[[str], None]:
     """What a gate calls: the change, handed to the consumer's event loop."""
 
-    def switch(consume: bool) -> None:
-        consumer.call_soon(_apply, consumer, queue, consume, consumed, redis_broker)
+    def switch(mode: str) -> None:
+        consumer.call_soon(_apply, consumer, queue, mode, probes, consumed, redis_broker)
         dispatcher = getattr(consumer, "event_dispatcher", None)
         if dispatcher is not None:
             consumer.call_soon(
-                dispatcher.send,
-                "worker-circuit_queue",
-                queue=queue,
-                paused=not consume,
+                dispatcher.send, "worker-circuit_queue", queue=queue, paused=mode == PAUSE
             )
 
     return switch
 
 
-def _apply(consumer: Any, queue: str, consume: bool, consumed: set[str], redis: bool) -> None:
-    """On the event loop: start or stop consuming ``queue``."""
-    if consume:
+# How much each consumer's prefetch is cut while it is a half-open consumer:
+# Celery's QoS value also moves with the ETA messages a worker holds, so the
+# cut is undone by the amount it took, never by setting a value.
+_prefetch_cuts: dict[int, int] = {}
+
+
+def _cut_prefetch(consumer: Any, probes: int) -> None:
+    qos = getattr(consumer, "qos", None)
+    if qos is None or _prefetch_cuts.get(id(consumer)) or not qos.value or qos.value <= probes:
+        return
+    before = qos.value
+    qos.decrement_eventually(before - probes)
+    _prefetch_cuts[id(consumer)] = before - qos.value
+    qos.update()
+
+
+def _restore_prefetch(consumer: Any) -> None:
+    cut = _prefetch_cuts.pop(id(consumer), 0)
+    if cut:
+        consumer.qos.increment_eventually(cut)
+        consumer.qos.update()
+
+
+def _apply(
+    consumer: Any, queue: str, mode: str, probes: int, consumed: set[str], redis: bool
+) -> None:
+    """On the event loop: consume ``queue`` (all of it, or the probes), or stop."""
+    if mode == PROBE:
+        _cut_prefetch(consumer, probes)
+    else:
+        _restore_prefetch(consumer)
+    if mode != PAUSE:
         consumer.add_task_queue(queue)
         consumed.add(queue)
         if redis and consumer.task_consumer.consuming_from(RESTORE_QUEUE):
@@ -268,13 +311,24 @@ def _apply(consumer: Any, queue: str, consume: bool, consumed: set[str], redis: 
     consumed.discard(queue)
 
 
+def _breaker_of(task: Any) -> str | None:
+    """A CircuitBreakerTask's breaker, else None (known by what it has: this module is
+    imported by the task's, which it cannot import back)."""
+    if getattr(type(task), "cbtasks_breaker_name", None) is None:
+        return None
+    return str(task.cbtasks_breaker_name)
+
+
+def task_probes(task: Any) -> int:
+    """The probe budget of ``task``'s breaker (the half-open consumer's prefetch)."""
+    return int(task.cbtasks_breaker.policy.half_open_probes)
+
+
 def pause_queues(app: Any) -> dict[str, Any]:
     """Each queue a defer="pause" task is routed to, with that task (one per queue)."""
-    from ._task import CircuitBreakerTask
-
     queues: dict[str, Any] = {}
     for task in list(app.tasks.values()):
-        if isinstance(task, CircuitBreakerTask) and task._option("defer") == "pause":
+        if _breaker_of(task) is not None and task._option("defer") == "pause":
             queues.setdefault(queue_of(app, task), task)
     return queues
 
@@ -292,7 +346,6 @@ def queue_of(app: Any, task: Any) -> str:
 def check_pause_queues(app: Any) -> None:
     """Refuse (PolicyError) a paused queue shared with a task of another breaker."""
     from .._errors import PolicyError
-    from ._task import CircuitBreakerTask
 
     for queue, owner in pause_queues(app).items():
         breaker = owner.cbtasks_breaker_name
@@ -301,7 +354,7 @@ def check_pause_queues(app: Any) -> None:
             for task in list(app.tasks.values())
             if not task.name.startswith("celery.")
             and queue_of(app, task) == queue
-            and not (isinstance(task, CircuitBreakerTask) and task.cbtasks_breaker_name == breaker)
+            and _breaker_of(task) != breaker
         )
         if strangers:
             raise PolicyError(

@@ -45,7 +45,15 @@ from ..stores._connection import REDIS_TROUBLE, describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
 from ._countdown import as_the_same_request, countdown
-from ._headers import DEADLINE, DEFERRALS, DEFERRED_AT, REASON, header, waited_since
+from ._headers import (
+    CHECK_COMPLETION,
+    DEADLINE,
+    DEFERRALS,
+    DEFERRED_AT,
+    REASON,
+    header,
+    waited_since,
+)
 from ._memory import collect_now_and_then
 from ._options import (
     classify_of,
@@ -394,7 +402,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         if self._option("completion_check") == "always":
             return True
         delivery = getattr(request, "delivery_info", None) or {}
-        return bool(delivery.get("redelivered")) or header(request, DEFERRALS) is not None
+        return (
+            bool(delivery.get("redelivered"))
+            or header(request, DEFERRALS) is not None
+            or bool(header(request, CHECK_COMPLETION))
+        )
 
     def _result_backend(self) -> Any:
         """The backend that keeps this task's results, if any (the completion guard reads it)."""
