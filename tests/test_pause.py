@@ -469,3 +469,38 @@ def test_the_half_open_consumer_takes_only_the_probe_budget() -> None:
     _apply(consumer, "q", PROBE, 2, consumed, False)
     _apply(consumer, "q", PAUSE, 2, consumed, False)
     assert consumer.qos.value == 5 and queues[-1] == "-q"
+
+
+def test_flower_shows_the_paused_queue_gone_from_the_workers_queues(
+    pause_fleet: dict[str, Any], tmp_path: Any
+) -> None:
+    """A real Flower: the worker's active queues (its worker page, /api/workers) lose the
+    breaker's queue while the circuit is open and get it back once closed."""
+    import httpx
+
+    from cbtasks._testing.processes import Flower
+
+    breaker = CircuitBreaker("pause-model", store=pause_fleet["store"])
+    breaker.reset()
+    worker = pause_worker(pause_fleet, "flowerpause")
+    worker.start()
+    flower = Flower(pause_fleet["env"]).start(log_path=tmp_path / "flower.log")
+    try:
+
+        def queues() -> set[str] | None:
+            response = httpx.get(
+                f"{flower.url}/api/workers", params={"refresh": 1}, auth=flower.auth, timeout=10
+            )
+            for name, info in response.json().items():
+                if name.startswith("flowerpause@"):
+                    return {q["name"] for q in info.get("active_queues") or []}
+            return None
+
+        wait_for(lambda: queues() == {QUEUE}, 30, "Flower to see the worker consume", queues)
+        breaker.force_open()
+        wait_for(lambda: queues() == {"cbtasks.restore"}, 30, "Flower to see it paused", queues)
+        breaker.force_close()
+        wait_for(lambda: queues() == {QUEUE}, 30, "Flower to see it consume again", queues)
+    finally:
+        flower.stop()
+        worker.stop()
