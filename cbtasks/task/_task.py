@@ -110,9 +110,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     #: Seconds a completed task id is remembered (no second call if redelivered),
     #: where the task has no result backend to remember it.
     completion_ttl: float | None = None
-    #: Which messages the completion guard looks at: "redelivered" (default: those
-    #: the broker redelivers, and deferred ones) or "always" (every message: the
-    #: same task id sent again on purpose is answered from the first run).
+    #: Which messages the completion guard looks at: "always" (default: every
+    #: message, one read on the healthy path) or "redelivered" (those the broker
+    #: redelivers, and deferred ones: no read on the healthy path, but a message
+    #: held past the visibility timeout is delivered twice, and its first copy,
+    #: not flagged, may then call the endpoint again).
     completion_check: str | None = None
     #: A callable returning true when the endpoint looks healthy: while the
     #: circuit is open one process of the fleet calls it every
@@ -396,8 +398,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         RabbitMQ after a lost connection) may have run; so may a deferred one
         (a parked request released twice when its release's ack was lost). A
         fresh message has not: the healthy path reads nothing.
-        ``completion_check="always"`` looks at every message (the same task id
-        sent again on purpose).
+        ``completion_check="always"`` (the default) looks at every message: a
+        message held past the visibility timeout is delivered twice, and its
+        first copy, which no broker flags, may run after the second.
         """
         if self._option("completion_check") == "always":
             return True
