@@ -111,10 +111,6 @@ class QueueGate:
         """Whether the worker takes the queue now (all of it, or the probes)."""
         return self.mode != PAUSE
 
-    def should_consume(self) -> bool:
-        """Whether the circuit lets this worker take the queue now."""
-        return self.wanted() != PAUSE
-
     def wanted(self) -> str:
         """What the circuit says this worker should do with the queue now."""
         try:
