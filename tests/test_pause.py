@@ -147,6 +147,15 @@ def test_the_recheck_covers_lost_news(
         gate.stop()
 
 
+def _only_this_tests_tasks_share_queues(app: Celery) -> None:
+    """Shared tasks of other test modules join every app (tests.predict_paused among
+    them, which pauses its queue): give each of them a queue of its own."""
+    app.conf.task_routes = {
+        **{name: f"elsewhere:{name}" for name in app.tasks if not name.startswith(__name__)},
+        **app.conf.task_routes,
+    }
+
+
 def test_a_queue_shared_with_another_breakers_task_is_refused() -> None:
     """Pausing the queue would stop a task that is not the breaker's: the worker refuses,
     naming the tasks and the queue."""
@@ -168,6 +177,7 @@ def test_a_queue_shared_with_another_breakers_task_is_refused() -> None:
         """A plain task on the same queue."""
 
     app.finalize(auto=True)
+    _only_this_tests_tasks_share_queues(app)
     with pytest.raises(PolicyError) as refused:
         check_pause_queues(app)
     message = str(refused.value)
@@ -190,6 +200,7 @@ def test_tasks_sharing_the_breaker_may_share_its_queue() -> None:
         """Same breaker, same queue."""
 
     app.finalize(auto=True)
+    _only_this_tests_tasks_share_queues(app)
     check_pause_queues(app)
 
 
@@ -398,6 +409,7 @@ def test_a_shared_queue_stops_the_worker_at_start() -> None:
         """Not the breaker's."""
 
     app.finalize(auto=True)
+    _only_this_tests_tasks_share_queues(app)
     with pytest.raises(SystemExit, match="queue 'gpu' belongs to breaker 'llm'"):
         _check_options(sender=SimpleNamespace(app=app))
     assert not any(step.__name__ == "PauseQueues" for step in app.steps["consumer"])

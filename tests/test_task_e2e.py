@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,7 +230,7 @@ def test_after_recovery_an_operator_finds_which_tasks_waited_how_long_and_why(
 def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[str, Any]) -> None:
     """The completion guard, told to look at every message (completion_check="always"): the
     same task id a second time gets the stored result, no call. (By default it looks at
-    redelivered and deferred messages only: the resilience tests' kills and visibility
+    the messages that may have run only: the resilience tests' kills and visibility
     timeouts redeliver, and count no second call.)"""
     tasks, model = fresh["tasks"], fresh["model"]
     events = _EventLog(tasks.app)
@@ -252,6 +253,48 @@ def test_a_completed_task_id_sent_again_does_not_call_the_endpoint(fresh: dict[s
     assert first["label"] == "setosa"
     # The server counts a call whose request id (the task id) was answered before.
     assert model.stats()["calls_after_success"] == 0
+
+
+def test_a_message_held_past_half_the_visibility_timeout_is_checked(
+    stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """By default the guard reads nothing for a fresh message, but one the worker held past
+    half the visibility timeout may have been delivered again meanwhile, and that copy may
+    have run: it looks. One process holding three messages (prefetch 4) behind a 3.5 s call,
+    with a 6 s visibility timeout: the second, whose id already succeeded (as its other copy
+    would have), is answered from the backend, not called."""
+    model, tasks = stack["model"], stack["tasks"]
+    model.clear_faults()
+    stack["breaker"].reset()
+    env = {**stack["env"], "CBTASKS_VISIBILITY_TIMEOUT": "6"}
+    worker = CeleryWorker(
+        env, app=APP, concurrency=1, prefetch_multiplier=4, queues="held", name="held",
+        log_path=tmp_path / "w.log",
+    )  # fmt: skip
+    worker.start()
+    try:
+        # Started: it answers one request before the test's own.
+        assert tasks.predict.apply_async((FEATURES,), queue="held").get(timeout=60)
+        model.reset_stats()
+        model.faults(latency_ms=3500)
+        with warnings.catch_warnings():  # Celery's Redis backend still calls setex
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tasks.app.backend.store_result(
+                "ran-elsewhere", {"label": "from its other copy"}, "SUCCESS"
+            )
+        first = tasks.predict.apply_async((FEATURES,), queue="held")
+        tasks.predict.apply_async((FEATURES,), queue="held", task_id="ran-elsewhere")
+        last = tasks.predict.apply_async((FEATURES,), queue="held")
+        # One process takes them in order: when the last is done, the second has run.
+        assert first.get(timeout=60)["label"] == "setosa"
+        assert last.get(timeout=60)["label"] == "setosa"
+        assert AsyncResult("ran-elsewhere", app=tasks.app).get(timeout=10) == {
+            "label": "from its other copy"
+        }
+        assert model.stats()["requests"] == 2, "the held message called the endpoint"
+    finally:
+        model.clear_faults()
+        worker.stop()
 
 
 def test_an_expired_parked_request_is_revoked_while_the_circuit_stays_open(

@@ -164,9 +164,12 @@ class CeleryWorker:
         name: str = "w1",
         log_path: Path | None = None,
         app: str = "workers.app",
+        prefetch_multiplier: int | None = None,
     ) -> None:
         self.env = {**os.environ, **env}
         self.app = app
+        #: Messages each pool process may hold (the app's own setting when None).
+        self.prefetch_multiplier = prefetch_multiplier
         self.concurrency = concurrency
         self.queues = queues
         self.name = name
@@ -175,12 +178,16 @@ class CeleryWorker:
 
     def start(self) -> CeleryWorker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        prefetch = (
+            [] if self.prefetch_multiplier is None
+            else ["--prefetch-multiplier", str(self.prefetch_multiplier)]
+        )  # fmt: skip
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-l", "warning", "-c", str(self.concurrency), "-Q", self.queues,
                 "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
-                "--without-heartbeat",
+                "--without-heartbeat", *prefetch,
             ],
             cwd=ROOT,
             env=self.env,

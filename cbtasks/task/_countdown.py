@@ -9,16 +9,14 @@ from collections.abc import Iterator
 import celery
 from celery import _state as celery_state
 
-# A countdown message waits in worker memory, unacknowledged: it must be
-# re-published well before the broker's visibility timeout redelivers it.
-_VISIBILITY_SHARE = 0.5
+from ._visibility import safe_hold
 
 
 def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:
     """Until the next probe window, spread by jitter, capped below the visibility timeout."""
-    options = app.conf.broker_transport_options or {}
-    cap = float(options.get("visibility_timeout", 3600)) * _VISIBILITY_SHARE
-    return min(max(retry_after, 0.05) + random.uniform(0, jitter), cap)
+    # The countdown message waits in worker memory, unacknowledged: it must be
+    # re-published before the broker's visibility timeout delivers it again.
+    return min(max(retry_after, 0.05) + random.uniform(0, jitter), safe_hold(app))
 
 
 @contextlib.contextmanager

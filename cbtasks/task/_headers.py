@@ -19,6 +19,9 @@ REASON = "cbtasks_reason"
 #: Set by a sender that sends a task id again on purpose (``cbtasks batch`` when it
 #: resumes): the completion guard looks, whatever the task's completion_check.
 CHECK_COMPLETION = "cbtasks_check_completion"
+#: Not a header: the worker that receives a message sets this field of its
+#: request (its monotonic clock), and the completion guard reads how long it was held.
+RECEIVED_AT = "cbtasks_received_at"
 #: Every header cbtasks sets on a deferral: a parked message may carry these and no other.
 ALL = frozenset({DEFERRALS, DEADLINE, DEFERRED_AT, REASON, CHECK_COMPLETION})
 

@@ -34,9 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "release_rate": 100.0,
     "max_release_rate": math.inf,
     "completion_ttl": 24 * 3600.0,
-    # "always": a message kept past the visibility timeout is delivered twice, and
-    # its first copy (not flagged as redelivered) may run after the second.
-    "completion_check": "always",
+    # "redelivered": the messages that may have run (redelivered, deferred, or
+    # held past half the visibility timeout); the healthy path reads nothing.
+    "completion_check": "redelivered",
     "prefix": DEFAULT_PREFIX,
     "on_error": "local",
     # Bounds every Redis call the task makes (breaker, guard, parking lot):

@@ -51,6 +51,7 @@ from ._headers import (
     DEFERRALS,
     DEFERRED_AT,
     REASON,
+    RECEIVED_AT,
     header,
     waited_since,
 )
@@ -69,6 +70,7 @@ from ._parked import expires_at, parked_message, publish_parked, revoke_expired
 from ._pause import PauseQueues, check_pause_queues, pause_queues
 from ._releaser import Releaser
 from ._reports import flower_events, report_deferred
+from ._visibility import safe_hold
 from ._waits import waits_record
 
 __all__ = ["CircuitBreakerTask"]
@@ -110,11 +112,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     #: Seconds a completed task id is remembered (no second call if redelivered),
     #: where the task has no result backend to remember it.
     completion_ttl: float | None = None
-    #: Which messages the completion guard looks at: "always" (default: every
-    #: message, one read on the healthy path) or "redelivered" (those the broker
-    #: redelivers, and deferred ones: no read on the healthy path, but a message
-    #: held past the visibility timeout is delivered twice, and its first copy,
-    #: not flagged, may then call the endpoint again).
+    #: Which messages the completion guard looks at: "redelivered" (default:
+    #: those the broker redelivers, deferred ones, and ones held past half the
+    #: visibility timeout; no read on the healthy path) or "always" (every
+    #: message: one read each).
     completion_check: str | None = None
     #: A callable returning true when the endpoint looks healthy: while the
     #: circuit is open one process of the fleet calls it every
@@ -396,19 +397,24 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
         A message the broker redelivers (Redis restoring an unacknowledged one,
         RabbitMQ after a lost connection) may have run; so may a deferred one
-        (a parked request released twice when its release's ack was lost). A
-        fresh message has not: the healthy path reads nothing.
-        ``completion_check="always"`` (the default) looks at every message: a
-        message held past the visibility timeout is delivered twice, and its
-        first copy, which no broker flags, may run after the second.
+        (a parked request released twice when its release's ack was lost), and
+        one this worker held past half the visibility timeout: the broker may
+        have delivered it again meanwhile, and that copy, flagged, may have
+        run already while this one, not flagged, waited. A fresh message has
+        not: the healthy path reads nothing. ``completion_check="always"``
+        looks at every message.
         """
         if self._option("completion_check") == "always":
             return True
         delivery = getattr(request, "delivery_info", None) or {}
+        received_at = getattr(request, RECEIVED_AT, None)
         return (
             bool(delivery.get("redelivered"))
             or header(request, DEFERRALS) is not None
             or bool(header(request, CHECK_COMPLETION))
+            # No stamp: not received by a worker we know of; look.
+            or not isinstance(received_at, float)
+            or time.monotonic() - received_at > safe_hold(self.app)
         )
 
     def _result_backend(self) -> Any:
@@ -462,6 +468,18 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
     for task in list(celery.current_app.tasks.values()):
         if isinstance(task, CircuitBreakerTask) and task._deferral_mode() == "park":
             task.cbtasks_releaser()
+
+
+@signals.task_received.connect  # type: ignore[untyped-decorator]
+def _stamp_receipt(request: Any = None, **_: Any) -> None:
+    """When the worker received the message: the completion guard reads how long it was held.
+
+    Received in the worker's main process, run in a pool process of the same
+    host: the monotonic clock is the same. Set on every receipt, so a value a
+    sender put in the message is never believed.
+    """
+    if request is not None and isinstance(getattr(request, "task", None), CircuitBreakerTask):
+        request.request_dict[RECEIVED_AT] = time.monotonic()
 
 
 def _ms_since(start: float) -> float:
