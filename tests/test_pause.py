@@ -455,6 +455,57 @@ def test_a_call_in_flight_when_it_opens_finishes_and_the_rest_wait(
         model.clear_faults()
 
 
+def test_prefetched_messages_meet_the_open_circuit_and_go_back_to_the_paused_queue(
+    pause_fleet: dict[str, Any],
+) -> None:
+    """One process with a prefetch of 4 holds three messages behind a slow call when the
+    circuit opens: the call finishes, the three are deferred by countdown into the paused
+    queue (no endpoint call, nothing left in the worker's hand), and after the close each
+    of the four has run once."""
+    url, model, store = pause_fleet["redis"].url, pause_fleet["model"], pause_fleet["store"]
+    broker = redis.Redis.from_url(url)
+    breaker = CircuitBreaker("pause-model", store=store)
+    breaker.reset()
+    model.clear_faults()
+    worker = CeleryWorker(
+        pause_fleet["env"], concurrency=1, prefetch_multiplier=4, queues=QUEUE,
+        name="prefetch", log_path=pause_fleet["logs"] / "prefetch.log", app="tests.worker_tasks",
+    )  # fmt: skip
+    worker.start()
+    try:
+        app = client_app(url)
+        warm = app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        assert warm.get(timeout=60)["label"] == "setosa"
+        model.reset_stats()
+        model.faults(latency_ms=2000)
+        results = [
+            app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE) for _ in range(4)
+        ]
+        # kombu keeps what a worker holds, unacknowledged, in the "unacked" hash.
+        wait_for(
+            lambda: queued(url) == 0 and broker.hlen("unacked") == 4 and model.stats()["in_flight"],
+            30,
+            "the first call in flight and the other three prefetched",
+            seen=lambda: (queued(url), broker.hlen("unacked"), model.stats()),
+        )
+        breaker.force_open()
+        wait_for(
+            lambda: queued(url) == 3 and broker.hlen("unacked") == 0,
+            30,
+            "the three held back in the paused queue, the worker holding nothing",
+            seen=lambda: (queued(url), broker.hlen("unacked")),
+        )
+        assert model.stats()["requests"] == 1
+        model.clear_faults()
+        breaker.force_close()
+        assert all(r.get(timeout=60)["label"] == "setosa" for r in results)
+        stats = model.stats()
+        assert stats["requests"] == 4 and stats["calls_after_success"] == 0
+    finally:
+        worker.stop()
+        model.clear_faults()
+
+
 def test_the_half_open_consumer_takes_only_the_probe_budget() -> None:
     """While a worker is the fleet's half-open consumer its prefetch is cut to the probes;
     the cut is undone by what it took, so ETA messages held meanwhile keep their count."""
