@@ -302,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
         f"medians of {args.repeat} runs (variants take turns); logs in {logs}\n"
     )
     runs: dict[str, list[dict[str, Any]]] = {variant: [] for variant in chosen}
+    # A healthy run of the same task right after each outage run, in the same
+    # round: the drain is compared with the pace the workers had just then
+    # (one healthy run per variant moved the ratio by 0.1 on a shared machine).
+    healthy: dict[str, list[tuple[float, float]]] = {variant: [] for variant in chosen}
     for _ in range(args.repeat):
         for variant in chosen:
             runs[variant].append(
@@ -315,10 +319,10 @@ def main(argv: list[str] | None = None) -> None:
                     open_seconds=args.open_seconds,
                 )
             )
-    healthy: dict[str, tuple[float, float]] = {}
-    if args.healthy:
-        for variant in chosen:
-            healthy[variant] = healthy_run(VARIANTS[variant], args.healthy, args.latency_ms, logs)
+            if args.healthy:
+                healthy[variant].append(
+                    healthy_run(VARIANTS[variant], args.healthy, args.latency_ms, logs)
+                )
     baseline = "celery autoretry" if "celery autoretry" in runs else chosen[0]
     rows: list[tuple[str, ...]] = []
     for variant in chosen:
@@ -331,11 +335,17 @@ def main(argv: list[str] | None = None) -> None:
             for mine, theirs in zip(runs[variant], runs[baseline], strict=True)
         )
         figures[f"time vs {baseline}"] = round(ratio, 2)
-        if healthy:
-            rate, commands = healthy[variant]
+        if args.healthy:
+            paired = list(zip(runs[variant], healthy[variant], strict=True))
+            rate = statistics.median(pace for pace, _ in healthy[variant])
+            commands = statistics.median(count for _, count in healthy[variant])
             figures["healthy rate (tasks/s)"] = round(rate)
+            # The median of each round's ratio, as with the times above.
             figures["drain vs healthy"] = round(
-                figures["drain rate (tasks/s)"] / max(rate, 1e-3), 2
+                statistics.median(
+                    run["drain rate (tasks/s)"] / max(pace, 1e-3) for run, (pace, _) in paired
+                ),
+                2,
             )
             figures["healthy commands per task"] = round(commands, 1)
             figures["commands vs healthy"] = round(
