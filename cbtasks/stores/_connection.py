@@ -112,7 +112,7 @@ def bound(client: Any, timeout: float) -> Any:
         return client
     client.set_retry((AsyncRetry if isinstance(client, aredis.Redis) else Retry)(NoBackoff(), 0))
     if isinstance(client, RedisCluster):
-        nodes = client.get_nodes()  # type: ignore[no-untyped-call]
+        nodes = client.get_nodes()  # type: ignore[no-untyped-call, unused-ignore]
         pools = [node.redis_connection.connection_pool for node in nodes if node.redis_connection]
     else:
         pools = [client.connection_pool]
@@ -148,7 +148,7 @@ def blocking_twin(client: Any, timeout: float) -> Any:
     """A blocking client to the server an asyncio ``client`` reaches (for the news thread)."""
     if isinstance(client, AsyncRedisCluster):
         nodes = client.nodes_manager.startup_nodes.values()
-        twin = [ClusterNode(node.host, node.port) for node in nodes]  # type: ignore[no-untyped-call]
+        twin = [ClusterNode(node.host, node.port) for node in nodes]  # type: ignore[no-untyped-call, unused-ignore]
         kwargs = client.connection_kwargs
         return make_client(
             RedisCluster(

@@ -86,7 +86,7 @@ class NewsListener:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
             try:
                 pubsub.subscribe(*self._handlers)
                 self.subscriptions += 1
