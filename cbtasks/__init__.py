@@ -7,14 +7,16 @@ through Redis; a task base class defers or falls back while a circuit is open.
 import importlib.metadata as _metadata
 import inspect as _inspect
 
-from ._breaker import CircuitBreaker
+from ._breaker import CircuitBreaker, Ticket, report_tokens
 from ._classify import Classifier, default_classify, retry_hint
 from ._errors import (
     CallerError,
+    CallRefused,
     CBTasksError,
     CircuitOpenError,
     EndpointError,
     EndpointFailure,
+    LimitExceeded,
     PolicyError,
     StoreError,
     StoreUnavailableError,
@@ -29,6 +31,7 @@ from ._events import (
     RequestFailed,
     RequestWaited,
 )
+from ._limit import Limit, tokens_of
 from ._policy import BreakerPolicy, CountWindow, TimeWindow
 from ._state import Outcome, State, StateChange
 from .stores import AsyncRedisStore, BreakerStatus, MemoryStore, OnError, RedisStore, Store
@@ -40,6 +43,7 @@ __all__ = [
     "BreakerStatus",
     "CBTasksError",
     "CallRecorded",
+    "CallRefused",
     "CallRejected",
     "CallerError",
     "CircuitBreaker",
@@ -52,6 +56,8 @@ __all__ = [
     "Events",
     "FallbackServed",
     "HealthChecked",
+    "Limit",
+    "LimitExceeded",
     "MemoryStore",
     "OnError",
     "Outcome",
@@ -65,9 +71,12 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailableError",
+    "Ticket",
     "TimeWindow",
     "default_classify",
+    "report_tokens",
     "retry_hint",
+    "tokens_of",
 ]
 
 try:

@@ -8,17 +8,21 @@ import inspect
 import itertools
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, replace
 from time import perf_counter
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, cast
 
 from ._classify import Classifier, judge, retry_hint
-from ._errors import CircuitOpenError, PolicyError
+from ._errors import CallRefused, CircuitOpenError, LimitExceeded, PolicyError
 from ._events import CallRecorded, CallRejected, Events, HealthChecked, only_state_changes
 from ._health import HealthCheck, HealthChecker, health_checker
+from ._limit import RATE, REFUSED_BY, Limit
 from ._machine import CLOSED, HALF_OPEN
 from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
@@ -33,7 +37,7 @@ from .stores._base import (
     validate_name,
 )
 
-__all__ = ["CircuitBreaker"]
+__all__ = ["CircuitBreaker", "Ticket", "report_tokens"]
 
 log = logging.getLogger("cbtasks")
 
@@ -42,16 +46,52 @@ R = TypeVar("R")
 T = TypeVar("T")
 Listener = Callable[[StateChange], object]
 
-# The calls open in `async with` blocks of this task: (breaker, probe, start).
-# A tuple in a context variable, so each asyncio task has its own.
-_open_calls: ContextVar[tuple[tuple[object, str | None, float], ...]] = ContextVar(
-    "cbtasks_open_calls", default=()
+# The calls open in `async with` blocks of this task: (breaker, ticket, start,
+# token cell). A tuple in a context variable, so each asyncio task has its own.
+_open_calls: ContextVar[tuple[tuple[Any, ...], ...]] = ContextVar("cbtasks_open_calls", default=())
+
+# The tokens a guarded call reports (report_tokens), in a cell per call: a
+# context variable, so each thread and asyncio task has its own.
+_reported_tokens: ContextVar[list[int | None] | None] = ContextVar(
+    "cbtasks_reported_tokens", default=None
 )
 
 _unnamed = itertools.count(1)
 _DISABLED = int(Mode.DISABLED)  # a plain int: compared on every rejection
 # An endpoint's Retry-After keeps the circuit open that long, up to an hour.
 _MAX_RETRY_AFTER_MS = 3_600_000
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """An admitted call, as :meth:`CircuitBreaker.admit` returns it: pass it to ``record``.
+
+    ``probe_id`` names a half-open probe, ``slot`` the slot the call holds
+    under a concurrency limit, ``tokens`` what it reserved of a token budget.
+    """
+
+    probe_id: str | None
+    slot: str | None = None
+    tokens: int = 0
+
+
+def report_tokens(used: int) -> None:
+    """Say how many tokens the guarded call running now used (a token budget settles it).
+
+    Call it inside a call guarded by a breaker whose :class:`~cbtasks.Limit`
+    has ``tokens=``: the decorator, ``call``, ``acall``, streams, or a
+    :class:`~cbtasks.CircuitBreakerTask`'s body. It overrides what the limit's
+    ``usage`` would read from the result.
+    """
+    if isinstance(used, bool) or not isinstance(used, int) or used < 0:
+        raise PolicyError(f"report_tokens takes a whole number of tokens, got {used!r}")
+    cell = _reported_tokens.get()
+    if cell is None:
+        raise PolicyError(
+            "report_tokens() is called outside a call guarded by a breaker with a token "
+            "budget: call it inside the guarded function (Limit(tokens=...))"
+        )
+    cell[0] = used
 
 
 class CircuitBreaker:
@@ -76,6 +116,12 @@ class CircuitBreaker:
     the policy's own ``classify`` and the defaults, which know the exceptions
     of httpx, requests, aiohttp, grpc, openai, tritonclient, botocore,
     huggingface_hub and text-generation (see :func:`cbtasks.default_classify`).
+
+    ``limit`` (a :class:`~cbtasks.Limit`) keeps the fleet below the endpoint's
+    capacity: calls in flight, per second, tokens per period, or an adaptive
+    concurrency limit. A call over it raises :class:`~cbtasks.LimitExceeded`
+    (or gets the fallback) after waiting up to ``limit.wait`` seconds; it
+    never counts as a failure. Calls that do reach the endpoint count as ever.
     """
 
     def __init__(
@@ -91,8 +137,10 @@ class CircuitBreaker:
         health_check: HealthCheck | None = None,
         health_interval: float = 1.0,
         classify: Classifier | None = None,
+        limit: Limit | None = None,
     ) -> None:
         policy = with_shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
+        limit = Limit.coerce(limit)
         if name is None:
             if isinstance(store, RedisStore):
                 raise PolicyError(
@@ -119,7 +167,17 @@ class CircuitBreaker:
         self.events = Events()
         for listener in listeners:
             self.add_listener(listener)
+        #: The endpoint's limit, shared by every process using this breaker's name.
+        self.limit = limit
         self._wire = policy.wire()
+        if limit is not None:
+            self._wire = replace(self._wire, limit=limit.wire())
+        self._limited = limit is not None
+        self._counts_tokens = limit is not None and limit.counts_tokens
+        self._wait = 0.0 if limit is None else limit.wait
+        # A rate refusal is exact: no permit exists for anyone before it ends, so
+        # until then (local clock) this process refuses without asking.
+        self._rate_hold = 0.0
         self._view = self.store.view(self.name)
         self._clock = self.store.local_clock
         self._slow_ms = (
@@ -150,7 +208,8 @@ class CircuitBreaker:
             self._health.on_result = self._health_checked
 
     def __repr__(self) -> str:
-        return f"CircuitBreaker({self.name!r}, policy={self.policy!r}, store={self.store!r})"
+        limit = "" if self.limit is None else f", limit={self.limit!r}"
+        return f"CircuitBreaker({self.name!r}, policy={self.policy!r}, store={self.store!r}{limit})"
 
     # -- guarding calls --------------------------------------------------------
 
@@ -158,15 +217,18 @@ class CircuitBreaker:
         """Call ``fn(*args, **kwargs)`` through the breaker."""
         if self._async_store:
             self._require_sync("call")
-        if self._view.closed:
+        if self._view.closed and not self._limited:
             probe = None
         else:
             try:
-                probe = self.admit()
-            except CircuitOpenError:
+                ticket = self.admit(tokens=self._estimate(args, kwargs))
+            except CallRefused:
                 if self.fallback is None:
                     raise
                 return cast(R, self.fallback(*args, **kwargs))
+            if ticket is not None:
+                return self._call_ticketed(ticket, fn, args, kwargs)
+            probe = None
         slow_ms, events = self._slow_ms, self.events
         timed = slow_ms is not None or bool(events)
         start = perf_counter() if timed else 0.0
@@ -187,6 +249,67 @@ class CircuitBreaker:
             events.emit(CallRecorded(self.name, Outcome.SUCCESS, seconds, slow, probe is not None))
         return result
 
+    def _call_ticketed(
+        self, ticket: Ticket, fn: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> R:
+        """A call that holds something to give back: a probe, a slot, reserved tokens."""
+        tokens = self._token_cell()
+        start = perf_counter()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self.record_exception(ticket, exc, _ms_since(start))
+            raise
+        finally:
+            if tokens is not None:
+                _reported_tokens.reset(tokens[0])
+        elapsed_ms = _ms_since(start)
+        self.record(ticket, Outcome.SUCCESS, elapsed_ms, tokens_used=self._tokens(tokens, result))
+        return result
+
+    def _token_cell(self) -> tuple[Any, list[int | None]] | None:
+        """A fresh cell for report_tokens() during one call (None: no token budget)."""
+        if not self._counts_tokens:
+            return None
+        cell: list[int | None] = [None]
+        return _reported_tokens.set(cell), cell
+
+    def _tokens(self, tokens: tuple[Any, list[int | None]] | None, result: Any) -> int | None:
+        """What a call used of the token budget: reported, else read from its result."""
+        if tokens is None:
+            return None
+        reported = tokens[1][0]
+        if reported is not None:
+            return reported
+        return self.tokens_used(result)
+
+    def tokens_used(self, result: Any) -> int | None:
+        """The tokens ``result`` says its call used, by the limit's ``usage`` (None: unknown)."""
+        usage = None if self.limit is None else self.limit.usage
+        if usage is None:
+            return None
+        try:
+            used = usage(result)
+        except Exception:
+            log.exception("breaker %r: the limit's usage() failed: the estimate stands", self.name)
+            return None
+        if used is None or (isinstance(used, int) and not isinstance(used, bool) and used >= 0):
+            return used
+        log.error(
+            "breaker %r: the limit's usage() returned %r, not a whole number of tokens: "
+            "the estimate stands",
+            self.name,
+            used,
+        )
+        return None
+
+    def _estimate(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+        """The tokens a call with these arguments reserves (0 without a token budget)."""
+        if not self._counts_tokens:
+            return 0
+        assert self.limit is not None
+        return self.limit.estimate_for(args, kwargs)
+
     def stream(
         self, fn: Callable[P, Iterable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> Iterator[T]:
@@ -201,22 +324,30 @@ class CircuitBreaker:
         if self._async_store:
             self._require_sync("call")
         try:
-            probe = self.admit()
-        except CircuitOpenError:
+            ticket = self.admit(tokens=self._estimate(args, kwargs))
+        except CallRefused:
             if self.fallback is None:
                 raise
             yield from self.fallback(*args, **kwargs)
             return
+        tokens = self._token_cell()
         start = perf_counter()
         try:
             yield from fn(*args, **kwargs)
         except GeneratorExit:
-            self.record(probe, Outcome.SUCCESS, _ms_since(start))
+            self.record(
+                ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=self._tokens(tokens, None)
+            )
             raise
         except BaseException as exc:
-            self.record_exception(probe, exc, _ms_since(start))
+            self.record_exception(ticket, exc, _ms_since(start))
             raise
-        self.record(probe, Outcome.SUCCESS, _ms_since(start))
+        finally:
+            if tokens is not None:
+                _reported_tokens.reset(tokens[0])
+        self.record(
+            ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=self._tokens(tokens, None)
+        )
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``fn`` (a plain, async or generator function) so each call is guarded.
@@ -244,9 +375,9 @@ class CircuitBreaker:
         return guarded
 
     def __enter__(self) -> CircuitBreaker:
-        probe = self.admit()
+        ticket = self.admit(tokens=self._estimate((), {}))
         stack = self._open_calls.__dict__.setdefault("stack", [])
-        stack.append((probe, perf_counter()))
+        stack.append((ticket, perf_counter(), self._token_cell()))
         return self
 
     def __exit__(
@@ -255,21 +386,26 @@ class CircuitBreaker:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        probe, start = self._open_calls.stack.pop()
+        ticket, start, tokens = self._open_calls.stack.pop()
+        if tokens is not None:
+            _reported_tokens.reset(tokens[0])
         elapsed_ms = (perf_counter() - start) * 1000
         if exc is None:
-            self.record(probe, Outcome.SUCCESS, elapsed_ms)
+            self.record(ticket, Outcome.SUCCESS, elapsed_ms, tokens_used=self._tokens(tokens, None))
         else:
-            self.record_exception(probe, exc, elapsed_ms)
+            self.record_exception(ticket, exc, elapsed_ms)
 
     # -- the two steps, for callers that cannot wrap the call (Celery tasks) -----
 
-    def admit(self) -> str | None:
-        """Ask to make a call: returns its probe id (None for a plain call).
+    def admit(self, *, tokens: int = 0, wait: float | None = None) -> Ticket | None:
+        """Ask to make a call: returns its :class:`Ticket` (None for a plain call).
 
-        Raises :class:`CircuitOpenError` when the call must not be made. Every
-        admitted call must be followed by :meth:`record` or
-        :meth:`record_exception` with the id returned here.
+        Raises :class:`CircuitOpenError` when the circuit refuses the call and
+        :class:`LimitExceeded` when the limit does, after waiting up to
+        ``wait`` seconds (default the limit's ``wait``) for a slot or permit.
+        ``tokens`` is what the call reserves of a token budget. Every admitted
+        call must be followed by :meth:`record` or :meth:`record_exception`
+        with the ticket returned here.
         """
         # Before the local view: on an async store, a blocking admit() is a
         # mistake even while this process knows the circuit is closed.
@@ -277,28 +413,45 @@ class CircuitBreaker:
         try:
             if self._answered_locally():
                 return None
-            return self._admission(self.store.admit(self.name, self._wire, new_probe_id()))
-        except CircuitOpenError as exc:
+            deadline = time.monotonic() + (self._wait if wait is None else wait)
+            while True:
+                call_id = new_probe_id()
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                reply = self.store.admit(self.name, self._wire, call_id, tokens, wait_ms)
+                try:
+                    ticket = self._admission(reply, call_id, tokens)
+                except LimitExceeded as exc:
+                    pause = _jittered(exc.retry_after)
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    time.sleep(pause)
+                    continue
+                if reply.delay_ms:
+                    time.sleep(reply.delay_ms / 1000)  # a permit reserved ahead of time
+                return ticket
+        except CallRefused as exc:
             self._rejected(exc)
             raise
 
     def record(
         self,
-        probe: str | None,
+        probe: Ticket | str | None,
         outcome: Outcome,
         elapsed_ms: float | None = None,
         retry_after: float | None = None,
+        tokens_used: int | None = None,
     ) -> None:
-        """Count an admitted call's outcome; ``probe`` is what :meth:`admit` returned.
+        """Count an admitted call's outcome; ``probe`` is the ticket :meth:`admit` returned.
 
-        ``elapsed_ms`` is how long the call took (None: not timed, never slow).
+        ``elapsed_ms`` is how long the call took (None: not timed, never slow);
+        ``tokens_used`` what it used of a token budget (None: the estimate stands).
         """
         self._require_sync("record")
-        result = self._call_result(probe, outcome, elapsed_ms, retry_after)
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used)
         self._recorded(self.store.record(self.name, self._wire, result), result, elapsed_ms)
 
     def record_exception(
-        self, probe: str | None, exc: BaseException, elapsed_ms: float | None
+        self, probe: Ticket | str | None, exc: BaseException, elapsed_ms: float | None
     ) -> Outcome:
         """Count a call that raised ``exc``, classified by the policy; returns the outcome."""
         outcome = self.classify(exc)
@@ -306,7 +459,7 @@ class CircuitBreaker:
         return outcome
 
     def classify(self, exc: BaseException) -> Outcome:
-        """Failure, ignored (the caller's fault), or success (the endpoint answered).
+        """Failure, overload, ignored (the caller's fault), or success (the endpoint answered).
 
         The breaker's ``classify``, then the policy's, then its
         ``ignored_exceptions``, the defaults and its ``failure_exceptions``.
@@ -314,43 +467,76 @@ class CircuitBreaker:
         return judge(exc, self._hooks, self._ignored, self._failures)
 
     def _answered_locally(self) -> bool:
-        """True: admit without asking the store; False: ask it. Raises if known open."""
+        """True: admit without asking the store; False: ask it. Raises if known refused."""
         view = self._view
-        if view.closed:
+        if view.closed and not self._limited:
             return True
         now = self._clock()
         if now < view.reject_until:
             if view.mode == _DISABLED:
-                return True
-            raise CircuitOpenError(self.name, view.reject_until - now)
+                return not self._limited
+            state = "half_open" if view.half_open else "open"
+            reason = "half-open, probes in progress" if view.half_open else "circuit is open"
+            raise CircuitOpenError(self.name, view.reject_until - now, reason, state)
+        if now < self._rate_hold and view.mode != _DISABLED:
+            raise LimitExceeded(self.name, self._rate_hold - now, "rate limit reached", "rate")
         return False
 
-    def _admission(self, reply: Reply) -> str | None:
-        """The store's answer to an admission: the probe id, or CircuitOpenError."""
+    def _admission(self, reply: Reply, call_id: str, tokens: int) -> Ticket | None:
+        """The store's answer to an admission: a Ticket (None: nothing to give back), or
+        CircuitOpenError / LimitExceeded."""
         self._learn(reply)
         if reply.admitted:
-            return reply.probe_id
+            limit = self._wire.limit
+            if limit is None or reply.mode == _DISABLED:
+                return None if reply.probe_id is None else Ticket(reply.probe_id)
+            slot = call_id if limit.counts_slots else None
+            reserved = tokens if limit.token_ms else 0
+            if reply.probe_id is None and slot is None and not reserved:
+                return None
+            return Ticket(reply.probe_id, slot, reserved)
         retry_after = reply.retry_after_ms / 1000
-        if reply.cacheable and reply.state == HALF_OPEN:
+        if reply.refused_by:
+            kind = REFUSED_BY[reply.refused_by]
+            if reply.refused_by == RATE and reply.cacheable:
+                self._rate_hold = self._clock() + retry_after
+            raise LimitExceeded(self.name, retry_after, f"{kind} limit reached", kind)
+        half_open = reply.state == HALF_OPEN
+        if reply.cacheable and half_open:
             # Every probe slot is taken: wait locally, a close is news we will hear.
-            self._view.hold_off(self._clock() + retry_after)
-        reason = "half-open, probes in progress" if reply.state == HALF_OPEN else "circuit is open"
+            self._view.hold_off(self._clock() + retry_after, half_open=True)
+        reason = "half-open, probes in progress" if half_open else "circuit is open"
         if reply.mode == Mode.FORCED_OPEN:
             reason = "forced open by an operator"
-        raise CircuitOpenError(self.name, retry_after, reason)
+        state = "half_open" if half_open else "open"
+        raise CircuitOpenError(self.name, retry_after, reason, state)
 
     def _call_result(
         self,
-        probe: str | None,
+        probe: Ticket | str | None,
         outcome: Outcome,
         elapsed_ms: float | None,
         retry_after: float | None,
+        tokens_used: int | None = None,
     ) -> CallResult:
-        """How a call went: slow or not, and the endpoint's Retry-After in ms (bounded)."""
+        """How a call went: slow or not, the endpoint's Retry-After in ms (bounded), and
+        what it gives back of its limit."""
         slow = self._slow_ms is not None and elapsed_ms is not None and elapsed_ms > self._slow_ms
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
         # An endpoint's word, bounded: an hour at most.
-        return CallResult(probe, outcome, slow, min(retry_after_ms, _MAX_RETRY_AFTER_MS))
+        retry_after_ms = min(retry_after_ms, _MAX_RETRY_AFTER_MS)
+        if not isinstance(probe, Ticket):
+            return CallResult(probe, outcome, slow, retry_after_ms)
+        return CallResult(
+            probe.probe_id,
+            outcome,
+            slow,
+            retry_after_ms,
+            slot=probe.slot,
+            reserved=probe.tokens,
+            used=-1 if tokens_used is None else tokens_used,
+            latency_ms=-1.0 if elapsed_ms is None else elapsed_ms,
+        )
 
     def _recorded(self, reply: Reply, result: CallResult, elapsed_ms: float | None) -> None:
         if reply.version > self._view.version or reply.transitions:
@@ -363,9 +549,10 @@ class CircuitBreaker:
                 )
             )
 
-    def _rejected(self, exc: CircuitOpenError) -> None:
+    def _rejected(self, exc: CallRefused) -> None:
         if self.events:
-            self.events.emit(CallRejected(self.name, exc.reason, exc.retry_after))
+            kind = exc.kind if isinstance(exc, LimitExceeded) else "circuit"
+            self.events.emit(CallRejected(self.name, exc.reason, exc.retry_after, kind))
 
     def _health_checked(self, name: str, healthy: bool, error: BaseException | None) -> None:
         if self.events:
@@ -471,45 +658,65 @@ class CircuitBreaker:
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``await fn(*args, **kwargs)`` through the breaker."""
         try:
-            probe = await self.aadmit()
-        except CircuitOpenError:
+            ticket = await self.aadmit(tokens=self._estimate(args, kwargs))
+        except CallRefused:
             if self.fallback is None:
                 raise
             answer = self.fallback(*args, **kwargs)
             return await answer if inspect.isawaitable(answer) else answer  # type: ignore[no-any-return]
+        tokens = self._token_cell()
         start = perf_counter()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            await self.arecord_exception(probe, exc, (perf_counter() - start) * 1000)
+            await self.arecord_exception(ticket, exc, _ms_since(start))
             raise
-        await self.arecord(probe, Outcome.SUCCESS, (perf_counter() - start) * 1000)
+        finally:
+            if tokens is not None:
+                _reported_tokens.reset(tokens[0])
+        used = self._tokens(tokens, result)
+        await self.arecord(ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=used)
         return result
 
-    async def aadmit(self) -> str | None:
-        """:meth:`admit`, awaiting the store when it must be asked."""
+    async def aadmit(self, *, tokens: int = 0, wait: float | None = None) -> Ticket | None:
+        """:meth:`admit`, awaiting the store when it must be asked (and any wait)."""
         try:
             if self._answered_locally():
                 return None
-            reply: Reply = await _store_call(self, "admit", new_probe_id())
-            return self._admission(reply)
-        except CircuitOpenError as exc:
+            deadline = time.monotonic() + (self._wait if wait is None else wait)
+            while True:
+                call_id = new_probe_id()
+                wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                reply: Reply = await _store_call(self, "admit", call_id, tokens, wait_ms)
+                try:
+                    ticket = self._admission(reply, call_id, tokens)
+                except LimitExceeded as exc:
+                    pause = _jittered(exc.retry_after)
+                    if time.monotonic() + pause > deadline:
+                        raise
+                    await asyncio.sleep(pause)
+                    continue
+                if reply.delay_ms:
+                    await asyncio.sleep(reply.delay_ms / 1000)
+                return ticket
+        except CallRefused as exc:
             self._rejected(exc)
             raise
 
     async def arecord(
         self,
-        probe: str | None,
+        probe: Ticket | str | None,
         outcome: Outcome,
         elapsed_ms: float | None = None,
         retry_after: float | None = None,
+        tokens_used: int | None = None,
     ) -> None:
         """:meth:`record`, awaited."""
-        result = self._call_result(probe, outcome, elapsed_ms, retry_after)
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used)
         self._recorded(await _store_call(self, "record", result), result, elapsed_ms)
 
     async def arecord_exception(
-        self, probe: str | None, exc: BaseException, elapsed_ms: float | None
+        self, probe: Ticket | str | None, exc: BaseException, elapsed_ms: float | None
     ) -> Outcome:
         """:meth:`record_exception`, awaited."""
         outcome = self.classify(exc)
@@ -535,7 +742,7 @@ class CircuitBreaker:
             return State.CLOSED, 0.0
         now = self._clock()
         if now < view.reject_until:
-            return State.OPEN, view.reject_until - now
+            return (State.HALF_OPEN if view.half_open else State.OPEN), view.reject_until - now
         if self._async_store:  # unreachable reads as closed: the workers decide meanwhile
             status = await self.store.status(self.name, self._wire, strict=False)
         else:
@@ -545,8 +752,9 @@ class CircuitBreaker:
         return status.state, status.retry_after
 
     async def __aenter__(self) -> Self:
-        probe = await self.aadmit()
-        _open_calls.set((*_open_calls.get(), (self, probe, perf_counter())))
+        ticket = await self.aadmit(tokens=self._estimate((), {}))
+        tokens = self._token_cell()
+        _open_calls.set((*_open_calls.get(), (self, ticket, perf_counter(), tokens)))
         return self
 
     async def __aexit__(
@@ -557,17 +765,25 @@ class CircuitBreaker:
     ) -> None:
         calls = _open_calls.get()
         at = max(i for i, call in enumerate(calls) if call[0] is self)
-        _, probe, start = calls[at]
+        _, ticket, start, tokens = calls[at]
         _open_calls.set(calls[:at] + calls[at + 1 :])
+        if tokens is not None:
+            _reported_tokens.reset(tokens[0])
         elapsed_ms = (perf_counter() - start) * 1000
         if exc is None:
-            await self.arecord(probe, Outcome.SUCCESS, elapsed_ms)
+            used = self._tokens(tokens, None)
+            await self.arecord(ticket, Outcome.SUCCESS, elapsed_ms, tokens_used=used)
         else:
-            await self.arecord_exception(probe, exc, elapsed_ms)
+            await self.arecord_exception(ticket, exc, elapsed_ms)
 
 
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
+
+
+def _jittered(seconds: float) -> float:
+    """A refused call's wait before asking again, spread so waiters do not ask at once."""
+    return seconds * (1.0 + 0.5 * random.random())
 
 
 async def _store_call(breaker: CircuitBreaker, op: str, *args: Any) -> Any:

@@ -1,8 +1,10 @@
 """The exceptions cbtasks raises.
 
 CBTasksError
-├── CircuitOpenError        a call was not made: the circuit is open
-├── PolicyError (ValueError) a BreakerPolicy or breaker option is invalid
+├── CallRefused             a call was not made: the breaker refused it
+│   ├── CircuitOpenError        the circuit is open (or half-open, its probes taken)
+│   └── LimitExceeded           the endpoint's limit is reached (concurrency, rate, tokens)
+├── PolicyError (ValueError) a BreakerPolicy, Limit or breaker option is invalid
 └── StoreError              the state store failed
     └── StoreUnavailableError   the store cannot be reached (Redis down, bad host)
 """
@@ -14,14 +16,14 @@ class CBTasksError(Exception):
     """Base class of every error cbtasks raises on purpose."""
 
 
-class CircuitOpenError(CBTasksError):
-    """The breaker rejected a call without making it.
+class CallRefused(CBTasksError):
+    """The breaker refused a call without making it: the endpoint never saw it.
 
     ``name`` is the breaker's name, ``retry_after`` the number of seconds
-    after which a call may be admitted again (a probe, or the circuit closed).
+    after which a call may be admitted again, ``reason`` why, for people.
     """
 
-    # Called as CircuitOpenError(name, retry_after[, reason]). There is no
+    # Called as CallRefused(name, retry_after[, reason[, detail]]). There is no
     # Python-level __init__ on purpose: BaseException keeps the arguments in
     # self.args in C, which keeps a rejection cheap; the fields read them.
 
@@ -42,6 +44,36 @@ class CircuitOpenError(CBTasksError):
 
     def __str__(self) -> str:
         return f"breaker {self.name!r}: {self.reason}; retry after {self.retry_after:.3f}s"
+
+
+class CircuitOpenError(CallRefused):
+    """The circuit refused the call: it is open (or half-open with every probe slot taken).
+
+    ``state`` is ``"open"`` or ``"half_open"``: a half-open circuit is worth
+    coming back to soon, an open one after ``retry_after``.
+    """
+
+    @property
+    def state(self) -> str:
+        """The circuit's state when it refused: "open" or "half_open"."""
+        return str(self.args[3]) if len(self.args) > 3 else "open"
+
+
+class LimitExceeded(CallRefused):
+    """The endpoint's limit refused the call: ``kind`` is "concurrency", "rate" or "tokens".
+
+    ``retry_after`` comes from the limit's own state: when a slot is likely
+    free (the oldest call's expected end) or the next permit is due.
+    """
+
+    @property
+    def kind(self) -> str:
+        """Which part of the limit refused: "concurrency", "rate" or "tokens"."""
+        return str(self.args[3]) if len(self.args) > 3 else "concurrency"
+
+    @property
+    def reason(self) -> str:
+        return str(self.args[2]) if len(self.args) > 2 else f"{self.kind} limit reached"
 
 
 class PolicyError(CBTasksError, ValueError):

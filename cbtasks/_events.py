@@ -53,11 +53,13 @@ class CallRecorded:
 
 @dataclass(frozen=True, slots=True)
 class CallRejected:
-    """A call was refused without being made."""
+    """A call was refused without being made: by its circuit, or by its limit."""
 
     breaker: str
     reason: str
     retry_after: float
+    #: What refused it: "circuit", or the limit's "concurrency", "rate" or "tokens".
+    by: str = "circuit"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from functools import cached_property
 from typing import Any
 
 from ._errors import PolicyError
+from ._limit import LimitWire
 from ._state import Outcome
 
 __all__ = ["BreakerPolicy", "CountWindow", "TimeWindow"]
@@ -195,7 +196,8 @@ class PolicyWire:
     """A policy reduced to integers and floats: what the state machines read.
 
     The Python machine and the Redis Lua scripts read the same numbers, so
-    both compute identical transitions (see ``encoded``).
+    both compute identical transitions (see ``encoded``). A breaker with a
+    :class:`~cbtasks.Limit` adds its ``limit`` (sent to the scripts apart).
     """
 
     failure_threshold: int
@@ -213,6 +215,7 @@ class PolicyWire:
     half_open_successes: int
     lease_ms: int
     honor_retry_after: bool
+    limit: LimitWire | None = None
 
     @cached_property
     def encoded(self) -> str:

@@ -28,6 +28,10 @@ class Outcome(enum.IntEnum):
     FAILURE = 1
     #: The caller's own error (bad input, 4xx): counted as neither.
     IGNORED = 2
+    #: The endpoint is busy, not failing (TGI's 429 "Model is overloaded", a full
+    #: queue's 503, RESOURCE_EXHAUSTED): it shrinks an adaptive limit, and counts
+    #: as a failure only without one, or once the limit is at its minimum.
+    OVERLOAD = 3
 
 
 class Mode(enum.IntEnum):

@@ -38,7 +38,7 @@ def test_public_names_are_exactly_these() -> None:
         "State",
         "StateChange",
     }
-    functions = {"default_classify", "retry_hint"}  # and the classes, by their capital
+    functions = {"default_classify", "report_tokens", "retry_hint", "tokens_of"}  # and classes
     assert sorted(cbtasks.__all__) == sorted(
         name
         for name in dir(cbtasks)

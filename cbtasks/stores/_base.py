@@ -18,6 +18,7 @@ __all__ = [
     "AsyncStore",
     "BreakerStatus",
     "CallResult",
+    "LimitStatus",
     "LocalView",
     "Reply",
     "Store",
@@ -53,17 +54,34 @@ class CallResult:
     ``probe_id`` is what the admission returned (None for a plain call),
     ``slow`` whether it took longer than the policy's slow-call threshold,
     ``retry_after_ms`` the endpoint's own "not before" (0: it said nothing).
+    Under a limit: ``slot`` the slot the call held (None: none), ``reserved``
+    the tokens it reserved and ``used`` those it used (-1: unknown, the
+    reservation stands), ``latency_ms`` how long it took (-1: not timed).
     """
 
     probe_id: str | None
     outcome: Outcome
     slow: bool = False
     retry_after_ms: int = 0
+    slot: str | None = None
+    reserved: int = 0
+    used: int = -1
+    latency_ms: float = -1.0
 
     @property
     def healthy(self) -> bool:
         """A plain, fast success: the path most calls take, which skips the machine."""
-        return self.probe_id is None and self.outcome is Outcome.SUCCESS and not self.slow
+        return (
+            self.probe_id is None
+            and self.outcome is Outcome.SUCCESS
+            and not self.slow
+            and not self.limited
+        )
+
+    @property
+    def limited(self) -> bool:
+        """The call holds something of its limit to give back (a slot, reserved tokens)."""
+        return self.slot is not None or self.reserved > 0
 
 
 #: A plain call that succeeded in time: made once, since most calls are this one.
@@ -75,7 +93,9 @@ class Reply(NamedTuple):
 
     ``state``/``remaining_ms``/``mode``/``version`` describe the breaker after
     the operation; ``cacheable`` is false when the answer did not come from the
-    shared state (the store is unreachable and ``on_error`` decided).
+    shared state (the store is unreachable and ``on_error`` decided). An
+    admission the limit refused has ``refused_by`` (1 concurrency, 2 rate,
+    3 tokens); one it admitted ahead of time, ``delay_ms`` to sleep first.
     """
 
     admitted: bool
@@ -88,6 +108,24 @@ class Reply(NamedTuple):
     now_ms: int
     transitions: tuple[Transition, ...]
     cacheable: bool = True
+    refused_by: int = 0
+    delay_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitStatus:
+    """A breaker's limit as an operator sees it (fleet-wide, read from the store)."""
+
+    #: What the limit allows, in one line ("concurrency 8, rate 50/s").
+    allows: str
+    #: Calls holding a slot now (under a concurrency or adaptive limit).
+    in_flight: int
+    #: The concurrency limit now: the static one, or where the adaptive one stands.
+    concurrency: float | None
+    #: Calls admitted in the last whole second.
+    admitted_last_second: int
+    #: Tokens that may be spent now, under a token budget (else None).
+    tokens_available: int | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +144,8 @@ class BreakerStatus:
     probes_in_use: int
     #: Seconds until an open circuit lets a probe through (0 unless open).
     retry_after: float = 0.0
+    #: Its limit, when its workers use one.
+    limit: LimitStatus | None = None
 
 
 class LocalView:
@@ -117,11 +157,13 @@ class LocalView:
     newer one; news of a newer version makes the process ask again (:meth:`hint`).
     """
 
-    __slots__ = ("_lock", "closed", "mode", "reject_until", "version")
+    __slots__ = ("_lock", "closed", "half_open", "mode", "reject_until", "version")
 
     def __init__(self) -> None:
         self.closed = False
         self.reject_until = 0.0
+        #: The local rejection is a half-open circuit's (every probe slot taken).
+        self.half_open = False
         self.mode = int(Mode.NORMAL)
         self.version = -1
         self._lock = threading.Lock()
@@ -135,6 +177,7 @@ class LocalView:
             self.mode = int(mode)
             self.closed = state == CLOSED and mode != Mode.FORCED_OPEN
             self.reject_until = now + remaining_ms / 1000 if state == OPEN else 0.0
+            self.half_open = False
 
     def hint(self, version: int) -> None:
         """News of a newer version: ask the store next time (news is a hint, never the state).
@@ -146,10 +189,12 @@ class LocalView:
             if version > self.version:
                 self.closed = False
                 self.reject_until = 0.0
+                self.half_open = False
                 self.version = -1
 
-    def hold_off(self, until: float) -> None:
+    def hold_off(self, until: float, half_open: bool = True) -> None:
         """Reject locally until ``until``: every probe slot is taken."""
+        self.half_open = half_open
         self.reject_until = until
 
     def forget(self) -> None:
@@ -157,6 +202,7 @@ class LocalView:
         with self._lock:
             self.closed = False
             self.reject_until = 0.0
+            self.half_open = False
             self.version = -1
 
 
@@ -173,8 +219,12 @@ class Store(Protocol):
         """This process's shared cache of the breaker ``name``."""
         ...
 
-    def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
-        """May a call go through? ``probe_id`` names it if it becomes a probe."""
+    def admit(
+        self, name: str, policy: PolicyWire, probe_id: str, tokens: int = 0, wait_ms: int = 0
+    ) -> Reply:
+        """May a call go through? ``probe_id`` names it if it becomes a probe, and the
+        slot it holds under a limit (``policy.limit``), with ``tokens`` reserved; it
+        may start up to ``wait_ms`` later for a rate or token permit."""
         ...
 
     def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply:
@@ -209,7 +259,9 @@ class AsyncStore(Protocol):
 
     def view(self, name: str) -> LocalView: ...
 
-    async def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply: ...
+    async def admit(
+        self, name: str, policy: PolicyWire, probe_id: str, tokens: int = 0, wait_ms: int = 0
+    ) -> Reply: ...
 
     async def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply: ...
 

@@ -3,8 +3,9 @@
 A breaker's keys share the hash tag ``{name}``, so they live on one Redis
 Cluster slot and one script can touch them all:
 
-- ``<prefix>:{name}:s`` the state hash, ``:r`` the count window's ring,
-  ``:p`` the probe leases, ``:claim:<what>`` a fleet-wide turn;
+- ``<prefix>:{name}:s`` the state hash (the limit's fields too), ``:r`` the
+  count window's ring, ``:p`` the probe leases, ``:c`` the limit's slots
+  (calls in flight), ``:claim:<what>`` a fleet-wide turn;
 - ``:parked`` the parked requests by due time, ``:parked:data`` their
   messages, ``:parked:expires`` their expiry, ``:parked:dead`` the poison
   ones, ``:releasing`` the leases of releases in flight, ``:release-ramp``
@@ -50,6 +51,10 @@ class BreakerKeys:
     @property
     def probes(self) -> str:
         return f"{self.base}:p"
+
+    @property
+    def slots(self) -> str:
+        return f"{self.base}:c"
 
     def claim(self, what: str) -> str:
         return f"{self.base}:claim:{what}"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
 from collections.abc import Callable
 
+from .. import _limiter as limiter
 from .. import _machine as machine
+from .._limit import describe_wire
 from .._policy import PolicyWire
-from .._state import STATE_BY_CODE, Mode
-from ._base import BreakerStatus, CallResult, LocalView, Reply
+from .._state import STATE_BY_CODE, Mode, Outcome
+from ._base import BreakerStatus, CallResult, LimitStatus, LocalView, Reply
 
 __all__ = ["MemoryStore"]
 
@@ -34,6 +37,7 @@ class MemoryStore:
         self._rand = rand
         self._lock = threading.Lock()
         self._snapshots: dict[str, machine.Snapshot] = {}
+        self._limiters: dict[str, tuple[limiter.LimiterState, PolicyWire]] = {}
         self._views: dict[str, LocalView] = {}
         self._claims: dict[tuple[str, str], int] = {}
 
@@ -47,21 +51,35 @@ class MemoryStore:
                 view = self._views[name] = LocalView()
             return view
 
-    def admit(self, name: str, policy: PolicyWire, probe_id: str) -> Reply:
+    def admit(
+        self, name: str, policy: PolicyWire, probe_id: str, tokens: int = 0, wait_ms: int = 0
+    ) -> Reply:
         with self._lock:
-            now = self._now_ms()
+            exact = self.local_clock() * 1000
+            now = int(exact)
             snap = self._snapshot(name)
             decision = machine.admit(snap, policy, now, probe_id)
-            return self._reply(
-                name,
-                snap,
-                policy,
-                now,
-                decision.transitions,
+            admitted, probe, retry_after = (
                 decision.admitted,
                 decision.probe_id,
                 decision.retry_after_ms,
             )
+            refused_by, delay = 0, 0
+            # Shadow mode admits every call: the limit, like the circuit, only watches.
+            if admitted and policy.limit is not None and snap.mode != Mode.DISABLED:
+                state = self._limiter(name, policy)
+                taken = limiter.acquire(state, policy.limit, exact, probe_id, tokens, wait_ms)
+                if taken.refused_by:
+                    if probe is not None:  # a probe slot taken above goes back
+                        snap.probes.pop(probe, None)
+                    admitted, probe = False, None
+                    retry_after, refused_by = math.ceil(taken.retry_after_ms), taken.refused_by
+                else:
+                    delay = math.ceil(taken.delay_ms)
+            reply = self._reply(
+                name, snap, policy, now, decision.transitions, admitted, probe, retry_after
+            )
+            return reply._replace(refused_by=refused_by, delay_ms=delay)
 
     def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply:
         if call.healthy and not policy.window_kind:
@@ -74,11 +92,30 @@ class MemoryStore:
                         snap.consecutive = 0
                 return _NOTHING_NEW
         with self._lock:
-            now = self._now_ms()
+            exact = self.local_clock() * 1000
+            now = int(exact)
             snap = self._snapshot(name)
             rand = self._rand() if policy.jitter else 0.0
+            outcome = call.outcome
+            # "Overloaded" is the endpoint busy, not failing: with an adaptive limit
+            # it shrinks the limit and counts toward opening only at its minimum.
+            counts = outcome == Outcome.OVERLOAD
+            if policy.limit is not None and call.limited:
+                state = self._limiter(name, policy)
+                counts = limiter.release(
+                    state,
+                    policy.limit,
+                    exact,
+                    call.slot or "",
+                    call.reserved,
+                    call.used,
+                    call.latency_ms,
+                    int(outcome),
+                )
+            if outcome == Outcome.OVERLOAD:
+                outcome = Outcome.FAILURE if counts else Outcome.IGNORED
             transitions = machine.record(
-                snap, policy, now, call.probe_id, call.outcome, call.slow, call.retry_after_ms, rand
+                snap, policy, now, call.probe_id, outcome, call.slow, call.retry_after_ms, rand
             )
             return self._reply(name, snap, policy, now, tuple(transitions))
 
@@ -87,6 +124,11 @@ class MemoryStore:
             now = self._now_ms()
             snap = self._snapshot(name)
             transitions = machine.control(snap, policy, now, op)
+            held = self._limiters.get(name)
+            if op == "reset" and held is not None:
+                # As in Redis: the limit's learning is forgotten, the calls in flight
+                # keep their slots (they are still at the endpoint).
+                self._limiters[name] = (limiter.LimiterState(slots=held[0].slots), held[1])
             return self._reply(name, snap, policy, now, tuple(transitions))
 
     def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
@@ -110,12 +152,38 @@ class MemoryStore:
                 if state == machine.HALF_OPEN
                 else 0,
                 retry_after=remaining / 1000 if state == machine.OPEN else 0.0,
+                limit=self._limit_status(name, self.local_clock() * 1000),
             )
+
+    def _limiter(self, name: str, policy: PolicyWire) -> limiter.LimiterState:
+        """Breaker ``name``'s limiter state; the limit it was last used with is what
+        operators read."""
+        held = self._limiters.get(name)
+        if held is None or held[1] is not policy:
+            state = held[0] if held is not None else limiter.LimiterState()
+            self._limiters[name] = (state, policy)
+            return state
+        return held[0]
+
+    def _limit_status(self, name: str, now: float) -> LimitStatus | None:
+        held = self._limiters.get(name)
+        if held is None or held[1].limit is None:
+            return None
+        state, wire = held[0], held[1].limit
+        in_flight, concurrency, last_second, tokens = limiter.observe(state, wire, now)
+        return LimitStatus(
+            allows=describe_wire(wire),
+            in_flight=in_flight,
+            concurrency=concurrency if wire.counts_slots else None,
+            admitted_last_second=last_second,
+            tokens_available=tokens if wire.token_ms else None,
+        )
 
     def forget(self, name: str) -> None:
         """Drop breaker ``name``'s state (a RedisStore's stand-in, once Redis is back)."""
         with self._lock:
             self._snapshots.pop(name, None)
+            self._limiters.pop(name, None)
 
     def names(self) -> list[str]:
         with self._lock:

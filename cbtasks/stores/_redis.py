@@ -34,10 +34,11 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.cluster import RedisCluster
 
 from .._errors import PolicyError, StoreError, StoreUnavailableError
+from .._limit import LimitWire, describe_wire
 from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode
-from ._base import BreakerStatus, CallResult, LocalView, Reply
+from ._base import BreakerStatus, CallResult, LimitStatus, LocalView, Reply
 from ._connection import (
     ASYNCIO,
     BLOCKING,
@@ -53,7 +54,14 @@ from ._keys import DEFAULT_PREFIX, breaker_keys, name_of_state_key, news_channel
 from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
-from ._scripts import MACHINE_SCRIPTS, SuccessReply, admit_reply, machine_reply, status_reply
+from ._scripts import (
+    MACHINE_SCRIPTS,
+    LimitTail,
+    SuccessReply,
+    admit_reply,
+    machine_reply,
+    status_reply,
+)
 
 _MODES = frozenset(int(mode) for mode in Mode)
 
@@ -226,10 +234,15 @@ class RedisStoreBase:
 
     # -- the operations, each a flow ---------------------------------------------
 
-    def _admit(self, name: str, policy: PolicyWire, probe_id: str) -> Flow[Reply]:
-        """May a call go through? ``probe_id`` names it if it becomes a probe."""
-        raw = yield from self._script(name, self._machine_call("admit", name, policy, probe_id))
-        return self._admit_reply(raw, name, policy, probe_id)
+    def _admit(
+        self, name: str, policy: PolicyWire, probe_id: str, tokens: int = 0, wait_ms: int = 0
+    ) -> Flow[Reply]:
+        """May a call go through? ``probe_id`` names it if it becomes a probe, and the
+        slot it holds under the policy's limit, with ``tokens`` reserved."""
+        limit = "" if policy.limit is None else policy.limit.encoded
+        call = self._machine_call("admit", name, policy, probe_id, limit, probe_id, tokens, wait_ms)
+        raw = yield from self._script(name, call)
+        return self._admit_reply(raw, name, policy, probe_id, tokens, wait_ms)
 
     def _record(self, name: str, policy: PolicyWire, call: CallResult) -> Flow[Reply]:
         """Count how an admitted call went."""
@@ -296,7 +309,7 @@ class RedisStoreBase:
 
     def _machine_call(self, op: str, name: str, policy: PolicyWire, *args: Any) -> ScriptCall:
         """One of the machine's scripts: keys, channel and name, policy, time, then ``args``."""
-        return op, (3, *self._fixed_arguments(name), policy.encoded, self._now_arg(), *args)
+        return op, (4, *self._fixed_arguments(name), policy.encoded, self._now_arg(), *args)
 
     def _record_call(self, name: str, policy: PolicyWire, call: CallResult) -> ScriptCall:
         if call.healthy and not policy.window_kind:
@@ -305,7 +318,19 @@ class RedisStoreBase:
             return "success", (1, key, policy.open_ms, self._now_arg())
         jitter = repr(random.random()) if policy.jitter else "0"
         slow = 1 if call.slow else 0
-        args = (call.probe_id or "", int(call.outcome), slow, call.retry_after_ms, jitter)
+        args: tuple[Any, ...] = (
+            call.probe_id or "",
+            int(call.outcome),
+            slow,
+            call.retry_after_ms,
+            jitter,
+        )
+        if policy.limit is not None and call.limited:
+            latency = repr(float(call.latency_ms))
+            limit = (policy.limit.encoded, call.slot or "", call.reserved, call.used, latency)
+            args = (*args, *limit)
+        else:
+            args = (*args, "", "", 0, -1, -1)
         return self._machine_call("record", name, policy, *args)
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
@@ -314,7 +339,8 @@ class RedisStoreBase:
         if fixed is None:
             keys = breaker_keys(self.prefix, name)
             fixed = self._fixed[name] = tuple(
-                s.encode() for s in (keys.state, keys.ring, keys.probes, self.channel, name)
+                s.encode()
+                for s in (keys.state, keys.ring, keys.probes, keys.slots, self.channel, name)
             )
         return fixed
 
@@ -334,10 +360,12 @@ class RedisStoreBase:
 
     # -- replies ------------------------------------------------------------------
 
-    def _admit_reply(self, raw: Any, name: str, policy: PolicyWire, probe_id: str) -> Reply:
+    def _admit_reply(
+        self, raw: Any, name: str, policy: PolicyWire, probe_id: str, tokens: int, wait_ms: int
+    ) -> Reply:
         if raw is None:
             if self.on_error is OnError.LOCAL:
-                return _uncacheable(self._local.admit(name, policy, probe_id))
+                return _uncacheable(self._local.admit(name, policy, probe_id, tokens, wait_ms))
             admitted = self.on_error is OnError.ADMIT
             retry_ms = 0 if admitted else int(self.retry_interval * 1000)
             return _uncacheable(Reply(admitted, None, retry_ms, 0, 0, 0, 0, 0, ()))
@@ -359,7 +387,7 @@ class RedisStoreBase:
     def _status_from(self, name: str, raw: Any) -> BreakerStatus | None:
         if raw is None:  # unreachable, and the caller asked not to raise
             return None
-        exists, finish, counts = status_reply(raw)
+        exists, finish, counts, limit = status_reply(raw)
         state, remaining, mode = finish.state, finish.remaining_ms, finish.mode
         if not 0 <= state < len(STATE_BY_CODE) or mode not in _MODES:
             raise StoreError(
@@ -387,6 +415,7 @@ class RedisStoreBase:
             window_slow=counts.slow,
             probes_in_use=counts.probes if state == HALF_OPEN else 0,
             retry_after=remaining / 1000 if state == OPEN else 0.0,
+            limit=_limit_status(limit),
         )
 
     # -- outages --------------------------------------------------------------------
@@ -455,6 +484,20 @@ class RedisStoreBase:
 
 def _uncacheable(reply: Reply) -> Reply:
     return reply._replace(cacheable=False)
+
+
+def _limit_status(tail: LimitTail) -> LimitStatus | None:
+    """The limit status.lua read, if the breaker's workers use one."""
+    wire = LimitWire.decode(tail.wire.decode()) if tail.wire else None
+    if wire is None:
+        return None
+    return LimitStatus(
+        allows=describe_wire(wire),
+        in_flight=int(tail.in_flight),
+        concurrency=float(tail.concurrency) if wire.counts_slots else None,
+        admitted_last_second=int(tail.admitted_last_second),
+        tokens_available=int(tail.tokens_available) if wire.token_ms else None,
+    )
 
 
 #: What a failed script call can raise that the stores turn into on_error.

@@ -30,6 +30,7 @@ CONSTANTS = lua("constants")
 #: The constants and the clock: what every script that reads the time starts with.
 CLOCK = CONSTANTS + lua("clock")
 _MACHINE = CLOCK + lua("common")
+_LIMITED_MACHINE = _MACHINE + "\n" + lua("limit")
 
 
 class LuaScript:
@@ -52,8 +53,9 @@ class LuaScript:
 
 #: The breaker machine's operations, each the machine plus its own part.
 MACHINE_SCRIPTS = {
-    op: LuaScript(_MACHINE + "\n" + lua(op)) for op in ("admit", "record", "control", "status")
+    op: LuaScript(_LIMITED_MACHINE + "\n" + lua(op)) for op in ("admit", "record", "status")
 }
+MACHINE_SCRIPTS["control"] = LuaScript(_MACHINE + "\n" + lua("control"))
 # The healthy path's script does without the machine: only the clock.
 MACHINE_SCRIPTS["success"] = LuaScript(CLOCK + lua("success"))
 #: The parking lot's scripts.
@@ -83,6 +85,8 @@ class AdmitHead(NamedTuple):
     admitted: int
     is_probe: int
     retry_after_ms: int
+    refused_by: int
+    delay_ms: int
 
 
 class StatusTail(NamedTuple):
@@ -95,6 +99,16 @@ class StatusTail(NamedTuple):
     slow: int
     probes: int
     open_until: int
+
+
+class LimitTail(NamedTuple):
+    """status.lua's reply after the StatusTail: the breaker's limit."""
+
+    wire: bytes
+    in_flight: int
+    concurrency: bytes
+    admitted_last_second: int
+    tokens_available: int
 
 
 class SuccessReply(NamedTuple):
@@ -126,16 +140,21 @@ def machine_reply(
 def admit_reply(raw: list[Any], probe_id: str) -> Reply:
     """admit.lua's reply: the AdmitHead, then the machine's."""
     head = AdmitHead(*raw[: len(AdmitHead._fields)])
-    return machine_reply(
+    reply = machine_reply(
         raw,
         len(AdmitHead._fields),
         bool(head.admitted),
         probe_id if head.is_probe else None,
         head.retry_after_ms,
     )
+    if head.refused_by or head.delay_ms:
+        return reply._replace(refused_by=head.refused_by, delay_ms=head.delay_ms)
+    return reply
 
 
-def status_reply(raw: list[Any]) -> tuple[bool, Finish, StatusTail]:
-    """status.lua's reply: whether the breaker has state, its Finish, its counters."""
+def status_reply(raw: list[Any]) -> tuple[bool, Finish, StatusTail, LimitTail]:
+    """status.lua's reply: whether the breaker has state, its Finish, its counters, its limit."""
     finish = Finish(*raw[1 : 1 + len(Finish._fields)])
-    return bool(raw[0]), finish, StatusTail(*raw[-len(StatusTail._fields) :])
+    limit = LimitTail(*raw[-len(LimitTail._fields) :])
+    end = len(raw) - len(LimitTail._fields)
+    return bool(raw[0]), finish, StatusTail(*raw[end - len(StatusTail._fields) : end]), limit

@@ -5,7 +5,8 @@
 -- slow start, which the Python machine has no use for.)
 --
 -- KEYS[1] hash of the breaker's fields, KEYS[2] its count-window ring
--- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms).
+-- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms),
+-- KEYS[4] its limit's slots (zset: slot id -> lease end, ms; see limit.lua).
 -- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
 -- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
@@ -23,7 +24,8 @@ local W = {
 }
 local window_signature = P[2] .. ':' .. P[3] .. ':' .. P[4]
 
-local now = now_ms(ARGV[4])
+local now_exact = now_exact_ms(ARGV[4])
+local now = math.floor(now_exact)
 
 local raw = redis.call('HMGET', H, unpack(FIELDS))
 local S, dirty = {}, {}

@@ -1,7 +1,10 @@
--- ARGV[5] probe id or '', ARGV[6] outcome (0 success, 1 failure, 2 ignored),
--- ARGV[7] slow (0/1), ARGV[8] retry-after ms, ARGV[9] a random number in [0, 1).
-local function record()
-  local probe_id, outcome = ARGV[5], tonumber(ARGV[6])
+-- ARGV[5] probe id or '', ARGV[6] outcome (SUCCESS, FAILURE, IGNORED, OVERLOAD),
+-- ARGV[7] slow (0/1), ARGV[8] retry-after ms, ARGV[9] a random number in [0, 1);
+-- ARGV[10] the limit (LimitWire.encoded, '' for none), ARGV[11] the call's slot
+-- id or '', ARGV[12] tokens reserved, ARGV[13] tokens used (-1: unknown),
+-- ARGV[14] the call's duration in ms (-1: not timed).
+local function record(outcome)
+  local probe_id = ARGV[5]
   local slow, retry_after_ms = ARGV[7] == '1', tonumber(ARGV[8])
   rand = tonumber(ARGV[9])
   if probe_id ~= '' then
@@ -11,10 +14,10 @@ local function record()
     if not lease_end then return end
     redis.call('ZREM', PROBES, probe_id)
     if lease_end <= now then return end
-    if outcome == 2 then return end
-    if outcome == 1 or slow then
+    if outcome == IGNORED then return end
+    if outcome == FAILURE or slow then
       local reason = 'probe was slow'
-      if outcome == 1 then reason = 'probe failed' end
+      if outcome == FAILURE then reason = 'probe failed' end
       return trip(reason, retry_after_ms)
     end
     set('ps', S.ps + 1)
@@ -23,8 +26,8 @@ local function record()
     end
     return
   end
-  if S.st ~= CLOSED or outcome == 2 then return end
-  local failed = outcome == 1
+  if S.st ~= CLOSED or outcome == IGNORED then return end
+  local failed = outcome == FAILURE
   if failed then
     set('cf', S.cf + 1)
     -- Every failure in a closed circuit, ever: the parking lot's release
@@ -53,5 +56,17 @@ local function record()
     end
   end
 end
-record()
+-- "Overloaded" is the endpoint busy, not failing: with an adaptive limit it
+-- shrinks the limit and counts toward opening only at the limit's minimum.
+local outcome = tonumber(ARGV[6])
+local LW = parse_limit(ARGV[10])
+local counts = outcome == OVERLOAD
+if LW then
+  counts = limit_release(LW, ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13]),
+    tonumber(ARGV[14]), outcome)
+end
+if outcome == OVERLOAD then
+  if counts then outcome = FAILURE else outcome = IGNORED end
+end
+record(outcome)
 return finish({})
