@@ -8,9 +8,15 @@ exceptions carry:
 
 - the endpoint's failure (:attr:`Outcome.FAILURE`): connection errors,
   timeouts, 5xx, 408 (Ray Serve's "retry"), 424 (TGI's CUDA out-of-memory,
-  SageMaker's ModelError with a 5xx from the container), 425, 429, gRPC
-  UNAVAILABLE / DEADLINE_EXCEEDED / RESOURCE_EXHAUSTED / INTERNAL / UNKNOWN /
-  ABORTED / DATA_LOSS;
+  SageMaker's ModelError with a 5xx from the container), 425, gRPC
+  UNAVAILABLE / DEADLINE_EXCEEDED / INTERNAL / UNKNOWN / ABORTED / DATA_LOSS;
+- the endpoint busy, not failing (:attr:`Outcome.OVERLOAD`): 429 (TGI's
+  "Model is overloaded", a hosted API's rate limit), a 503 (or gRPC
+  UNAVAILABLE) whose answer says its queue is full (Triton's "Exceeds maximum
+  queue size", Ray Serve's backpressure, vLLM's queue cap), gRPC
+  RESOURCE_EXHAUSTED, SageMaker's and AWS's throttling, the SDKs' own
+  "overloaded" classes. It shrinks an adaptive limit; without one it counts
+  as a failure, as it always did;
 - the caller's error (:attr:`Outcome.IGNORED`): other 4xx (bad input, auth,
   unknown model or route, payload too large), gRPC INVALID_ARGUMENT,
   NOT_FOUND, PERMISSION_DENIED, ... , a URL or a credential that cannot work;
@@ -35,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from ._errors import CallerError, CircuitOpenError, EndpointFailure
+from ._errors import CallerError, CallRefused, EndpointBusy, EndpointFailure
 from ._state import Outcome
 
 __all__ = ["Classifier", "default_classify", "http_status_outcome", "retry_hint"]
@@ -47,16 +53,27 @@ Classifier = Callable[[BaseException], Outcome | None]
 
 FAILURE = Outcome.FAILURE
 CALLER = Outcome.IGNORED
+BUSY = Outcome.OVERLOAD
 
 # 4xx that are the endpoint saying "not now" rather than "not this request".
 # 408: the server gave up waiting (Ray Serve, nginx); 424: a dependency of the
 # request failed (TGI's generation error, a CUDA OOM; SageMaker's ModelError);
-# 425: too early (a replay during a TLS handshake); 429: overloaded.
-_ENDPOINT_4XX = frozenset({408, 424, 425, 429})
+# 425: too early (a replay during a TLS handshake). 429 (too many requests) is
+# the endpoint busy: BUSY.
+_ENDPOINT_4XX = frozenset({408, 424, 425})
 
 _GRPC_FAILURES = frozenset(
-    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "UNKNOWN", "ABORTED"}
-    | {"DATA_LOSS"}
+    {"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "ABORTED", "DATA_LOSS"}
+)
+
+# What a 503 (or gRPC UNAVAILABLE) says when the server is up and its queue is
+# full: Triton's "Exceeds maximum queue size" (src/scheduler_utils.cc), Ray
+# Serve's "Request dropped due to backpressure" (serve/exceptions.py,
+# BackPressureError), vLLM's and TGI's "overloaded", a proxy's "too many".
+BUSY_WORDS = re.compile(
+    r"overloaded|maximum queue size|queue (?:is )?full|backpressure|too many requests"
+    r"|max_queued_requests|server is busy|at capacity",
+    re.IGNORECASE,
 )
 
 # A status the class carries: read it (see _status_outcome).
@@ -131,7 +148,7 @@ _BY_CLASS: dict[tuple[str, str], Outcome | str] = {
     # huggingface_hub: TGI's typed errors (by error_type), timeouts, HTTP errors
     ("huggingface_hub", "ValidationError"): CALLER,
     ("huggingface_hub", "GenerationError"): FAILURE,
-    ("huggingface_hub", "OverloadedError"): FAILURE,
+    ("huggingface_hub", "OverloadedError"): BUSY,
     ("huggingface_hub", "IncompleteGenerationError"): FAILURE,
     ("huggingface_hub", "UnknownError"): FAILURE,
     ("huggingface_hub", "InferenceTimeoutError"): FAILURE,
@@ -142,12 +159,14 @@ _BY_CLASS: dict[tuple[str, str], Outcome | str] = {
     ("text_generation", "NotFoundError"): CALLER,
     ("text_generation", "NotSupportedError"): CALLER,
     ("text_generation", "GenerationError"): FAILURE,
-    ("text_generation", "OverloadedError"): FAILURE,
+    ("text_generation", "OverloadedError"): BUSY,
     ("text_generation", "IncompleteGenerationError"): FAILURE,
     ("text_generation", "ShardNotReadyError"): FAILURE,
     ("text_generation", "ShardTimeoutError"): FAILURE,
-    ("text_generation", "RateLimitExceededError"): FAILURE,
+    ("text_generation", "RateLimitExceededError"): BUSY,
     ("text_generation", "UnknownError"): FAILURE,
+    # Ray Serve's handle: max_ongoing_requests + max_queued_requests reached
+    ("ray", "BackPressureError"): BUSY,
 }
 
 # botocore error codes that say the service (not the request) is in trouble,
@@ -161,6 +180,11 @@ _BOTO_FAILURE_CODES = frozenset(
         "ServiceUnavailable",
         "ServiceUnavailableException",
         "ModelNotReadyException",
+    }
+)
+# ... and those that say it is busy: throttled, not failing.
+_BOTO_BUSY_CODES = frozenset(
+    {
         "Throttling",
         "ThrottlingException",
         "TooManyRequestsException",
@@ -185,8 +209,11 @@ _TRITON_ENDPOINT_WORDS = re.compile(
 NOT_READY_WORDS = re.compile(r"\bnot ready\b|\bis loading\b|\bnot loaded yet\b", re.IGNORECASE)
 
 
-def http_status_outcome(status: int) -> Outcome | None:
-    """The outcome an HTTP status means: FAILURE, IGNORED (the caller's), or None (2xx/3xx)."""
+def http_status_outcome(status: int, text: str = "") -> Outcome | None:
+    """The outcome an HTTP status means: FAILURE, OVERLOAD (busy: 429, or a 503 whose
+    ``text`` says its queue is full), IGNORED (the caller's), or None (2xx/3xx)."""
+    if status == 429 or (status == 503 and BUSY_WORDS.search(text)):
+        return BUSY
     if status >= 500 or status in _ENDPOINT_4XX:
         return FAILURE
     if status >= 400:
@@ -194,8 +221,16 @@ def http_status_outcome(status: int) -> Outcome | None:
     return None
 
 
-def grpc_code_outcome(code_name: str) -> Outcome | None:
-    """The outcome a gRPC status code (by name, "UNAVAILABLE") means; None for OK."""
+def grpc_code_outcome(code_name: str, details: str = "") -> Outcome | None:
+    """The outcome a gRPC status code (by name, "UNAVAILABLE") means; None for OK.
+
+    RESOURCE_EXHAUSTED, and UNAVAILABLE whose ``details`` say the queue is full
+    (Triton's gRPC answer past ``max_queue_size``), are the endpoint busy.
+    """
+    if code_name == "RESOURCE_EXHAUSTED" or (
+        code_name == "UNAVAILABLE" and BUSY_WORDS.search(details)
+    ):
+        return BUSY
     if code_name in _GRPC_FAILURES:
         return FAILURE
     return None if code_name == "OK" else CALLER
@@ -205,7 +240,7 @@ def triton_outcome(status: int, message: str) -> Outcome | None:
     """A Triton HTTP answer: its status, with a 400 that names device trouble the endpoint's."""
     if status == 400 and _TRITON_ENDPOINT_WORDS.search(message):
         return FAILURE
-    return http_status_outcome(status)
+    return http_status_outcome(status, message)
 
 
 def default_classify(exc: BaseException) -> Outcome | None:
@@ -219,6 +254,8 @@ def default_classify(exc: BaseException) -> Outcome | None:
     """
     if isinstance(exc, CallerError):
         return CALLER
+    if isinstance(exc, EndpointBusy):
+        return BUSY
     if isinstance(exc, EndpointFailure):
         return FAILURE
     for cls in type(exc).__mro__:
@@ -230,13 +267,20 @@ def default_classify(exc: BaseException) -> Outcome | None:
         assert isinstance(rule, Outcome)
         return rule
     status = _http_status(exc)
-    return None if status is None else _unless_not_ready(exc, http_status_outcome(status))
+    if status is None:
+        return None
+    return _unless_not_ready(exc, http_status_outcome(status, _answer_text(exc)))
 
 
 def _unless_not_ready(exc: BaseException, outcome: Outcome | None) -> Outcome | None:
     """A caller's error whose answer says the model is not ready is the endpoint's."""
     if outcome is not CALLER:
         return outcome
+    return FAILURE if NOT_READY_WORDS.search(_answer_text(exc)) else CALLER
+
+
+def _answer_text(exc: BaseException) -> str:
+    """What the exception and the answer it carries say, for the words rules read."""
     texts = [str(exc)[:2000]]
     response = getattr(exc, "response", None)
     try:
@@ -245,7 +289,7 @@ def _unless_not_ready(exc: BaseException, outcome: Outcome | None) -> Outcome | 
         text = None
     if isinstance(text, str):
         texts.append(text[:2000])
-    return FAILURE if any(NOT_READY_WORDS.search(t) for t in texts) else CALLER
+    return "\n".join(texts)
 
 
 def _status_outcome(exc: BaseException) -> Outcome | None:
@@ -257,17 +301,18 @@ def _status_outcome(exc: BaseException) -> Outcome | None:
         status = _call(exc, "status")
         message = str(_call(exc, "message") or "")
         if isinstance(status, str) and status.startswith("StatusCode."):
-            return grpc_code_outcome(status.removeprefix("StatusCode."))
+            return grpc_code_outcome(status.removeprefix("StatusCode."), message)
         if isinstance(status, str) and status.isdigit():
             return triton_outcome(int(status), message)
         # No status: the client could not reach the server, or read its answer.
         return FAILURE
     if module == "grpc":
         code_name = getattr(_call(exc, "code"), "name", None)  # a grpc.StatusCode
-        return grpc_code_outcome(code_name) if isinstance(code_name, str) else FAILURE
+        details = str(_call(exc, "details") or "")
+        return grpc_code_outcome(code_name, details) if isinstance(code_name, str) else FAILURE
     status = _http_status(exc)
     # An HTTP error class without a status never reached an answer.
-    return FAILURE if status is None else http_status_outcome(status)
+    return FAILURE if status is None else http_status_outcome(status, _answer_text(exc))
 
 
 def _botocore_outcome(response: object) -> Outcome | None:
@@ -279,6 +324,8 @@ def _botocore_outcome(response: object) -> Outcome | None:
         # SageMaker: the model container answered; its own status decides.
         original = _as_int(response.get("OriginalStatusCode"))
         return FAILURE if original is None else http_status_outcome(original) or FAILURE
+    if code in _BOTO_BUSY_CODES:
+        return BUSY
     if code in _BOTO_FAILURE_CODES:
         return FAILURE
     metadata = response.get("ResponseMetadata") or {}
@@ -306,7 +353,7 @@ def retry_hint(exc: BaseException) -> float | None:
     HTTP date, ``retry-after-ms``) or a gRPC call's trailing metadata
     (``grpc-retry-pushback-ms``, ``retry-after``). The breaker bounds it.
     """
-    if isinstance(exc, CircuitOpenError):
+    if isinstance(exc, CallRefused):
         return None  # our own rejection's wait, not the endpoint's word
     own = getattr(exc, "retry_after", None)
     if isinstance(own, int | float) and not isinstance(own, bool) and math.isfinite(own):
@@ -422,6 +469,7 @@ def judge(
     policy's ``ignored_exceptions``, added to the defaults) are the caller's;
     then :func:`default_classify`; an exception outside ``failures`` (the
     policy's ``failure_exceptions``) is never a failure: the endpoint answered.
+    The endpoint saying it is busy (OVERLOAD) stays so.
     """
     for hook in hooks:
         try:
@@ -442,8 +490,8 @@ def judge(
     if isinstance(exc, ignored):
         return CALLER
     outcome = default_classify(exc)
-    if outcome is CALLER:
-        return CALLER
+    if outcome is CALLER or outcome is BUSY:
+        return outcome
     if not isinstance(exc, failures):
         return Outcome.SUCCESS if isinstance(exc, Exception) else CALLER
     return FAILURE

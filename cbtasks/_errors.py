@@ -5,8 +5,12 @@ CBTasksError
 │   ├── CircuitOpenError        the circuit is open (or half-open, its probes taken)
 │   └── LimitExceeded           the endpoint's limit is reached (concurrency, rate, tokens)
 ├── PolicyError (ValueError) a BreakerPolicy, Limit or breaker option is invalid
-└── StoreError              the state store failed
-    └── StoreUnavailableError   the store cannot be reached (Redis down, bad host)
+├── StoreError              the state store failed
+│   └── StoreUnavailableError   the store cannot be reached (Redis down, bad host)
+└── EndpointError           a call to a model endpoint went wrong (cbtasks' clients)
+    ├── EndpointFailure         the endpoint's fault: down, timed out, 5xx
+    │   └── EndpointBusy            healthy but saturated: 429, a full queue
+    └── CallerError             the request's fault: 4xx, a bad payload
 """
 
 from __future__ import annotations
@@ -108,6 +112,14 @@ class EndpointFailure(EndpointError):
     ) -> None:
         super().__init__(message, status=status)
         self.retry_after = retry_after
+
+
+class EndpointBusy(EndpointFailure):
+    """The endpoint is healthy but saturated: it answered "busy" (429, a full queue's 503).
+
+    Classified as :attr:`~cbtasks.Outcome.OVERLOAD`: it shrinks an adaptive
+    limit rather than counting toward opening the circuit.
+    """
 
 
 class CallerError(EndpointError):

@@ -29,10 +29,10 @@ import tritonclient.http as triton_http
 from botocore.config import Config
 from huggingface_hub import InferenceClient
 
-from cbtasks import CircuitBreaker, CircuitOpenError, State
+from cbtasks import CircuitBreaker, CircuitOpenError, Outcome, State
 from tests.product_servers import Answer, GrpcAnswer, GrpcProductServer, ProductServer
 
-CALLER, ENDPOINT = "caller", "endpoint"
+CALLER, ENDPOINT, BUSY = "caller", "endpoint", "busy"
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,11 @@ def assert_judged(
     call: Callable[[], object], expect: str, library_error: type[BaseException]
 ) -> list[BaseException]:
     breaker, raised = four_calls(call)
+    if expect == BUSY:
+        # The endpoint saying "busy" is its own outcome (it shrinks an adaptive
+        # limit); a breaker without one counts it as a failure, as ever.
+        assert breaker.classify(raised[0]) is Outcome.OVERLOAD, raised[0]
+        expect = ENDPOINT
     if expect == CALLER:
         assert breaker.state is State.CLOSED
         assert all(type(e).__module__.split(".")[0] != "cbtasks" for e in raised), raised
@@ -138,6 +143,19 @@ OPENAI_CASES = [
         Answer(503, {"error": {"message": "Service Unavailable"}}),
         ENDPOINT,
         openai.InternalServerError,
+    ),
+    (
+        "429 rate limited",
+        Answer(429, {"error": {"message": "Rate limit reached for requests", "type": "requests"}}),
+        BUSY,
+        openai.RateLimitError,
+    ),
+    (
+        # TGI's Messages API answers its overload in the OpenAI form too.
+        "429 model overloaded",
+        Answer(429, {"error": "Model is overloaded", "error_type": "overloaded"}),
+        BUSY,
+        openai.RateLimitError,
     ),
 ]
 
@@ -249,6 +267,13 @@ TRITON_CASES = [
         Answer(400, {"error": "onnx runtime error 6: CUDA failure 2: out of memory"}),
         ENDPOINT,
     ),
+    (
+        # src/scheduler_utils.cc: past max_queue_size, TRITONSERVER_ERROR_UNAVAILABLE
+        # "Exceeds maximum queue size", which HttpCodeFromError sends as 503.
+        "503 queue full",
+        Answer(503, {"error": "Exceeds maximum queue size"}),
+        BUSY,
+    ),
 ]
 
 
@@ -290,6 +315,16 @@ def test_tritonclient_grpc(
     from tritonclient.utils import InferenceServerException
 
     grpc_server.answer = GrpcAnswer(code, "as Triton says")
+    assert_judged(lambda: triton_grpc_infer(grpc_server.target), expect, InferenceServerException)
+
+
+def test_tritonclient_grpc_full_queue_is_busy(grpc_server: GrpcProductServer) -> None:
+    """Triton's gRPC answer past max_queue_size: UNAVAILABLE "Exceeds maximum queue size"
+    (src/scheduler_utils.cc) is the endpoint busy, not down."""
+    from tritonclient.utils import InferenceServerException
+
+    grpc_server.answer = GrpcAnswer(grpc.StatusCode.UNAVAILABLE, "Exceeds maximum queue size")
+    expect = BUSY
     assert_judged(lambda: triton_grpc_infer(grpc_server.target), expect, InferenceServerException)
 
 
@@ -349,6 +384,7 @@ SAGEMAKER_CASES = [
         ENDPOINT,
     ),
     ("ModelNotReadyException 429", _sagemaker_error("ModelNotReadyException", 429), ENDPOINT),
+    ("ThrottlingException 400", _sagemaker_error("ThrottlingException", 400), BUSY),
     ("ServiceUnavailable 503", _sagemaker_error("ServiceUnavailable", 503), ENDPOINT),
     ("InternalFailure 500", _sagemaker_error("InternalFailure", 500), ENDPOINT),
 ]
@@ -399,7 +435,7 @@ TGI_VALIDATION = Answer(
 )
 TGI_CASES = [
     ("424 generation (CUDA OOM)", TGI_OOM, ENDPOINT),
-    ("429 overloaded", TGI_OVERLOADED, ENDPOINT),
+    ("429 overloaded", TGI_OVERLOADED, BUSY),
     ("422 validation", TGI_VALIDATION, CALLER),
 ]
 
@@ -445,10 +481,11 @@ def test_huggingface_hub_inference_client(
 
 @pytest.mark.parametrize(
     ("status", "expect"),
-    [(400, CALLER), (422, CALLER), (404, CALLER), (503, ENDPOINT), (408, ENDPOINT)],
+    [(400, CALLER), (422, CALLER), (404, CALLER), (503, ENDPOINT), (408, ENDPOINT), (429, BUSY)],
 )
 def test_requests_raise_for_status(server: ProductServer, status: int, expect: str) -> None:
-    """requests + raise_for_status(): a 4xx is the caller's, 408 and 5xx the endpoint's."""
+    """requests + raise_for_status(): a 4xx is the caller's, 408 and 5xx the endpoint's,
+    429 the endpoint busy."""
     server.answer("/predict", Answer(status, {"detail": "as FastAPI answers"}))
 
     def call() -> None:
@@ -466,6 +503,20 @@ def test_httpx_raise_for_status(server: ProductServer, status: int, expect: str)
         httpx.post(f"{server.url}/predict", json={"x": 1}, timeout=5).raise_for_status()
 
     assert_judged(call, expect, httpx.HTTPStatusError)
+
+
+def test_ray_serve_backpressure_is_busy(server: ProductServer) -> None:
+    """Ray Serve's proxy past max_ongoing_requests + max_queued_requests: a 503 whose text is
+    BackPressureError's message (ray/serve/exceptions.py): busy, read through httpx."""
+    message = (
+        "Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."
+    )
+    server.answer("/predict", Answer(503, message))
+
+    def call() -> None:
+        httpx.post(f"{server.url}/predict", json={"x": 1}, timeout=5).raise_for_status()
+
+    assert_judged(call, BUSY, httpx.HTTPStatusError)
 
 
 def test_httpx_connection_refused_is_an_endpoint_failure() -> None:
@@ -508,7 +559,7 @@ def grpc_predict(target: str) -> None:
         (grpc.StatusCode.NOT_FOUND, CALLER),
         (grpc.StatusCode.PERMISSION_DENIED, CALLER),
         (grpc.StatusCode.UNAVAILABLE, ENDPOINT),
-        (grpc.StatusCode.RESOURCE_EXHAUSTED, ENDPOINT),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY),
         (grpc.StatusCode.DEADLINE_EXCEEDED, ENDPOINT),
     ],
 )

@@ -52,7 +52,7 @@ def fail_with(exc: BaseException) -> Any:
         (408, Outcome.FAILURE),
         (424, Outcome.FAILURE),
         (425, Outcome.FAILURE),
-        (429, Outcome.FAILURE),
+        (429, Outcome.OVERLOAD),
         (500, Outcome.FAILURE),
         (503, Outcome.FAILURE),
         (599, Outcome.FAILURE),
@@ -61,7 +61,7 @@ def fail_with(exc: BaseException) -> Any:
     ],
 )
 def test_what_each_http_status_means(status: int, outcome: Outcome | None) -> None:
-    """5xx and the four "not now" 4xx count; the other 4xx are the caller's."""
+    """5xx and the three "not now" 4xx count, 429 is busy; the other 4xx are the caller's."""
     assert http_status_outcome(status) is outcome
 
 

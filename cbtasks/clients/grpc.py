@@ -7,26 +7,13 @@ from typing import Any
 
 import grpc
 
-from .._classify import retry_hint
-from .._errors import CallerError, EndpointFailure
+from .._classify import grpc_code_outcome, retry_hint
+from .._errors import CallerError, EndpointBusy, EndpointFailure
+from .._state import Outcome
 from ._encoding import encode_request
 from ._pool import per_process
 
 __all__ = ["GRPCModelClient", "grpc_client"]
-
-#: The endpoint's fault: these count against the breaker.
-ENDPOINT_FAILURES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.INTERNAL,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-
 
 class GRPCModelClient:
     """Calls a unary method with JSON messages; raises EndpointFailure or CallerError.
@@ -78,10 +65,11 @@ class GRPCModelClient:
             code = exc.code()
             details = exc.details()
             message = f"{self.target}: {code.name}: {details}"
-            if code in ENDPOINT_FAILURES:
-                retry_after = retry_hint(exc)
-                raise EndpointFailure(message, status=code.name, retry_after=retry_after) from exc
-            raise CallerError(message, status=code.name) from exc
+            outcome = grpc_code_outcome(code.name, str(details or ""))
+            if outcome is Outcome.IGNORED:
+                raise CallerError(message, status=code.name) from exc
+            failure = EndpointBusy if outcome is Outcome.OVERLOAD else EndpointFailure
+            raise failure(message, status=code.name, retry_after=retry_hint(exc)) from exc
         try:
             body = json.loads(raw)
         except ValueError:

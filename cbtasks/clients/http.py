@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from .._classify import headers_retry_hint, parse_retry_after
-from .._errors import CallerError, EndpointFailure
+from .._errors import CallerError, EndpointBusy, EndpointFailure
 from .._state import Outcome
 from ._encoding import encode_request
 from ._pool import per_process
@@ -184,7 +184,8 @@ class HTTPModelClient:
         url = f"{self.base_url}{path}"
         if outcome is Outcome.IGNORED:
             raise CallerError(f"{url} refused the request ({status}): {text[:500]}", status=status)
-        raise EndpointFailure(
+        failure = EndpointBusy if outcome is Outcome.OVERLOAD else EndpointFailure
+        raise failure(
             f"{url} answered {status}: {text[:200]}",
             status=status,
             retry_after=_retry_after(response),
@@ -199,7 +200,8 @@ class HTTPModelClient:
         outcome = self.profile.outcome(status, text, event)
         if outcome is Outcome.IGNORED:
             raise CallerError(f"{url} ended the stream with an error: {text}", status=status)
-        raise EndpointFailure(f"{url} ended the stream with an error: {text}", status=status)
+        failure = EndpointBusy if outcome is Outcome.OVERLOAD else EndpointFailure
+        raise failure(f"{url} ended the stream with an error: {text}", status=status)
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -37,7 +37,11 @@ class ServerProfile:
 
     def outcome(self, status: int, text: str, body: Any) -> Outcome:
         """The outcome of an answer with a status of 400 or more."""
-        return self.read_error(status, text, body) or http_status_outcome(status) or Outcome.FAILURE
+        return (
+            self.read_error(status, text, body)
+            or http_status_outcome(status, text)
+            or Outcome.FAILURE
+        )
 
 
 def _by_status(status: int, text: str, body: Any) -> Outcome | None:
@@ -62,7 +66,9 @@ def _tgi(status: int, text: str, body: Any) -> Outcome | None:
     # (500) are the server's; "validation", "template_error", "tool_error" (422)
     # are the request's.
     kind = body.get("error_type") if isinstance(body, dict) else None
-    if kind in ("generation", "overloaded", "incomplete_generation"):
+    if kind == "overloaded":
+        return Outcome.OVERLOAD
+    if kind in ("generation", "incomplete_generation"):
         return Outcome.FAILURE
     if kind in ("validation", "template_error", "tool_error", "tokenizer"):
         return Outcome.IGNORED
