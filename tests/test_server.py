@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,9 +72,69 @@ def test_faults_and_counts(client: httpx.Client) -> None:
 
 
 def test_bad_fault_settings_are_refused(client: httpx.Client) -> None:
-    """The admin API validates too."""
+    """The admin API validates too, and refuses a field it does not know: a misspelt fault
+    would otherwise inject nothing while answering 200."""
     assert client.put("/admin/faults", json={"error_rate": 2}).status_code == 422
     assert client.put("/admin/faults", json={"status_code": 200}).status_code == 422
+    misspelt = client.put("/admin/faults", json={"eror_rate": 1.0})
+    assert misspelt.status_code == 422 and "eror_rate" in misspelt.text
+    assert client.put("/admin/capacity", json={"concurency": 4}).status_code == 422
+    assert client.put("/admin/capacity", json={"concurrency": 0}).status_code == 422
+
+
+FEATURES = {"features": [5.1, 3.5, 1.4, 0.2]}
+
+
+def test_capacity_serves_some_queues_some_and_refuses_the_rest(client: httpx.Client) -> None:
+    """Capacity 2, queue 2, 200 ms a call, 7 callers at once: 2 served at once, 2 wait
+    (about twice as long), 3 answered TGI's 429 "Model is overloaded" at once."""
+    client.delete("/admin/stats")
+    client.put("/admin/capacity", json={"concurrency": 2, "queue": 2, "service_ms": 200})
+    try:
+
+        def call() -> tuple[int, float, Any]:
+            started = time.monotonic()
+            response = client.post("/predict", json=FEATURES)
+            return response.status_code, time.monotonic() - started, response.json()
+
+        with concurrent.futures.ThreadPoolExecutor(7) as pool:
+            answers = list(pool.map(lambda _: call(), range(7)))
+    finally:
+        client.delete("/admin/capacity")
+    ok = sorted(seconds for status, seconds, _ in answers if status == 200)
+    busy = [(seconds, body) for status, seconds, body in answers if status == 429]
+    assert len(ok) == 4 and len(busy) == 3
+    assert all(
+        body == {"error": "Model is overloaded", "error_type": "overloaded"} for _, body in busy
+    )
+    assert all(seconds < 0.15 for seconds, _ in busy)
+    assert ok[1] < 0.35 and ok[2] > 0.35  # two served at once, two after them
+    stats = client.get("/admin/stats").json()["phases"]["default"]
+    assert (stats["peak_serving"], stats["overloaded"], stats["ok"]) == (2, 3, 4)
+
+
+def test_capacity_answers_as_triton_and_changes_at_run_time(client: httpx.Client) -> None:
+    """Triton's form: 503 "Exceeds maximum queue size"; capacity raised, the queue drains."""
+    client.put(
+        "/admin/capacity",
+        json={"concurrency": 1, "queue": 0, "service_ms": 300, "overload": "triton"},
+    )
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(client.post, "/predict", json=FEATURES)
+            deadline = time.monotonic() + 5
+            while client.get("/admin/capacity").json()["serving"] < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = client.post("/predict", json=FEATURES)
+            assert refused.status_code == 503
+            assert refused.json() == {"error": "Exceeds maximum queue size"}
+            client.put("/admin/capacity", json={"concurrency": 2, "service_ms": 300})
+            assert client.post("/predict", json=FEATURES).status_code == 200
+            assert first.result().status_code == 200
+    finally:
+        client.delete("/admin/capacity")
+    assert client.get("/admin/capacity").json()["concurrency"] is None
 
 
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])

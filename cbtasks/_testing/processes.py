@@ -67,6 +67,10 @@ class ModelServer:
     def clear_faults(self) -> None:
         self.admin.delete("/admin/faults").raise_for_status()
 
+    def capacity(self, **capacity: Any) -> None:
+        """Serve ``concurrency`` at once with a ``queue``, "overloaded" beyond (Capacity)."""
+        self.admin.put("/admin/capacity", json=capacity).raise_for_status()
+
     def phase(self, name: str) -> None:
         self.admin.put("/admin/phase", json={"name": name}).raise_for_status()
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._model import Faults, IrisModel, Phase, PredictRequest, ServerState
+from ._model import OVERLOADED, Capacity, Faults, IrisModel, Phase, PredictRequest, ServerState
 
 __all__ = ["MAX_BODY_BYTES", "create_app"]
 
@@ -115,7 +115,16 @@ def create_app(
     ) -> Any:
         phase = state.begin(request_id)
         ok = False
+        gate = state.gate
+        if not await gate.enter():
+            phase.overloaded += 1
+            state.end(phase, request_id, ok=False)
+            status, body = OVERLOADED[gate.capacity.overload]
+            return JSONResponse(body, status_code=status)
+        phase.peak_serving = max(phase.peak_serving, gate.serving)
         try:
+            if gate.capacity.service_ms:
+                await asyncio.sleep(gate.capacity.service_ms / 1000)
             if state.faults.latency_ms:
                 await asyncio.sleep(state.faults.latency_ms / 1000)
             faults = state.failing()
@@ -130,7 +139,23 @@ def create_app(
             ok = True
             return answer
         finally:
+            gate.leave()
             state.end(phase, request_id, ok)
+
+    @admin.put("/admin/capacity")
+    async def set_capacity(capacity: Capacity) -> dict[str, Any]:
+        state.gate.set(capacity)
+        return capacity.model_dump()
+
+    @admin.get("/admin/capacity")
+    async def get_capacity() -> dict[str, Any]:
+        gate = state.gate
+        return {**gate.capacity.model_dump(), "serving": gate.serving, "waiting": gate.waiting}
+
+    @admin.delete("/admin/capacity")
+    async def clear_capacity() -> dict[str, Any]:
+        state.gate.set(Capacity())
+        return Capacity().model_dump()
 
     @admin.put("/admin/faults")
     async def set_faults(faults: Faults) -> dict[str, Any]:
