@@ -49,6 +49,10 @@ class CallRefused(CBTasksError):
     def __str__(self) -> str:
         return f"breaker {self.name!r}: {self.reason}; retry after {self.retry_after:.3f}s"
 
+    def saying(self, reason: str) -> CallRefused:
+        """The same refusal (its kind, breaker and wait), with another reason."""
+        return type(self)(self.name, self.retry_after, reason, *self.args[3:])
+
 
 class CircuitOpenError(CallRefused):
     """The circuit refused the call: it is open (or half-open with every probe slot taken).

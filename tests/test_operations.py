@@ -205,6 +205,7 @@ def test_tables_are_rich_on_a_terminal_and_plain_elsewhere(fleet: dict[str, Any]
         "PARKED",
         "DEAD",
         "PAUSED",
+        "LIMIT",
     ]
 
 

@@ -5,9 +5,10 @@ celery -A tests.worker_tasks worker
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from cbtasks import BreakerPolicy, CircuitBreakerTask
+from cbtasks import BreakerPolicy, CircuitBreakerTask, Limit
 from workers.app import (
     app,
     call_model,
@@ -100,3 +101,55 @@ def lineage(self: CircuitBreakerTask) -> dict[str, Any]:
         "root_id": self.request.root_id,
         "deferrals": getattr(self.request, "cbtasks_deferrals", None) or 0,
     }
+
+
+def _noting_deferrals(task: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    started_at = time.time()  # just after the limit admitted the call
+    answer = call_model(task, features)
+    answer["started_at"] = started_at
+    answer["deferrals"] = getattr(task.request, "cbtasks_deferrals", None) or 0
+    answer["retries"] = task.request.retries
+    return answer
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="limited-model",
+    limit=Limit(concurrency=2, lease=3),
+    name="tests.predict_limited",
+)
+def predict_limited(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """At most two calls in flight across the fleet; the rest deferred by countdown."""
+    return _noting_deferrals(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="rated-model",
+    limit={"rate": "10/s"},
+    name="tests.predict_rated",
+)
+def predict_rated(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """Ten calls a second across the fleet (the limit given as a dict, as settings hold it)."""
+    return _noting_deferrals(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker="paused-limited-model",
+    defer="pause",
+    limit=Limit(concurrency=1, lease=3),
+    name="tests.predict_limited_paused",
+)
+def predict_limited_paused(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
+    """One call in flight; on its own queue, where a refused request waits in its process."""
+    return _noting_deferrals(self, features)
+
+
+app.conf.task_routes = {
+    **app.conf.task_routes,
+    "tests.predict_limited_paused": "paused-limited-model",
+}

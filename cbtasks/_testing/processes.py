@@ -79,6 +79,12 @@ class ModelServer:
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
+    def arrivals(self) -> list[float]:
+        """When each request arrived since the stats were reset (epoch seconds)."""
+        response = self.admin.get("/admin/arrivals")
+        response.raise_for_status()
+        return [float(t) for t in response.json()]
+
     def reset_stats(self) -> None:
         self.admin.delete("/admin/stats").raise_for_status()
 

@@ -15,6 +15,7 @@ from ._pool import per_process
 
 __all__ = ["GRPCModelClient", "grpc_client"]
 
+
 class GRPCModelClient:
     """Calls a unary method with JSON messages; raises EndpointFailure or CallerError.
 

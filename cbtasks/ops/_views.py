@@ -24,6 +24,7 @@ HEADER = (
     "PARKED",
     "DEAD",
     "PAUSED",
+    "LIMIT",
 )
 NO_BREAKERS = "no breakers yet (a breaker appears after its first call)"
 _STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow", "corrupt": "magenta"}
@@ -46,7 +47,37 @@ def as_dict(status: BreakerStatus, lot: ParkingLot, paused: int = 0) -> dict[str
         "dead_letters": lot.dead_count(),
         # Workers that stopped consuming the breaker's queue (defer="pause").
         "paused_workers": paused,
+        "limit": _limit_dict(status),
     }
+
+
+def _limit_dict(status: BreakerStatus) -> dict[str, Any] | None:
+    limit = status.limit
+    if limit is None:
+        return None
+    return {
+        "allows": limit.allows,
+        "in_flight": limit.in_flight,
+        "concurrency": limit.concurrency,
+        "admitted_last_second": limit.admitted_last_second,
+        "tokens_available": limit.tokens_available,
+    }
+
+
+def limit_cell(limit: dict[str, Any] | None) -> str:
+    """What the limit lets through now: ``5/8 in flight, 48/s`` (an adaptive limit's
+    concurrency to one decimal), tokens left under a budget; ``-`` without a limit."""
+    if not limit:
+        return "-"
+    parts = []
+    concurrency = limit.get("concurrency")
+    if concurrency is not None:
+        shown = f"{concurrency:g}" if float(concurrency).is_integer() else f"{concurrency:.1f}"
+        parts.append(f"{limit['in_flight']}/{shown} in flight")
+    parts.append(f"{limit['admitted_last_second']}/s")
+    if limit.get("tokens_available") is not None:
+        parts.append(f"{limit['tokens_available']} tokens left")
+    return ", ".join(parts)
 
 
 def cells(row: dict[str, Any]) -> tuple[str, ...]:
@@ -65,6 +96,7 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         str(row["parked"]),
         str(row["dead_letters"]),
         str(row.get("paused_workers", 0)),
+        limit_cell(row.get("limit")),
     )
 
 

@@ -87,6 +87,26 @@ class BreakerCollector:
             "Workers that stopped consuming the breaker's queue while it is open (defer=pause)",
             labels=["breaker"],
         )
+        limit = GaugeMetricFamily(
+            "cbtasks_limit_concurrency",
+            "The fleet's concurrency limit now (a static one, or where the adaptive one stands)",
+            labels=["breaker"],
+        )
+        in_flight = GaugeMetricFamily(
+            "cbtasks_limit_in_flight",
+            "Calls holding one of the limit's slots now",
+            labels=["breaker"],
+        )
+        admitted = GaugeMetricFamily(
+            "cbtasks_limit_admitted_last_second",
+            "Calls the limit admitted in the last whole second, fleet-wide",
+            labels=["breaker"],
+        )
+        tokens = GaugeMetricFamily(
+            "cbtasks_limit_tokens_available",
+            "Tokens that may be spent now under the limit's token budget",
+            labels=["breaker"],
+        )
         try:
             for read in read_fleet(self.store):
                 name, status = read.name, read.status
@@ -105,9 +125,17 @@ class BreakerCollector:
                 probes.add_metric([name], status.probes_in_use)
                 parked.add_metric([name], read.lot.count())
                 paused.add_metric([name], read.paused)
+                if status.limit is not None:
+                    if status.limit.concurrency is not None:
+                        limit.add_metric([name], status.limit.concurrency)
+                    in_flight.add_metric([name], status.limit.in_flight)
+                    admitted.add_metric([name], status.limit.admitted_last_second)
+                    if status.limit.tokens_available is not None:
+                        tokens.add_metric([name], status.limit.tokens_available)
         except StoreUnavailableError as exc:  # the scrape shows what it got, and the
             log.warning("metrics: %s", exc)  # per-process counters still answer
         yield from (state, mode, failures, trips, probes, parked, paused)
+        yield from (limit, in_flight, admitted, tokens)
 
 
 class Metrics:
@@ -139,6 +167,12 @@ class Metrics:
             ["breaker", "from_state", "to_state"],
         )
         self.deferrals = Counter("cbtasks_deferrals", "Requests deferred", ["breaker", "mode"])
+        self.refused = Counter(
+            "cbtasks_refused",
+            "Calls refused without reaching the endpoint, by what refused them "
+            "(circuit, concurrency, rate, tokens)",
+            ["breaker", "by"],
+        )
         self.fallbacks = Counter(
             "cbtasks_fallbacks", "Requests answered by a fallback", ["breaker", "kind"]
         )
@@ -164,8 +198,9 @@ class Metrics:
                     self.call_duration.labels(breaker, label).observe(seconds)
                 if event.probe:
                     self.probes.labels(breaker).inc()
-            case CallRejected(breaker=breaker):
+            case CallRejected(breaker=breaker, by=by):
                 self.calls.labels(breaker, "rejected").inc()
+                self.refused.labels(breaker, by).inc()
             case StateChange():
                 self.transitions.labels(
                     event.breaker, event.from_state.value, event.to_state.value

@@ -145,6 +145,8 @@ class ServerState:
         # Request ids that got an answer: a second call with one is a duplicate execution.
         self.answered_ids: set[str] = set()
         self.calls_after_success = 0
+        #: When each request arrived (epoch seconds), for rates measured at the server.
+        self.arrivals: list[float] = []
         self.gate = CapacityGate()
         self._lock = threading.Lock()
         self._rng = random.Random()
@@ -152,6 +154,7 @@ class ServerState:
     def begin(self, request_id: str | None) -> PhaseStats:
         """A request arrived: count it, in its phase, with the concurrency it makes."""
         with self._lock:
+            self.arrivals.append(time.time())
             phase = self.phases.setdefault(self.phase, PhaseStats())
             phase.requests += 1
             self.in_flight += 1

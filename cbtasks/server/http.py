@@ -119,8 +119,8 @@ def create_app(
         if not await gate.enter():
             phase.overloaded += 1
             state.end(phase, request_id, ok=False)
-            status, body = OVERLOADED[gate.capacity.overload]
-            return JSONResponse(body, status_code=status)
+            status, busy = OVERLOADED[gate.capacity.overload]
+            return JSONResponse(busy, status_code=status)
         phase.peak_serving = max(phase.peak_serving, gate.serving)
         try:
             if gate.capacity.service_ms:
@@ -188,9 +188,15 @@ def create_app(
             "calls_after_success": state.calls_after_success,
         }
 
+    @admin.get("/admin/arrivals")
+    async def get_arrivals() -> list[float]:
+        """When each request arrived since the stats were reset (epoch seconds)."""
+        return list(state.arrivals)
+
     @admin.delete("/admin/stats")
     async def reset_stats() -> dict[str, str]:
         state.phases.clear()
+        state.arrivals.clear()
         state.answered_ids.clear()
         state.calls_after_success = 0
         state.phase = "default"

@@ -11,6 +11,7 @@ from celery.app import utils as celery_utils
 
 from .. import fallbacks as fb
 from .._errors import PolicyError
+from .._limit import Limit
 from .._policy import BreakerPolicy
 from ..stores._base import validate_name
 from ..stores._keys import DEFAULT_PREFIX
@@ -47,7 +48,15 @@ DEFAULTS: dict[str, Any] = {
     "classify": None,
     "health_interval": 1.0,
     "report_state": True,
+    # Seconds a request the limit refuses waits in its worker process for a slot
+    # before it is deferred; None: the limit's own ``wait``, or with
+    # defer="pause" PAUSE_LIMIT_WAIT (a paused queue is consumed at the limit's pace).
+    "limit_wait": None,
 }
+#: With defer="pause", a request refused by the limit waits this long in its
+#: process by default: the worker takes no more of the queue meanwhile, so the
+#: fleet consumes it at the limit's pace instead of re-publishing it.
+PAUSE_LIMIT_WAIT = 60.0
 # Each number option: (least, most, whole numbers only, the least itself allowed).
 _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "max_deferrals": (0, 1e9, True, True),
@@ -59,6 +68,7 @@ _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "completion_ttl": (0, 365 * 24 * 3600.0, False, False),
     "health_interval": (0, 3600.0, False, False),
     "redis_timeout": (0, 60.0, False, False),
+    "limit_wait": (0, 24 * 3600.0, False, True),
 }
 
 
@@ -80,6 +90,7 @@ def validate_options(cls: type, name: str) -> None:
     policy = getattr(cls, "breaker_policy", None)
     if policy is not None and not isinstance(policy, BreakerPolicy):
         raise PolicyError(f"task {name}: breaker_policy must be a BreakerPolicy, got {policy!r}")
+    Limit.coerce(getattr(cls, "limit", None), f"task {name}: limit")
 
 
 def validate_task(task: celery.Task) -> None:
@@ -91,6 +102,7 @@ def validate_task(task: celery.Task) -> None:
     values["breaker"] = getattr(task, "breaker", None) or task.name
     _check(task.name, values)
     policy_of(task)
+    limit_of(task)
     redis_url(task.app)
 
 
@@ -194,6 +206,37 @@ def policy_of(task: celery.Task) -> BreakerPolicy:
             f"cbtasks_policy must be a BreakerPolicy or a dict of its fields, got {policy!r}"
         )
     return policy
+
+
+def limit_of(task: celery.Task) -> Limit | None:
+    """The task's ``limit``, else ``app.conf.cbtasks_limit[<breaker name>]`` (a Limit or
+    a dict of its fields), else None."""
+    own = getattr(task, "limit", None)
+    if own is not None:
+        return Limit.coerce(own, f"task {task.name}: limit")
+    limits = task.app.conf.get("cbtasks_limit")
+    if limits is None:
+        return None
+    if not isinstance(limits, dict):
+        raise PolicyError(
+            "cbtasks_limit must be a dict of breaker name -> Limit (or a dict of its fields), "
+            f"got {limits!r}"
+        )
+    name = getattr(task, "breaker", None) or task.name
+    return Limit.coerce(limits.get(name), f"cbtasks_limit[{name!r}]")
+
+
+def lease_of(task: celery.Task) -> float | None:
+    """How long a call of ``task`` may hold a slot: its time limit, where it has one."""
+    for value in (
+        getattr(task, "time_limit", None),
+        getattr(task, "soft_time_limit", None),
+        task.app.conf.get("task_time_limit"),
+        task.app.conf.get("task_soft_time_limit"),
+    ):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None
 
 
 def redis_url(app: celery.Celery) -> str:

@@ -2,8 +2,9 @@
 
 :func:`flower_events` is a subscriber of a breaker's events: each request
 deferred, parked, answered by a fallback or failed becomes a custom task
-event (``task-circuit_open``, ``task-circuit_fallback``), which Flower shows
-as the task's state, with a one-line ``result`` saying why.
+event (``task-circuit_open``, ``task-limit`` for one the limit refused,
+``task-circuit_fallback``), which Flower shows as the task's state
+(CIRCUIT_OPEN, LIMIT, CIRCUIT_FALLBACK), with a one-line ``result`` saying why.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ from typing import Any
 
 import celery
 
+from .._errors import LimitExceeded
 from .._events import Event, FallbackServed, RequestDeferred, RequestFailed
 
 #: The result backend's state of a deferred task (and Flower's, from its event).
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
+#: ... of a task whose request the limit refused (the circuit is closed).
+LIMIT = "LIMIT"
+
+
+def _refusal_event(exc: Any) -> str:
+    """The task event of a refusal: Flower shows LIMIT apart from CIRCUIT_OPEN."""
+    return "task-limit" if isinstance(exc, LimitExceeded) else "task-circuit_open"
+
+
 log = logging.getLogger("cbtasks.task")
 
 
@@ -25,15 +36,17 @@ def flower_events(event: Event) -> None:
     match event:
         case RequestDeferred(mode="park"):
             fields: dict[str, Any] = {"action": "parked", "deferrals": event.deferrals}
-            send_circuit_event(event.task, "task-circuit_open", event.error, **fields)
+            send_circuit_event(event.task, _refusal_event(event.error), event.error, **fields)
         case RequestDeferred():
             fields = {"action": "deferred", "countdown": event.countdown}
             fields["deferrals"] = event.deferrals
-            send_circuit_event(event.task, "task-circuit_open", event.error, **fields)
+            send_circuit_event(event.task, _refusal_event(event.error), event.error, **fields)
         case FallbackServed():
             send_circuit_event(event.task, "task-circuit_fallback", event.error, kind=event.kind)
         case RequestFailed():
-            send_circuit_event(event.task, "task-circuit_open", event.error, action="failed")
+            send_circuit_event(
+                event.task, _refusal_event(event.error), event.error, action="failed"
+            )
 
 
 def send_circuit_event(task: celery.Task, type_: str, exc: Any, **fields: Any) -> None:
@@ -70,7 +83,7 @@ def event_summary(exc: Any, action: str, fields: dict[str, Any]) -> str:
 
 
 def report_deferred(task: celery.Task, exc: Any, mode: str, deferrals: int) -> None:
-    """CIRCUIT_OPEN in the result backend: a waiting client sees why, not PENDING."""
+    """CIRCUIT_OPEN (or LIMIT) in the result backend: a waiting client sees why, not PENDING."""
     meta = {
         "breaker": exc.name,
         "reason": exc.reason,
@@ -78,7 +91,8 @@ def report_deferred(task: celery.Task, exc: Any, mode: str, deferrals: int) -> N
         "deferrals": deferrals,
         "mode": mode,
     }
+    state = LIMIT if isinstance(exc, LimitExceeded) else CIRCUIT_OPEN
     try:
-        task.update_state(state=CIRCUIT_OPEN, meta=meta)
+        task.update_state(state=state, meta=meta)
     except Exception:  # a state for watching: never lose the deferral over it
-        log.debug("could not report %s for %s", CIRCUIT_OPEN, task.request.id, exc_info=True)
+        log.debug("could not report %s for %s", state, task.request.id, exc_info=True)

@@ -21,6 +21,7 @@ when the broker is Redis).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -33,10 +34,11 @@ from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import fallbacks as fb
-from .._breaker import CircuitBreaker
+from .._breaker import CircuitBreaker, Ticket, _reported_tokens
 from .._classify import retry_hint
-from .._errors import CircuitOpenError, PolicyError
+from .._errors import CallRefused, CircuitOpenError, LimitExceeded, PolicyError
 from .._events import FallbackServed, RequestDeferred, RequestFailed, RequestWaited
+from .._limit import Limit
 from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..ops.metrics import metrics
@@ -57,9 +59,12 @@ from ._headers import (
 )
 from ._memory import collect_now_and_then
 from ._options import (
+    PAUSE_LIMIT_WAIT,
     classify_of,
     health_check_of,
     hide_redis_url_from_reports,
+    lease_of,
+    limit_of,
     option,
     policy_of,
     redis_url,
@@ -131,6 +136,15 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     report_state: bool | None = None
     #: A full garbage collection every this many deferrals per process (0: never).
     gc_every: int | None = None
+    #: The endpoint's limit (a Limit or a dict of its fields), shared by the whole fleet;
+    #: default ``app.conf.cbtasks_limit[<breaker name>]``. A request it refuses is
+    #: deferred as for an open circuit, spending no retry. A slot's lease defaults to
+    #: the task's time limit.
+    limit: Limit | dict[str, Any] | None = None
+    #: Seconds a request the limit refuses waits in its process for a slot before it
+    #: is deferred; default the limit's ``wait``, or 60 with defer="pause" (the
+    #: worker takes no more of the paused queue meanwhile: consumption follows the limit).
+    limit_wait: float | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery builds a subclass per decorated function, with the decorator's
@@ -192,6 +206,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         )
 
     def _make_breaker(self) -> CircuitBreaker:
+        limit = limit_of(self)
+        lease = lease_of(self)
+        if limit is not None and limit.lease is None and lease is not None:
+            limit = dataclasses.replace(limit, lease=lease)
         breaker = CircuitBreaker(
             self.cbtasks_breaker_name,
             policy=self._policy(),
@@ -199,6 +217,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             health_check=health_check_of(self),
             health_interval=float(self._option("health_interval")),
             classify=classify_of(self),
+            limit=limit,
         )
         # What the breaker and the task do reaches the metrics, Flower and the
         # waits record through the breaker's one stream of events.
@@ -241,6 +260,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     def _option(self, name: str) -> Any:
         return option(self, name)
 
+    def _limit_wait(self, breaker: CircuitBreaker) -> float | None:
+        """How long a refused request waits for its slot in this process (None: the limit's)."""
+        wait = self._option("limit_wait")
+        if wait is None and breaker.limit is not None and self._option("defer") == "pause":
+            return max(breaker.limit.wait, PAUSE_LIMIT_WAIT)
+        return None if wait is None else float(wait)
+
     # -- the run -----------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -260,10 +286,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         # exception kept alive there (as a raised Ignore's __context__) holds
         # its traceback's frames in reference cycles until a full garbage
         # collection, which is how plain retries bloat workers in an outage.
-        rejection: CircuitOpenError | None = None
+        rejection: CallRefused | None = None
         try:
-            probe = guard.admit()
-        except CircuitOpenError as exc:
+            if guard.limit is None:
+                probe = guard.admit()
+            else:
+                tokens = guard.limit.estimate_for(args, kwargs)
+                probe = guard.admit(tokens=tokens, wait=self._limit_wait(guard))
+        except CallRefused as exc:
             rejection = exc.with_traceback(None)
         if rejection is not None:
             return self._rejected(rejection, args, kwargs)
@@ -272,6 +302,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             guard.events.emit(RequestWaited(guard.name, option(self, "defer"), waited, self))
         start = perf_counter()
         failure: CircuitOpenError | None = None
+        counted = (
+            _reported_tokens.set([None]) if isinstance(probe, Ticket) and probe.tokens else None
+        )
         try:
             result = self.run(*args, **kwargs)
         except (Ignore, Reject):
@@ -287,16 +320,25 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Exception as exc:
             outcome = guard.record_exception(probe, exc, _ms_since(start))
-            # An endpoint failure is handled as a rejection would be (deferred,
-            # or answered by the fallback); with on_open="fail" it is raised.
-            if outcome is not Outcome.FAILURE or self._option("on_open") == "fail":
+            # An endpoint failure, or the endpoint busy, is handled as a rejection
+            # would be (deferred, or answered by the fallback); with
+            # on_open="fail" it is raised.
+            endpoint = outcome is Outcome.FAILURE or outcome is Outcome.OVERLOAD
+            if not endpoint or self._option("on_open") == "fail":
                 raise
             # Only plain values leave this block (see above).
             retry_after = retry_hint(exc) or 0.0
-            failure = CircuitOpenError(guard.name, retry_after, f"call failed: {exc}")
+            said = "endpoint busy" if outcome is Outcome.OVERLOAD else "call failed"
+            failure = CircuitOpenError(guard.name, retry_after, f"{said}: {exc}")
+        finally:
+            used = None if counted is None else counted.var.get()
+            if counted is not None:
+                _reported_tokens.reset(counted)
         if failure is not None:
             return self._rejected(failure, args, kwargs)
-        guard.record(probe, Outcome.SUCCESS, _ms_since(start))
+        reported = used[0] if used else None
+        tokens_used = reported if reported is not None else self._tokens_of(guard, probe, result)
+        guard.record(probe, Outcome.SUCCESS, _ms_since(start), tokens_used=tokens_used)
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
@@ -306,20 +348,25 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 log.warning("cannot cache the result of %s (%s)", self.name, exc)
         return result
 
+    @staticmethod
+    def _tokens_of(guard: CircuitBreaker, probe: Any, result: Any) -> int | None:
+        """What a call used of its token budget, read from its result (None: unknown)."""
+        if not isinstance(probe, Ticket) or not probe.tokens:
+            return None
+        return guard.tokens_used(result)
+
     def _call_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Called directly or eagerly: no queue to defer to, so fall back or raise."""
         try:
             return self.cbtasks_breaker.call(super().__call__, *args, **kwargs)
-        except CircuitOpenError as exc:
+        except CallRefused as exc:
             if self._fallback is None:
                 raise
             return self._answer_with_fallback(exc, args, kwargs)
 
     # -- rejection -------------------------------------------------------------------
 
-    def _rejected(
-        self, exc: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
+    def _rejected(self, exc: CallRefused, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         on_open = self._option("on_open")
         if on_open == "fallback" and self._fallback is not None:
             return self._answer_with_fallback(exc, args, kwargs)
@@ -331,7 +378,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         deadline = float(header(request, DEADLINE) or time.time() + self._option("defer_deadline"))
         if deferrals >= self._option("max_deferrals") or time.time() >= deadline:
             why = "deadline passed" if time.time() >= deadline else f"{deferrals} deferrals"
-            exhausted = CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; gave up: {why}")
+            exhausted = type(exc)(
+                exc.name, exc.retry_after, f"{exc.reason}; gave up: {why}", *exc.args[3:]
+            )
             if self._fallback is not None:
                 return self._answer_with_fallback(exhausted, args, kwargs)
             self._emit(RequestFailed(exc.name, exhausted, self))
@@ -344,7 +393,12 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         if mode == "park" and self._parked(args, kwargs, headers):
             self._emit(RequestDeferred(exc.name, "park", exc, deferrals + 1, None, self))
         else:
-            wait = countdown(self.app, exc.retry_after, self._option("defer_jitter"))
+            jitter = float(self._option("defer_jitter"))
+            if isinstance(exc, LimitExceeded):
+                # The limit says when a slot or permit is due: spread the fleet's
+                # return over as long again, not over a circuit's second.
+                jitter = min(jitter, max(exc.retry_after, 0.05))
+            wait = countdown(self.app, exc.retry_after, jitter)
             with as_the_same_request():
                 self.signature_from_request(
                     request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
@@ -355,14 +409,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         raise Ignore()
 
     def _answer_with_fallback(
-        self, exc: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, exc: CallRefused, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         fallback = self._fallback
         assert fallback is not None
         try:
             kind, value = fb.answer(fallback, self, args, kwargs)
         except fb.NoFallback as miss:
-            failed = CircuitOpenError(exc.name, exc.retry_after, f"{exc.reason}; {miss}")
+            failed = exc.saying(f"{exc.reason}; {miss}")
             self._emit(RequestFailed(exc.name, failed, self))
             raise failed from exc
         self._emit(FallbackServed(exc.name, kind, exc, self))
