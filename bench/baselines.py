@@ -8,13 +8,14 @@ bench-only dependency, ``pip install '.[bench]'``).
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import pybreaker
 import redis
 
-from cbtasks import BreakerPolicy, EndpointFailure
+from cbtasks import BreakerPolicy, CircuitBreakerTask, EndpointFailure
 from cbtasks.clients import http_client
 from workers.app import app, config, validate_features
 
@@ -93,3 +94,65 @@ def predict_autoretry(self: Any, features: Any) -> dict[str, Any]:
     """The baseline the benchmarks compare against: plain Celery autoretry, no breaker."""
     payload = {"features": validate_features(features)}
     return http_client(config.model_url).predict(payload, request_id=self.request.id)
+
+
+# -- limits (bench/limits.py, bench/adaptive.py) ---------------------------------------
+#
+# CBTASKS_BENCH_LIMIT holds the limit the run measures (a JSON object of Limit's
+# fields) for the breaker "bench-limited"; CBTASKS_BENCH_CELERY_RATE Celery's own
+# rate_limit for the baseline beside it.
+
+LIMITED = "bench-limited"
+if os.environ.get("CBTASKS_BENCH_LIMIT"):
+    app.conf.cbtasks_limit = {LIMITED: json.loads(os.environ["CBTASKS_BENCH_LIMIT"])}
+
+
+def _noted(task: Any, features: Any) -> dict[str, Any]:
+    payload = {"features": validate_features(features)}
+    answer: dict[str, Any] = http_client(config.model_url).predict(
+        payload, request_id=task.request.id
+    )
+    answer["deferrals"] = getattr(task.request, "cbtasks_deferrals", None) or 0
+    return answer
+
+
+@app.task(base=CircuitBreakerTask, bind=True, breaker=LIMITED, name="bench.limited")
+def limited(self: Any, features: Any) -> dict[str, Any]:
+    """Under CBTASKS_BENCH_LIMIT, the task's defaults: a refused request waits up to 1 s in
+    its process, then is deferred by countdown."""
+    return _noted(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask,
+    bind=True,
+    breaker=LIMITED,
+    limit_wait=0,
+    name="bench.limited_countdown",
+)
+def limited_countdown(self: Any, features: Any) -> dict[str, Any]:
+    """Under CBTASKS_BENCH_LIMIT; every refused request re-published by countdown at once
+    (limit_wait=0): what deferral alone costs."""
+    return _noted(self, features)
+
+
+@app.task(
+    base=CircuitBreakerTask, bind=True, breaker=LIMITED, defer="pause", name="bench.limited_paused"
+)
+def limited_paused(self: Any, features: Any) -> dict[str, Any]:
+    """Under CBTASKS_BENCH_LIMIT, on the breaker's own queue: refused requests wait in their
+    process, the fleet takes the queue at the limit's pace."""
+    return _noted(self, features)
+
+
+app.conf.task_routes = {**(app.conf.task_routes or {}), "bench.limited_paused": LIMITED}
+
+
+@app.task(
+    bind=True,
+    rate_limit=os.environ.get("CBTASKS_BENCH_CELERY_RATE") or None,
+    name="bench.celery_rated",
+)
+def celery_rated(self: Any, features: Any) -> dict[str, Any]:
+    """Celery's own rate_limit (per worker, as its docs say), no breaker."""
+    return _noted(self, features)

@@ -147,7 +147,7 @@ class Limit:
     adaptive: bool = False
     min_concurrency: int = 1
     max_concurrency: int = 1000
-    latency_tolerance: float = 1.5
+    latency_tolerance: float = 1.25
     lease: float | None = None
     wait: float = 0.0
 

@@ -508,9 +508,7 @@ def test_httpx_raise_for_status(server: ProductServer, status: int, expect: str)
 def test_ray_serve_backpressure_is_busy(server: ProductServer) -> None:
     """Ray Serve's proxy past max_ongoing_requests + max_queued_requests: a 503 whose text is
     BackPressureError's message (ray/serve/exceptions.py): busy, read through httpx."""
-    message = (
-        "Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."
-    )
+    message = "Request dropped due to backpressure (num_queued_requests=2, max_queued_requests=2)."
     server.answer("/predict", Answer(503, message))
 
     def call() -> None:

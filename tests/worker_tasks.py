@@ -117,10 +117,11 @@ def _noting_deferrals(task: CircuitBreakerTask, features: Any) -> dict[str, Any]
     bind=True,
     breaker="limited-model",
     limit=Limit(concurrency=2, lease=3),
+    limit_wait=0,
     name="tests.predict_limited",
 )
 def predict_limited(self: CircuitBreakerTask, features: Any) -> dict[str, Any]:
-    """At most two calls in flight across the fleet; the rest deferred by countdown."""
+    """At most two calls in flight across the fleet; the rest deferred by countdown at once."""
     return _noting_deferrals(self, features)
 
 

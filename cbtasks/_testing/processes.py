@@ -79,11 +79,15 @@ class ModelServer:
         response.raise_for_status()
         return response.json()  # type: ignore[no-any-return]
 
-    def arrivals(self) -> list[float]:
-        """When each request arrived since the stats were reset (epoch seconds)."""
-        response = self.admin.get("/admin/arrivals")
+    def calls(self) -> list[tuple[float, float, int]]:
+        """Each request answered since the stats were reset: (arrived at, seconds, status)."""
+        response = self.admin.get("/admin/calls")
         response.raise_for_status()
-        return [float(t) for t in response.json()]
+        return [(float(t), float(d), int(s)) for t, d, s in response.json()]
+
+    def arrivals(self) -> list[float]:
+        """When each request answered since the stats were reset arrived (epoch seconds)."""
+        return sorted(call[0] for call in self.calls())
 
     def reset_stats(self) -> None:
         self.admin.delete("/admin/stats").raise_for_status()

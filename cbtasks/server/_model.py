@@ -145,8 +145,10 @@ class ServerState:
         # Request ids that got an answer: a second call with one is a duplicate execution.
         self.answered_ids: set[str] = set()
         self.calls_after_success = 0
-        #: When each request arrived (epoch seconds), for rates measured at the server.
-        self.arrivals: list[float] = []
+        #: Each request answered: when it arrived (epoch seconds), how long it took
+        #: (seconds, a queue's wait included) and its status, for rates and
+        #: latencies measured at the server.
+        self.calls: list[tuple[float, float, int]] = []
         self.gate = CapacityGate()
         self._lock = threading.Lock()
         self._rng = random.Random()
@@ -154,7 +156,6 @@ class ServerState:
     def begin(self, request_id: str | None) -> PhaseStats:
         """A request arrived: count it, in its phase, with the concurrency it makes."""
         with self._lock:
-            self.arrivals.append(time.time())
             phase = self.phases.setdefault(self.phase, PhaseStats())
             phase.requests += 1
             self.in_flight += 1
@@ -169,6 +170,11 @@ class ServerState:
         if down or (self.faults.error_rate and self._rng.random() < self.faults.error_rate):
             return self.faults
         return None
+
+    def answered(self, arrived: float, status: int) -> None:
+        """Note an answered request (``arrived``: its time.time() on arrival)."""
+        with self._lock:
+            self.calls.append((arrived, time.time() - arrived, status))
 
     def end(self, phase: PhaseStats, request_id: str | None, ok: bool) -> None:
         with self._lock:

@@ -113,6 +113,7 @@ def create_app(
         body: PredictRequest,
         request_id: Annotated[str | None, Header(alias="X-Request-ID")] = None,
     ) -> Any:
+        arrived = time.time()
         phase = state.begin(request_id)
         ok = False
         gate = state.gate
@@ -120,6 +121,7 @@ def create_app(
             phase.overloaded += 1
             state.end(phase, request_id, ok=False)
             status, busy = OVERLOADED[gate.capacity.overload]
+            state.answered(arrived, status)
             return JSONResponse(busy, status_code=status)
         phase.peak_serving = max(phase.peak_serving, gate.serving)
         try:
@@ -132,11 +134,13 @@ def create_app(
                 headers = {}
                 if faults.retry_after is not None:
                     headers["Retry-After"] = str(round(faults.retry_after))
+                state.answered(arrived, faults.status_code)
                 return JSONResponse(
                     {"detail": "injected failure"}, status_code=faults.status_code, headers=headers
                 )
             answer = model.predict(body.features)
             ok = True
+            state.answered(arrived, 200)
             return answer
         finally:
             gate.leave()
@@ -188,15 +192,15 @@ def create_app(
             "calls_after_success": state.calls_after_success,
         }
 
-    @admin.get("/admin/arrivals")
-    async def get_arrivals() -> list[float]:
-        """When each request arrived since the stats were reset (epoch seconds)."""
-        return list(state.arrivals)
+    @admin.get("/admin/calls")
+    async def get_calls() -> list[tuple[float, float, int]]:
+        """Each request answered since the stats were reset: (arrived at, seconds, status)."""
+        return list(state.calls)
 
     @admin.delete("/admin/stats")
     async def reset_stats() -> dict[str, str]:
         state.phases.clear()
-        state.arrivals.clear()
+        state.calls.clear()
         state.answered_ids.clear()
         state.calls_after_success = 0
         state.phase = "default"

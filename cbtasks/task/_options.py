@@ -49,13 +49,17 @@ DEFAULTS: dict[str, Any] = {
     "health_interval": 1.0,
     "report_state": True,
     # Seconds a request the limit refuses waits in its worker process for a slot
-    # before it is deferred; None: the limit's own ``wait``, or with
-    # defer="pause" PAUSE_LIMIT_WAIT (a paused queue is consumed at the limit's pace).
+    # before it is deferred; None: LIMIT_WAIT (PAUSE_LIMIT_WAIT with defer="pause"),
+    # or the limit's own ``wait`` if longer.
     "limit_wait": None,
 }
-#: With defer="pause", a request refused by the limit waits this long in its
-#: process by default: the worker takes no more of the queue meanwhile, so the
-#: fleet consumes it at the limit's pace instead of re-publishing it.
+#: A request the limit refuses waits up to this long in its process by default
+#: (a rate's permit is reserved and slept for; a slot is asked for again when
+#: one is likely free): re-publishing it to wait 20 ms costs the broker a round
+#: trip and the permit its moment. Past it the request is deferred by countdown.
+LIMIT_WAIT = 1.0
+#: With defer="pause", this long: the worker takes no more of the queue
+#: meanwhile, so the fleet consumes it at the limit's pace.
 PAUSE_LIMIT_WAIT = 60.0
 # Each number option: (least, most, whole numbers only, the least itself allowed).
 _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {

@@ -59,6 +59,7 @@ from ._headers import (
 )
 from ._memory import collect_now_and_then
 from ._options import (
+    LIMIT_WAIT,
     PAUSE_LIMIT_WAIT,
     classify_of,
     health_check_of,
@@ -141,9 +142,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     #: deferred as for an open circuit, spending no retry. A slot's lease defaults to
     #: the task's time limit.
     limit: Limit | dict[str, Any] | None = None
-    #: Seconds a request the limit refuses waits in its process for a slot before it
-    #: is deferred; default the limit's ``wait``, or 60 with defer="pause" (the
-    #: worker takes no more of the paused queue meanwhile: consumption follows the limit).
+    #: Seconds a request the limit refuses waits in its process for a slot or permit
+    #: before it is deferred: default 1 (a rate's permit is reserved and slept for,
+    #: not re-published for), 60 with defer="pause" (the worker takes no more of the
+    #: paused queue meanwhile: consumption follows the limit); 0: defer at once.
     limit_wait: float | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -260,12 +262,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     def _option(self, name: str) -> Any:
         return option(self, name)
 
-    def _limit_wait(self, breaker: CircuitBreaker) -> float | None:
-        """How long a refused request waits for its slot in this process (None: the limit's)."""
+    def _limit_wait(self, breaker: CircuitBreaker) -> float:
+        """How long a refused request waits for its slot in this process before deferral."""
         wait = self._option("limit_wait")
-        if wait is None and breaker.limit is not None and self._option("defer") == "pause":
-            return max(breaker.limit.wait, PAUSE_LIMIT_WAIT)
-        return None if wait is None else float(wait)
+        if wait is not None:
+            return float(wait)
+        default = PAUSE_LIMIT_WAIT if self._option("defer") == "pause" else LIMIT_WAIT
+        return max(breaker.limit.wait if breaker.limit is not None else 0.0, default)
 
     # -- the run -----------------------------------------------------------------
 
