@@ -11,7 +11,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from time import perf_counter
@@ -320,6 +320,8 @@ class CircuitBreaker:
         is classified like any exception; one the consumer stops reading is
         a success (the endpoint was answering). An open circuit raises
         :class:`CircuitOpenError`, or yields from ``fallback(*args, **kwargs)``.
+        Under a token budget the last item the limit's ``usage`` can read
+        (an OpenAI stream's final chunk with ``usage``) settles the call.
         """
         if self._async_store:
             self._require_sync("call")
@@ -330,33 +332,78 @@ class CircuitBreaker:
                 raise
             yield from self.fallback(*args, **kwargs)
             return
-        tokens = self._token_cell()
+        used: int | None = None
         start = perf_counter()
         try:
-            yield from fn(*args, **kwargs)
+            for item in fn(*args, **kwargs):
+                if self._counts_tokens:
+                    used = self.tokens_used(item) or used
+                yield item
         except GeneratorExit:
-            self.record(
-                ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=self._tokens(tokens, None)
-            )
+            self.record(ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=used)
             raise
         except BaseException as exc:
             self.record_exception(ticket, exc, _ms_since(start))
             raise
-        finally:
-            if tokens is not None:
-                _reported_tokens.reset(tokens[0])
-        self.record(
-            ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=self._tokens(tokens, None)
-        )
+        self.record(ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=used)
+
+    async def astream(
+        self, fn: Callable[P, AsyncIterable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> AsyncIterator[T]:
+        """:meth:`stream` for an async iterator (an ``async def`` generator: an LLM's answer
+        streamed from FastAPI or ``openai.AsyncOpenAI``): the store awaited.
+
+        A stream cut off midway is classified like any exception; one the
+        consumer closes early (``aclose()``) is a success. The fallback may
+        return an async or a plain iterable.
+        """
+        try:
+            ticket = await self.aadmit(tokens=self._estimate(args, kwargs))
+        except CallRefused:
+            if self.fallback is None:
+                raise
+            answer = self.fallback(*args, **kwargs)
+            if hasattr(answer, "__aiter__"):
+                async for item in answer:
+                    yield item
+            else:
+                for item in answer:
+                    yield item
+            return
+        used: int | None = None
+        start = perf_counter()
+        try:
+            async for item in fn(*args, **kwargs):
+                if self._counts_tokens:
+                    used = self.tokens_used(item) or used
+                yield item
+        except GeneratorExit:
+            await self.arecord(ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=used)
+            raise
+        except BaseException as exc:
+            await self.arecord_exception(ticket, exc, _ms_since(start))
+            raise
+        await self.arecord(ticket, Outcome.SUCCESS, _ms_since(start), tokens_used=used)
 
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
-        """Decorate ``fn`` (a plain, async or generator function) so each call is guarded.
+        """Decorate ``fn`` (a plain, async, generator or async generator function) so each
+        call is guarded.
 
-        A generator function's stream is guarded as :meth:`stream` does: its
-        outcome is recorded when the stream ends.
+        A generator function's stream is guarded as :meth:`stream` does, an
+        async generator's as :meth:`astream` does: its outcome is recorded when
+        the stream ends.
         """
         if inspect.iscoroutinefunction(fn):
             return cast(Callable[P, R], guard_async(self, fn))
+        if inspect.isasyncgenfunction(fn):
+            agen = cast(Callable[P, AsyncIterable[Any]], fn)
+
+            @functools.wraps(fn)
+            def guarded_astream(*args: P.args, **kwargs: P.kwargs) -> AsyncIterator[Any]:
+                return self.astream(agen, *args, **kwargs)
+
+            guarded_astream.breaker = self  # type: ignore[attr-defined]
+            return cast(Callable[P, R], guarded_astream)
         if inspect.isgeneratorfunction(fn):
             generator = cast(Callable[P, Iterable[Any]], fn)
 

@@ -330,3 +330,88 @@ def test_a_blocking_admit_on_an_async_store_is_refused_even_while_known_closed(
             await store.aclose()
 
     asyncio.run(scenario())
+
+
+# -- async generators: an LLM's answer streamed ----------------------------------------
+
+
+async def _tokens(cut_after: int | None = None, count: int = 3) -> Any:
+    """An endpoint's stream: ``count`` chunks, or ConnectionError after ``cut_after``."""
+    for i in range(count):
+        if cut_after is not None and i == cut_after:
+            raise ConnectionError("the stream was cut off")
+        yield f"token{i}"
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("kind", ["memory", "async-redis"])
+def test_an_async_generator_is_guarded(kind: str, redis_url: str, name: str) -> None:
+    """@breaker on an async generator: streams cut off midway count, the circuit opens
+    (fail_max=2), the third is refused without calling the endpoint."""
+
+    async def scenario() -> None:
+        store: Any = MemoryStore() if kind == "memory" else AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, store=store, fail_max=2, reset_timeout=30)
+        started: list[int] = []
+
+        @breaker
+        async def stream(cut_after: int) -> Any:
+            started.append(cut_after)
+            async for token in _tokens(cut_after):
+                yield token
+
+        for _ in range(2):
+            got = []
+            with pytest.raises(ConnectionError):
+                async for token in stream(1):
+                    got.append(token)
+            assert got == ["token0"]
+        with pytest.raises(CircuitOpenError):
+            async for _ in stream(1):
+                pass
+        assert len(started) == 2
+        assert (await breaker.acircuit())[0] is State.OPEN
+        if kind == "async-redis":
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["memory", "async-redis"])
+def test_an_async_stream_read_to_its_end_or_closed_early_is_a_success(
+    kind: str, redis_url: str, name: str
+) -> None:
+    """breaker.astream(): a whole stream, and one whose consumer stops early, both succeed."""
+
+    async def scenario() -> None:
+        store: Any = MemoryStore() if kind == "memory" else AsyncRedisStore(redis_url)
+        breaker = CircuitBreaker(name, store=store, fail_max=1, reset_timeout=30)
+        assert [t async for t in breaker.astream(_tokens)] == ["token0", "token1", "token2"]
+        early = breaker.astream(_tokens)
+        assert await early.__anext__() == "token0"
+        await early.aclose()  # the consumer stopped reading: the endpoint was answering
+        assert (await breaker.acircuit())[0] is State.CLOSED
+        failed = breaker.astream(_tokens, 0)
+        with pytest.raises(ConnectionError):
+            await failed.__anext__()
+        assert (await breaker.acircuit())[0] is State.OPEN
+        if kind == "async-redis":
+            await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_an_open_async_stream_yields_from_its_fallback() -> None:
+    """The fallback may be an async generator too."""
+
+    async def cached(*args: Any) -> Any:
+        yield "cached"
+
+    async def scenario() -> None:
+        breaker = CircuitBreaker(fail_max=1, reset_timeout=30, fallback=cached)
+        with pytest.raises(ConnectionError):
+            async for _ in breaker.astream(_tokens, 0):
+                pass
+        assert [t async for t in breaker.astream(_tokens)] == ["cached"]
+
+    asyncio.run(scenario())
