@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .stores._connection import REDIS_TROUBLE
+from .stores._connection import REDIS_TROUBLE, cause
 
 __all__ = [
     "CachedResult",
@@ -142,7 +142,7 @@ class CachedResult:
         try:
             cached = task.cbtasks_redis.get(self.key(task, args, kwargs))
         except REDIS_TROUBLE as exc:  # the cache is out of reach: a miss, not a failure
-            log.warning("cannot read the cached result of %s (%s)", task.name, exc)
+            log.warning("cannot read the cached result of %s (%s)", task.name, cause(exc))
             cached = None
         if cached is not None:
             return self.kind, json.loads(cached)

@@ -225,6 +225,30 @@ def test_a_node_lost_is_an_outage_of_its_breakers_only() -> None:
         store.close()
 
 
+def test_a_whole_cluster_lost_is_an_outage_not_an_error() -> None:
+    """Every master SIGKILLed: redis-py's topology refresh reaches no node and raises
+    RedisClusterUnreachableError (a RedisClusterException, no RedisError); the breakers
+    still follow on_error, no guarded call raises it."""
+    with RedisClusterServers() as servers:
+        store = RedisStore(servers.url, retry_interval=0.2)
+        breakers = [CircuitBreaker(f"gone-{i}", store=store) for i in range(6)]
+        for breaker in breakers:
+            breaker.call(lambda: None)
+        for node in servers.nodes:
+            node.process.kill()
+            node.process.wait()
+        deadline = time.monotonic() + 2
+        calls = 0
+        while time.monotonic() < deadline:
+            for breaker in breakers:
+                assert breaker.call(lambda: "answered") == "answered"
+                breaker._view.forget()  # ask the store every time: the path under test
+                calls += 1
+            time.sleep(0.02)
+        assert calls and not store.available
+        store.close()
+
+
 @pytest.mark.parametrize("how", ["killed", "frozen"])
 def test_tasks_complete_once_when_their_breakers_node_is_lost(tmp_path: Any, how: str) -> None:
     """Tasks flowing; the master holding their breaker SIGKILLed or SIGSTOPped (no replica,

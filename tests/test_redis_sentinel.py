@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,73 @@ def test_tasks_through_a_failover_complete_once(
         finally:
             if how == "frozen":
                 master.thaw()
+
+
+# -- URL forms, and what an operator reads when the master is gone ----------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [
+        ("redis://127.0.0.1:26379/0?sentinel=mymaster", "redis+sentinel://host:port/master_name"),
+        ("redis://127.0.0.1:6379/0?bogus_option=1", "bogus_option"),
+        ("memcached://127.0.0.1:11211", "unknown scheme 'memcached'"),
+        ("sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380", "master_name"),
+        ("sentinel://127.0.0.1:26379;redis://127.0.0.1:26380?master_name=m", "is not sentinel://"),
+    ],
+)
+def test_a_url_that_cannot_work_is_refused_at_once(url: str, words: str) -> None:
+    """A PolicyError naming what to write, when the store is made, not a TypeError at the
+    first guarded call."""
+    from cbtasks import PolicyError
+
+    with pytest.raises(PolicyError, match=re.escape(words)):
+        RedisStore(url)
+
+
+def test_kombus_sentinel_form_is_accepted(sentinels: RedisSentinelSet) -> None:
+    """sentinel://h1;sentinel://h2 (what a Celery broker behind Sentinel is written as), its
+    master named by ?master_name= or, for the broker's own URL, its transport options: the
+    same circuit as the redis+sentinel:// form's."""
+    from celery import Celery
+
+    from cbtasks.task._options import redis_url
+
+    hosts = ";".join(f"sentinel://127.0.0.1:{port}" for port in sentinels.sentinel_ports)
+    app = Celery("kombu-form", broker=hosts, set_as_current=False)
+    app.conf.broker_transport_options = {"master_name": "mymaster"}
+    url = redis_url(app)
+    assert url.endswith("?master_name=mymaster")
+    kombu, ours = RedisStore(url), RedisStore(sentinels.url)
+    try:
+        _trip(CircuitBreaker("kombu-form", policy=POLICY, store=kombu))
+        assert CircuitBreaker("kombu-form", policy=POLICY, store=ours).state is State.OPEN
+    finally:
+        kombu.close()
+        ours.close()
+
+
+def test_a_lost_master_is_said_in_one_short_line(
+    sentinels: RedisSentinelSet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Master and replica gone, then the sentinels too: redis-py's MasterNotFoundError
+    repeats every sentinel client's repr with its error (3 KB); the log says which
+    sentinels, which master and the first error, in one short line."""
+    sentinels.master.process.kill()
+    sentinels.replica.process.kill()
+    for sentinel in sentinels._sentinels:
+        sentinel.kill()
+    caplog.set_level("WARNING", logger="cbtasks")
+    deadline = time.monotonic() + 20
+    said: list[str] = []
+    while time.monotonic() < deadline and not any("MasterNotFoundError" in s for s in said):
+        caplog.clear()
+        with RedisStore(sentinels.url, retry_interval=0.1) as store:
+            breaker = CircuitBreaker("gone-master", store=store)
+            assert breaker.call(lambda: "answered") == "answered"  # on_error="local"
+        said = [r.getMessage() for r in caplog.records if "Redis" in r.getMessage()]
+        time.sleep(0.5)
+    lost = [s for s in said if "MasterNotFoundError" in s]
+    assert lost, said
+    assert all(len(s) < 500 and "\n" not in s for s in said), max(said, key=len)
+    assert "mymaster" in lost[0] and "redis+sentinel://127.0.0.1" in lost[0]

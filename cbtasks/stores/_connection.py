@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from redis.retry import Retry
 from redis.sentinel import Sentinel
 
 from .._errors import PolicyError
-from ._urls import MultiNodeURL, is_multi_node, node_options, parse_multi_node
+from ._urls import ACCEPTED_FORMS, MultiNodeURL, is_multi_node, node_options, parse_multi_node
 
 # Errors that mean "Redis cannot be reached now", as opposed to a bug: on a
 # cluster, a node lost or the cluster down too (Sentinel's "no master" is a
@@ -32,7 +33,10 @@ REDIS_DOWN = (
     RedisClusterException,
 )
 # Those, or Redis answering with an error (a key of the wrong type, OOM, ACL):
-# what a task's own Redis calls (completion guard, cache, parking) survive.
+# "Redis trouble", the one tuple every caller of Redis catches (the stores'
+# scripts turn it into on_error; a task's own calls, the completion guard,
+# cache and parking, survive it). RedisClusterException is no RedisError: a
+# cluster none of whose nodes answers raises RedisClusterUnreachableError.
 REDIS_TROUBLE = (redis.RedisError, OSError, RedisClusterException)
 
 
@@ -63,13 +67,21 @@ ASYNCIO = ClientKind(
 )
 
 
-def make_client(url_or_client: Any, timeout: float, kind: ClientKind = BLOCKING) -> Any:
+def make_client(
+    url_or_client: Any,
+    timeout: float,
+    kind: ClientKind = BLOCKING,
+    master_name: str | None = None,
+) -> Any:
     """A client for ``url_or_client`` whose every call gives up after ``timeout`` seconds.
 
     A plain ``redis://``, ``rediss://`` or ``unix://`` URL, a cluster or
-    Sentinel URL (see ``_urls``), or a ready client of ``kind`` (blocking or
-    asyncio): a ``Redis`` (Sentinel's ``master_for`` makes one) or a
-    ``RedisCluster``, whose timeouts and retries are then set to the store's.
+    Sentinel URL (see ``_urls``; ``master_name`` for kombu's ``sentinel://``
+    form), or a ready client of ``kind`` (blocking or asyncio): a ``Redis``
+    (Sentinel's ``master_for`` makes one) or a ``RedisCluster``, whose
+    timeouts and retries are then set to the store's. A URL of another form,
+    or with an option redis-py does not know, is a PolicyError now, not a
+    TypeError at the first call.
     """
     if isinstance(url_or_client, kind.redis | kind.cluster):
         return bound(url_or_client, timeout)
@@ -80,8 +92,15 @@ def make_client(url_or_client: Any, timeout: float, kind: ClientKind = BLOCKING)
         )
     try:
         if is_multi_node(url_or_client):
-            return _multi_node_client(parse_multi_node(url_or_client), timeout, kind)
-        return kind.redis.from_url(
+            parsed = parse_multi_node(url_or_client, master_name)
+            return _multi_node_client(parsed, timeout, kind)
+        scheme = url_or_client.partition("://")[0].lower()
+        if scheme not in ("redis", "rediss", "unix"):
+            raise PolicyError(
+                f"Redis URL {redact_url(url_or_client)!r}: unknown scheme {scheme!r}; "
+                f"use {ACCEPTED_FORMS}"
+            )
+        client = kind.redis.from_url(
             url_or_client, **_limits(timeout, kind), health_check_interval=30
         )
     except (ValueError, TypeError) as exc:
@@ -89,9 +108,35 @@ def make_client(url_or_client: Any, timeout: float, kind: ClientKind = BLOCKING)
         raise PolicyError(
             f"malformed Redis URL {redact_url(url_or_client)!r}: {why}. "
             "Characters such as '/', '#', '?' or '@' in a password must be percent-encoded. "
-            "Use redis://[:password@]host:port/db, rediss://... for TLS, unix:///path, "
-            "redis+cluster://host:port,host:port or redis+sentinel://host:port/service"
+            f"Use {ACCEPTED_FORMS}"
         ) from None
+    _refuse_unknown_options(client.connection_pool, url_or_client)
+    return client
+
+
+def _refuse_unknown_options(pool: Any, url: str) -> None:
+    """PolicyError for a URL option the connection would refuse at its first use.
+
+    redis-py passes a query option it does not parse itself to the
+    connection's constructor, which raises TypeError when the first command
+    connects (a typo, ``?sentinel=mymaster``): say so now, naming it.
+    """
+    known: set[str] = set()
+    for cls in pool.connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            known.update(inspect.signature(init).parameters)
+    unknown = sorted(key for key in pool.connection_kwargs if key not in known)
+    if unknown:
+        sentinel = (
+            "; for a master behind Sentinel write redis+sentinel://host:port/master_name"
+            if "sentinel" in unknown
+            else ""
+        )
+        raise PolicyError(
+            f"Redis URL {redact_url(url)!r}: redis-py does not know the option(s) "
+            f"{', '.join(unknown)}{sentinel}; accepted forms: {ACCEPTED_FORMS}"
+        )
 
 
 def _limits(timeout: float, kind: ClientKind) -> dict[str, Any]:
@@ -234,12 +279,36 @@ def unreachable_message(client: Any, exc: BaseException) -> str:
     if not isinstance(exc, REDIS_DOWN):
         return (
             f"Redis at {describe_client(client)} refused the breaker's scripts "
-            f"({type(exc).__name__}: {exc}); check its keys, memory and ACL"
+            f"({cause(exc)}); check its keys, memory and ACL"
         )
     return (
         f"cannot reach Redis at {describe_client(client)} "
-        f"({type(exc).__name__}: {exc}); check that it runs and that the URL is right"
+        f"({cause(exc)}); check that it runs and that the URL is right"
     )
+
+
+#: A cause in a log line is one line of at most this many characters.
+CAUSE_CHARACTERS = 200
+
+
+def cause(exc: BaseException) -> str:
+    """One short line saying what ``exc`` was: never a library's repr of its clients.
+
+    redis-py's MasterNotFoundError (every sentinel asked, none knew a master)
+    repeats the repr of each sentinel's client, connection pool and retry
+    objects: 3,000 characters a line. Its first error is what an operator needs.
+    """
+    name = type(exc).__name__
+    text = str(exc)
+    if name == "MasterNotFoundError":
+        first = re.search(r"(Error \d+[^,}'\"]*|Connection refused|Timeout[^,}'\"]*)", text)
+        service = re.match(r"No master found for '([^']*)'", text)
+        said = f"no sentinel knows a master for {service.group(1)!r}" if service else "no master"
+        text = f"{said}; first error: {first.group(1) if first else 'none said'}"
+    line = text.splitlines()[0] if text else ""
+    if len(line) > CAUSE_CHARACTERS:
+        line = line[: CAUSE_CHARACTERS - 3] + "..."
+    return f"{name}: {line}"
 
 
 def is_number(value: object) -> bool:

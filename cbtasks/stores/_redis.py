@@ -43,6 +43,7 @@ from ._connection import (
     ASYNCIO,
     BLOCKING,
     REDIS_DOWN,
+    REDIS_TROUBLE,
     ClientKind,
     blocking_twin,
     describe_client,
@@ -299,7 +300,7 @@ class RedisStoreBase:
             return None
         try:
             reply = yield from MACHINE_SCRIPTS[op].run(*argv)
-        except SCRIPT_ERRORS as exc:
+        except REDIS_TROUBLE as exc:
             self._failed(exc, op, name, strict)
             return None
         self._succeeded(name)
@@ -498,10 +499,6 @@ def _limit_status(tail: LimitTail) -> LimitStatus | None:
         admitted_last_second=int(tail.admitted_last_second),
         tokens_available=int(tail.tokens_available) if wire.token_ms else None,
     )
-
-
-#: What a failed script call can raise that the stores turn into on_error.
-SCRIPT_ERRORS = (redis.RedisError, OSError)
 
 
 class RedisStore(RedisStoreBase):

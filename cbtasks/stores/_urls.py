@@ -2,6 +2,12 @@
 
     redis+cluster://[user:password@]host:port[,host:port...][?option=value...]
     redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?...]
+    sentinel://[:password@]host:port[/db];sentinel://host:port...?master_name=name
+
+The last is kombu's, which every Celery user already writes for a broker
+behind Sentinel; there kombu takes the master's name from
+``broker_transport_options["master_name"]`` (cbtasks does too, when the
+breaker state lives in the broker's Redis) or a ``master_name`` option.
 
 ``rediss+cluster://`` and ``rediss+sentinel://`` use TLS. The query takes the
 options of a plain Redis URL (``ssl_cert_reqs``, ``ssl_ca_certs``,
@@ -20,9 +26,17 @@ from .._errors import PolicyError
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SENTINEL_SCHEMES = ("redis+sentinel", "rediss+sentinel")
+#: kombu's Sentinel form: ``sentinel://host:port;sentinel://host:port``.
+KOMBU_SENTINEL = "sentinel"
 _FORMS = (
     "redis+cluster://[user:password@]host:port[,host:port...] or "
     "redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]"
+)
+#: Every form a store takes, for messages that must name them.
+ACCEPTED_FORMS = (
+    "redis://[[user]:password@]host:port/db, rediss://... for TLS, unix:///path, "
+    "redis+cluster://host:port,host:port, redis+sentinel://host:port,host:port/master_name, "
+    "or kombu's sentinel://host:port;sentinel://host:port?master_name=name"
 )
 
 
@@ -41,13 +55,20 @@ class MultiNodeURL:
 
 
 def is_multi_node(url: str) -> bool:
-    return url.partition("://")[0].lower() in CLUSTER_SCHEMES + SENTINEL_SCHEMES
+    scheme = url.partition("://")[0].lower()
+    return scheme in (*CLUSTER_SCHEMES, *SENTINEL_SCHEMES, KOMBU_SENTINEL)
 
 
-def parse_multi_node(url: str) -> MultiNodeURL:
-    """The parts of a cluster or Sentinel URL, or PolicyError saying what to write."""
+def parse_multi_node(url: str, master_name: str | None = None) -> MultiNodeURL:
+    """The parts of a cluster or Sentinel URL, or PolicyError saying what to write.
+
+    ``master_name`` names the service of kombu's ``sentinel://`` form when the
+    URL has no ``master_name`` option (the broker's transport options say it).
+    """
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
+    if scheme == KOMBU_SENTINEL:
+        return _kombu_sentinel(url, master_name)
     kind = "cluster" if scheme in CLUSTER_SCHEMES else "sentinel"
     rest, _, query = rest.partition("?")
     credentials, at, rest = rest.rpartition("@")
@@ -85,6 +106,45 @@ def parse_multi_node(url: str) -> MultiNodeURL:
         service=service,
         db=db,
         options=dict(parse_qsl(query)),
+    )
+
+
+def _kombu_sentinel(url: str, master_name: str | None) -> MultiNodeURL:
+    """kombu's ``sentinel://[:password@]host:port[/db];sentinel://host:port...`` form."""
+    text, _, query = url.partition("?")
+    options = dict(parse_qsl(query))
+    service = options.pop("master_name", None) or master_name
+    if not service:
+        raise PolicyError(
+            "a sentinel:// URL needs the master's name: add ?master_name=mymaster, or set "
+            "broker_transport_options={'master_name': 'mymaster'} when it is the broker's URL"
+        )
+    nodes, username, password, db = [], None, None, 0
+    for part in text.split(";"):
+        scheme, sep, rest = part.strip().partition("://")
+        if scheme.lower() != KOMBU_SENTINEL or not sep:
+            raise PolicyError(
+                f"{part!r} is not sentinel://host:port; kombu's form is "
+                "sentinel://host:port;sentinel://host:port"
+            )
+        credentials, at, rest = rest.rpartition("@")
+        if at:
+            user, colon, secret = credentials.partition(":")
+            username = unquote(user) or username
+            password = unquote(secret) if colon else unquote(user)
+        host, _, path = rest.partition("/")
+        nodes.append(_node(host))
+        if path.strip("/"):
+            db = _db(path.strip("/"))
+    return MultiNodeURL(
+        kind="sentinel",
+        tls=False,
+        nodes=tuple(nodes),
+        username=username,
+        password=password,
+        service=service,
+        db=db,
+        options=options,
     )
 
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..stores._connection import REDIS_TROUBLE
+from ..stores._connection import REDIS_TROUBLE, cause
 from ..stores._keys import done_key
 
 log = logging.getLogger("cbtasks.task")
@@ -73,7 +73,7 @@ class CompletionGuard:
             self.client.set(self._key(task_id), encoded, px=int(ttl * 1000))
         except REDIS_TROUBLE as exc:
             self._failed(exc)
-            log.warning("cannot mark task %s completed (%s)", task_id, exc)
+            log.warning("cannot mark task %s completed (%s)", task_id, cause(exc))
 
     def _failed(self, exc: BaseException) -> None:
         if self.on_error is not None:

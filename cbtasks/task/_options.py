@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from typing import Any
+from urllib.parse import urlencode
 
 import celery
 from celery.app import utils as celery_utils
@@ -244,17 +245,24 @@ def lease_of(task: celery.Task) -> float | None:
 
 
 def redis_url(app: celery.Celery) -> str:
-    """``app.conf.cbtasks_redis_url``, else the broker's URL when the broker is Redis."""
-    url = app.conf.get("cbtasks_redis_url")
-    if url:
-        return str(url)
+    """``app.conf.cbtasks_redis_url``, else the broker's URL when the broker is Redis
+    (kombu's ``sentinel://`` form included, its master named by the broker's
+    ``broker_transport_options["master_name"]``)."""
     broker = str(app.conf.broker_url or "")
-    if broker.startswith(("redis://", "rediss://")):
-        return broker
-    raise PolicyError(
-        "set app.conf.cbtasks_redis_url to the Redis that keeps breaker state "
-        "(the broker is not Redis, so it cannot be used)"
-    )
+    url = str(app.conf.get("cbtasks_redis_url") or "")
+    if not url and broker.startswith(("redis://", "rediss://", "sentinel://")):
+        url = broker
+    if not url:
+        raise PolicyError(
+            "set app.conf.cbtasks_redis_url to the Redis that keeps breaker state "
+            "(the broker is not Redis, so it cannot be used)"
+        )
+    if url == broker and url.startswith("sentinel://") and "master_name=" not in url:
+        options = app.conf.get("broker_transport_options") or {}
+        master = options.get("master_name") if isinstance(options, dict) else None
+        if master:
+            url += ("&" if "?" in url else "?") + urlencode({"master_name": master})
+    return url
 
 
 def hide_redis_url_from_reports() -> None:

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-from ..stores._connection import REDIS_DOWN
+from ..stores._connection import REDIS_DOWN, cause
 from ..stores._parking import ParkingLot
 from ._parked import PoisonMessage
 
@@ -123,7 +123,9 @@ class Releaser:
             try:
                 wait = self.step()
             except REDIS_DOWN as exc:
-                log.warning("cannot release parked requests of %s (%s)", self.lot.breaker, exc)
+                log.warning(
+                    "cannot release parked requests of %s (%s)", self.lot.breaker, cause(exc)
+                )
                 wait = 5.0
             except Exception:
                 log.exception("releasing parked requests of %s failed", self.lot.breaker)

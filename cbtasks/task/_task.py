@@ -43,7 +43,7 @@ from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..ops.metrics import metrics
 from ..stores import RedisStore
-from ..stores._connection import REDIS_TROUBLE, describe_client
+from ..stores._connection import REDIS_TROUBLE, cause, describe_client
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
 from ._countdown import as_the_same_request, countdown
@@ -315,11 +315,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise
         except Retry as exc:
             # The task's own retry: its cause counts, its budget is its own.
-            cause = exc.exc if isinstance(exc.exc, BaseException) else None
-            if cause is None:
+            retried_for = exc.exc if isinstance(exc.exc, BaseException) else None
+            if retried_for is None:
                 guard.record(probe, Outcome.IGNORED, _ms_since(start))
             else:
-                guard.record_exception(probe, cause, _ms_since(start))
+                guard.record_exception(probe, retried_for, _ms_since(start))
             raise
         except Exception as exc:
             outcome = guard.record_exception(probe, exc, _ms_since(start))
@@ -348,7 +348,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             try:
                 fallback.remember(self, args, kwargs, result)
             except REDIS_TROUBLE as exc:
-                log.warning("cannot cache the result of %s (%s)", self.name, exc)
+                log.warning("cannot cache the result of %s (%s)", self.name, cause(exc))
         return result
 
     @staticmethod
@@ -438,7 +438,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 "cannot park %s[%s] (%s): deferring it by countdown",
                 self.name,
                 self.request.id,
-                exc,
+                cause(exc),
             )
             return False
         return True

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .._events import Event, RequestWaited
-from ..stores._connection import REDIS_TROUBLE
+from ..stores._connection import REDIS_TROUBLE, cause
 from ..stores._keys import breaker_keys
 from ._headers import DEFERRALS, REASON, header
 
@@ -53,4 +53,4 @@ def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -
             pipe.expire(key, KEEP_SECONDS)
             pipe.execute()
     except REDIS_TROUBLE as exc:
-        log.warning("cannot record the wait of task %s (%s)", entry.get("task_id"), exc)
+        log.warning("cannot record the wait of task %s (%s)", entry.get("task_id"), cause(exc))
