@@ -109,7 +109,9 @@ class CircuitBreaker:
     for each transition this process makes. With ``health_check`` (a callable
     returning true when the endpoint looks healthy), one process of the fleet
     calls it every ``health_interval`` seconds while the circuit is open, and
-    a pass makes it half-open at once; only the probes then close it.
+    a pass makes it half-open at once; only the probes then close it. A check
+    that has not answered in ``health_timeout`` seconds counts as failed
+    (``HealthChecked.error`` a TimeoutError).
 
     ``classify`` (a callable taking the exception a call raised and returning
     an :class:`Outcome`, or None to let the defaults decide) is asked before
@@ -138,6 +140,7 @@ class CircuitBreaker:
         health_interval: float = 1.0,
         classify: Classifier | None = None,
         limit: Limit | None = None,
+        health_timeout: float = 5.0,
     ) -> None:
         policy = with_shorthand(policy or BreakerPolicy(), fail_max, reset_timeout)
         limit = Limit.coerce(limit)
@@ -202,7 +205,12 @@ class CircuitBreaker:
             )
         self._longest_open_ms = int(policy.longest_open_seconds * 1000)
         self._health = health_checker(
-            self.name, cast(Store, self.store), health_check, health_interval, self.health_passed
+            self.name,
+            cast(Store, self.store),
+            health_check,
+            health_interval,
+            self.health_passed,
+            health_timeout,
         )
         if self._health is not None:
             self._health.on_result = self._health_checked

@@ -8,9 +8,11 @@ probes) decide whether the circuit closes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 
 from ._errors import PolicyError
@@ -30,7 +32,10 @@ class HealthChecker:
     asks the store for the fleet's turn (a lease of ``interval``): exactly one calls
     ``check()``. A truthy answer sends the ``healthy`` command. ``on_result``
     (the breaker's events) hears each answer, with the exception if the check
-    raised one. A check that raises counts as unhealthy.
+    raised one. A check that raises counts as unhealthy; so does one that has
+    not answered within ``timeout`` seconds (its error a TimeoutError), and no
+    other check starts while it hangs: a check without a deadline would block
+    its checker for ever.
     """
 
     def __init__(
@@ -41,8 +46,13 @@ class HealthChecker:
         interval: float,
         on_healthy: Callable[[], object],
         on_result: Callable[[str, bool, BaseException | None], None] | None = None,
+        timeout: float = 5.0,
     ) -> None:
         self.name = name
+        self.timeout = timeout
+        self._pending: concurrent.futures.Future[object] | None = None
+        self._pending_since = 0.0
+        self._runner: concurrent.futures.ThreadPoolExecutor | None = None
         self.store = store
         self.check = check
         self.on_healthy = on_healthy
@@ -72,6 +82,11 @@ class HealthChecker:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stopped = threading.Event()
+            # The check runs on a thread of its own, so a hung one can be given up on.
+            self._runner = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"cbtasks-check-{self.name}"
+            )
+            self._pending = None
             name = f"cbtasks-health-{self.name}"
             threading.Thread(target=self._run, name=name, daemon=True).start()
 
@@ -91,18 +106,35 @@ class HealthChecker:
             return
         if not self.store.claim(self.name, "health", int(self.interval * 1000)):
             return  # another process has this round
-        error: BaseException | None = None
-        try:
-            healthy = bool(self.check())
-        except Exception as exc:
-            log.debug("breaker %r: health check raised %r", self.name, exc)
-            healthy, error = False, exc
+        healthy, error = self._ask()
         self.checks += 1
         if self.on_result is not None:
             self.on_result(self.name, healthy, error)
         if healthy:
             self.passed += 1
             self.on_healthy()
+
+    def _ask(self) -> tuple[bool, BaseException | None]:
+        """Run the check, bounded by ``timeout``: (healthy, why not)."""
+        pending = self._pending
+        if pending is not None and not pending.done():
+            since = time.monotonic() - self._pending_since
+            return False, TimeoutError(
+                f"the health check has not returned for {since:.1f} s (timeout {self.timeout:g} s)"
+            )
+        assert self._runner is not None
+        self._pending = self._runner.submit(self.check)
+        self._pending_since = time.monotonic()
+        try:
+            return bool(self._pending.result(self.timeout)), None
+        except concurrent.futures.TimeoutError:
+            error: BaseException = TimeoutError(
+                f"the health check timed out after {self.timeout:g} s"
+            )
+        except Exception as exc:
+            error = exc
+        log.debug("breaker %r: health check failed: %r", self.name, error)
+        return False, error
 
 
 def health_checker(
@@ -111,6 +143,7 @@ def health_checker(
     check: HealthCheck | None,
     interval: object,
     on_healthy: Callable[[], object],
+    timeout: object = 5.0,
 ) -> HealthChecker | None:
     """A running checker for ``check``, or None without one; PolicyError on bad values."""
     if check is None:
@@ -121,6 +154,10 @@ def health_checker(
         raise PolicyError(
             f"health_interval must be seconds above 0 and at most 3600, got {interval!r}"
         )
-    checker = HealthChecker(name, store, check, float(interval), on_healthy)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise PolicyError(
+            f"health_timeout must be seconds above 0 and at most 3600, got {timeout!r}"
+        )
+    checker = HealthChecker(name, store, check, float(interval), on_healthy, timeout=float(timeout))
     checker.ensure_running()
     return checker

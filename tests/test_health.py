@@ -101,6 +101,43 @@ def test_a_failing_or_raising_check_keeps_it_open(name: str, store: Store) -> No
     assert breaker.state is State.OPEN
 
 
+def test_a_hung_check_times_out_and_says_so(name: str) -> None:
+    """A check that never returns blocks nothing: after health_timeout it counts as failed,
+    HealthChecked.error a TimeoutError saying so; no second check starts while it hangs."""
+    import threading
+
+    from cbtasks import HealthChecked
+
+    hang = threading.Event()
+    started: list[int] = []
+
+    def check() -> bool:
+        started.append(1)
+        hang.wait(10)
+        return True
+
+    seen: list[HealthChecked] = []
+    breaker = CircuitBreaker(
+        name,
+        policy=POLICY,
+        store=MemoryStore(),
+        health_check=check,
+        health_interval=0.05,
+        health_timeout=0.1,
+    )
+    breaker.events.subscribe(lambda e: seen.append(e) if isinstance(e, HealthChecked) else None)
+    try:
+        trip(breaker)
+        wait_for(lambda: len(seen) >= 3, 5, "three checks' results")
+        assert all(not e.healthy and isinstance(e.error, TimeoutError) for e in seen)
+        assert "timed out after 0.1 s" in str(seen[0].error)
+        assert "has not returned" in str(seen[1].error)
+        assert len(started) == 1  # the hung one is waited out, not piled on
+        assert breaker.state is State.OPEN
+    finally:
+        hang.set()
+
+
 def test_a_health_check_leaves_a_forced_open_alone(name: str, store: Store) -> None:
     """An operator's forced open is not the health check's to end."""
     breaker = CircuitBreaker(name, policy=POLICY, store=store)

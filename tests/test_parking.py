@@ -299,3 +299,32 @@ def test_any_bytes_parked_are_released_or_put_aside(redis_url: str, data: bytes)
     finally:
         lot.client.delete("cbtasks:{fuzzed}:parked:dead")
         store.close()
+
+
+def test_a_worker_shutting_down_stops_its_releasers(redis_url: str, name: str) -> None:
+    """worker_shutting_down (a warm shutdown) stops the releaser: it publishes nothing more to
+    a worker that is going away, and what it did not publish stays parked."""
+    from celery import signals
+
+    store = RedisStore(redis_url)
+    breaker = CircuitBreaker(name, policy=POLICY, store=store)
+    lot = ParkingLot(store.client, "cbtasks", name)
+    published: list[str] = []
+    try:
+        breaker.force_open()
+        releaser = Releaser.ensure(
+            f"shutdown-{name}",
+            lambda: Releaser(
+                lot, lambda request_id, _, **__: published.append(request_id), rate=1000
+            ),
+            store.add_news_hook,
+        )
+        lot.park("before", {"task": "t"})
+        signals.worker_shutting_down.send(sender="w1@test", sig="SIGTERM", how="Warm", exitcode=0)
+        assert releaser.stopped
+        assert releaser._thread is not None and not releaser._thread.is_alive()
+        # Its thread has ended: a close (news that would wake it) finds no one to publish.
+        breaker.force_close()
+        assert published == [] and lot.count() == 1
+    finally:
+        store.close()

@@ -513,7 +513,7 @@ def test_the_half_open_consumer_takes_only_the_probe_budget() -> None:
 
     from kombu.common import QoS
 
-    from cbtasks.task._pause import CONSUME, PAUSE, PROBE, _apply
+    from cbtasks.task._pause import CONSUME, PAUSE, PROBE, PrefetchCut, _apply
 
     told: list[int] = []
     queues: list[str] = []
@@ -524,14 +524,60 @@ def test_the_half_open_consumer_takes_only_the_probe_budget() -> None:
         task_consumer=SimpleNamespace(consuming_from=lambda q: False),
     )
     consumed: set[str] = set()
-    _apply(consumer, "q", PROBE, 2, consumed, False)
+    cut = PrefetchCut()
+    _apply(consumer, "q", PROBE, 2, consumed, False, cut)
     assert consumer.qos.value == 2 and told[-1] == 2 and queues == ["q"]
     consumer.qos.increment_eventually(1)  # a countdown message arrives and is held
-    _apply(consumer, "q", CONSUME, 2, consumed, False)
+    _apply(consumer, "q", CONSUME, 2, consumed, False, cut)
     assert consumer.qos.value == 5  # the worker's 4, plus the message it holds
-    _apply(consumer, "q", PROBE, 2, consumed, False)
-    _apply(consumer, "q", PAUSE, 2, consumed, False)
+    _apply(consumer, "q", PROBE, 2, consumed, False, cut)
+    _apply(consumer, "q", PAUSE, 2, consumed, False, cut)
     assert consumer.qos.value == 5 and queues[-1] == "-q"
+
+
+def test_a_restarted_consumer_gets_its_own_prefetch_back() -> None:
+    """The half-open consumer's cut is the gate's: the bootstep's stop (a broker reconnect
+    restarts the consumer) gives it back, and a fresh QoS is never raised by the old cut;
+    the gates' news hooks go with them."""
+    from types import SimpleNamespace
+
+    from kombu.common import QoS
+
+    from cbtasks.task._pause import PROBE, PauseQueues, PrefetchCut, QueueGate, _apply
+
+    def consumer() -> SimpleNamespace:
+        return SimpleNamespace(
+            qos=QoS(lambda prefetch_count: None, 4),
+            add_task_queue=lambda q: None,
+            cancel_task_queue=lambda q: None,
+            task_consumer=SimpleNamespace(consuming_from=lambda q: False),
+        )
+
+    hooks: list[object] = []
+    store = SimpleNamespace(
+        prefix="cbtasks",
+        add_news_hook=hooks.append,
+        remove_news_hook=hooks.remove,
+        client=SimpleNamespace(zrem=lambda *args: None),
+    )
+    breaker = SimpleNamespace(
+        name="restart-model", store=store, policy=BreakerPolicy(half_open_probes=1)
+    )
+    old = consumer()
+    gate = QueueGate("q", breaker, lambda mode: None, "w1")
+    gate._run = lambda: None  # type: ignore[method-assign]  # no thread work: the steps
+    gate.start()
+    assert len(hooks) == 1
+    _apply(old, "q", PROBE, 1, set(), False, gate.prefetch)
+    assert old.qos.value == 1
+    step = PauseQueues.__new__(PauseQueues)
+    step.gates = [gate]
+    step.stop(old)
+    assert old.qos.value == 4 and hooks == []
+    fresh = consumer()  # what Celery builds when the consumer restarts
+    gate.prefetch.undo(fresh)
+    PrefetchCut().undo(fresh)
+    assert fresh.qos.value == 4
 
 
 def test_flower_shows_the_paused_queue_gone_from_the_workers_queues(
@@ -567,3 +613,36 @@ def test_flower_shows_the_paused_queue_gone_from_the_workers_queues(
     finally:
         flower.stop()
         worker.stop()
+
+
+def test_the_half_open_lease_is_never_extended_for_another_worker(redis_url: str) -> None:
+    """Worker A's lease runs out and B takes it in the instant A looks: A must not extend
+    B's lease and believe it holds it too (two half-open consumers). Taking and renewing
+    is one script; this reproduces the interleaving a GET then PEXPIRE allowed."""
+    from cbtasks.task._pause import PROBE_LEASE_SECONDS, QueueGate
+
+    store = RedisStore(redis_url)
+    breaker = CircuitBreaker("lease-model", store=store)
+    a = QueueGate("q", breaker, lambda mode: None, "worker-a")
+    b = QueueGate("q", breaker, lambda mode: None, "worker-b")
+    assert a._hold_probe_lease()
+    key = a._lease_key
+    client = store.client
+    real_get = client.get
+
+    def get_while_b_takes_it(name: object) -> object:
+        value = real_get(name)
+        client.delete(key)  # A's lease ran out ...
+        assert b._hold_probe_lease()  # ... and B took it, between A's two commands
+        return value
+
+    client.get = get_while_b_takes_it  # type: ignore[method-assign]
+    client.delete(key)
+    client.set(key, "worker-a", px=int(PROBE_LEASE_SECONDS * 1000))
+    try:
+        a_holds = a._hold_probe_lease()
+    finally:
+        client.get = real_get  # type: ignore[method-assign]
+    holder = client.get(key)
+    store.close()
+    assert not (a_holds and holder == b"worker-b"), "two half-open consumers"

@@ -179,7 +179,9 @@ class Metrics:
         # Not an outcome: a probe is also counted under its outcome in calls.
         self.probes = Counter("cbtasks_probes", "Half-open probe calls made here", ["breaker"])
         self.health_checks = Counter(
-            "cbtasks_health_checks", "Health checks made while open", ["breaker", "result"]
+            "cbtasks_health_checks",
+            "Health checks made while open, by result (healthy, unhealthy, timeout)",
+            ["breaker", "result"],
         )
         self.store_errors = Counter(
             "cbtasks_store_errors",
@@ -205,8 +207,11 @@ class Metrics:
                 self.transitions.labels(
                     event.breaker, event.from_state.value, event.to_state.value
                 ).inc()
-            case HealthChecked(breaker=breaker, healthy=healthy):
-                self.health_checks.labels(breaker, "healthy" if healthy else "unhealthy").inc()
+            case HealthChecked(breaker=breaker, healthy=healthy, error=error):
+                result = "healthy" if healthy else "unhealthy"
+                if isinstance(error, TimeoutError):
+                    result = "timeout"
+                self.health_checks.labels(breaker, result).inc()
             case RequestDeferred(breaker=breaker, mode=mode):
                 self.deferrals.labels(breaker, mode).inc()
             case FallbackServed(breaker=breaker, kind=kind):

@@ -183,6 +183,12 @@ class ProcessNews:
             self._ensure_listener()
             self._hooks.append(hook)
 
+    def remove_hook(self, hook: Callable[[str], None]) -> None:
+        """Stop calling ``hook`` (a consumer restarting makes its hooks anew)."""
+        with self._lock:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
     def forget_views(self) -> None:
         """Every view asks the store next time: news may have been missed."""
         with self._lock:
@@ -225,7 +231,7 @@ class ProcessNews:
         self._tell_hooks(data.decode(errors="replace"))
 
     def _tell_hooks(self, name: str) -> None:
-        for hook in self._hooks:
+        for hook in list(self._hooks):
             try:
                 hook(name)
             except Exception:

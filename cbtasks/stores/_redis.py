@@ -218,6 +218,10 @@ class RedisStoreBase:
         """Call ``hook(name)`` on news of breaker ``name``: a state change or a first park."""
         self.news.add_hook(hook)
 
+    def remove_news_hook(self, hook: Callable[[str], None]) -> None:
+        """Stop calling ``hook`` on news."""
+        self.news.remove_hook(hook)
+
     @property
     def available(self) -> bool:
         """False while Redis (or, on a cluster, any breaker's node) is thought unreachable."""

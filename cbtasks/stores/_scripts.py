@@ -62,6 +62,8 @@ MACHINE_SCRIPTS["success"] = LuaScript(CLOCK + lua("success"))
 PARK = LuaScript(CLOCK + lua("park"))
 RELEASE = LuaScript(CLOCK + lua("release"))
 ACK = LuaScript(CONSTANTS + lua("ack"))
+#: A lease taken or renewed by its holder in one step (the half-open consumer's).
+LEASE = LuaScript(lua("lease"))
 
 
 # The replies' layouts, as the scripts write them (common.lua's finish(), and

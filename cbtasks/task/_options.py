@@ -48,6 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "health_check": None,
     "classify": None,
     "health_interval": 1.0,
+    "health_timeout": 5.0,
     "report_state": True,
     # Seconds a request the limit refuses waits in its worker process for a slot
     # before it is deferred; None: LIMIT_WAIT (PAUSE_LIMIT_WAIT with defer="pause"),
@@ -72,6 +73,7 @@ _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "max_release_rate": (0, math.inf, False, False),
     "completion_ttl": (0, 365 * 24 * 3600.0, False, False),
     "health_interval": (0, 3600.0, False, False),
+    "health_timeout": (0, 3600.0, False, False),
     "redis_timeout": (0, 60.0, False, False),
     "limit_wait": (0, 24 * 3600.0, False, True),
 }

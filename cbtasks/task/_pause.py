@@ -47,6 +47,8 @@ from celery import bootsteps
 from .._state import Mode, State
 from ..stores._connection import REDIS_TROUBLE
 from ..stores._keys import breaker_keys
+from ..stores._redis import drive
+from ..stores._scripts import LEASE
 
 log = logging.getLogger("cbtasks.task")
 
@@ -97,6 +99,8 @@ class QueueGate:
         self.mode = CONSUME
         #: The probe budget: the prefetch while this worker is the half-open consumer.
         self.probes = breaker.policy.half_open_probes
+        #: How much this gate cut its consumer's prefetch (undone on resume and at stop).
+        self.prefetch = PrefetchCut()
         self.wake = threading.Event()
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,18 +130,14 @@ class QueueGate:
         return PAUSE
 
     def _hold_probe_lease(self) -> bool:
-        """True while this worker is the fleet's one half-open consumer of the queue."""
-        client, ttl = self.store.client, int(PROBE_LEASE_SECONDS * 1000)
+        """True while this worker is the fleet's one half-open consumer of the queue
+        (taken, or renewed, in one script: never another worker's lease extended)."""
+        ttl = int(PROBE_LEASE_SECONDS * 1000)
         try:
-            if client.set(self._lease_key, self.hostname, nx=True, px=ttl):
-                return True
-            holder = client.get(self._lease_key)
-            if holder is not None and holder.decode() == self.hostname:
-                client.pexpire(self._lease_key, ttl)
-                return True
+            held = drive(self.store.client, LEASE.run(1, self._lease_key, self.hostname, ttl))
         except REDIS_TROUBLE:
             return True  # Redis away: the breaker decides per task
-        return False
+        return bool(held)
 
     # -- acting --------------------------------------------------------------------
 
@@ -179,6 +179,7 @@ class QueueGate:
     def stop(self) -> None:
         self._stopped.set()
         self.wake.set()
+        self.store.remove_news_hook(self._on_news)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         with contextlib.suppress(*REDIS_TROUBLE):  # else the note runs out on its own
@@ -215,25 +216,30 @@ class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
                 tasks[queue] = task
         redis_broker = getattr(consumer.connection.transport, "driver_type", "") == "redis"
         for queue, task in tasks.items():
+            cut = PrefetchCut()
             gate = QueueGate(
                 queue,
                 task.cbtasks_breaker,
-                _consumer_switch(consumer, queue, task_probes(task), consumed, redis_broker),
+                _consumer_switch(consumer, queue, task_probes(task), consumed, redis_broker, cut),
                 consumer.hostname,
             )
+            gate.prefetch = cut
             # Before the event loop runs: a worker that starts while the circuit
             # is open takes nothing from the queue.
             first = gate.wanted()
             if first != CONSUME:
                 gate.mode = first
-                _apply(consumer, queue, first, gate.probes, consumed, redis_broker)
+                _apply(consumer, queue, first, gate.probes, consumed, redis_broker, cut)
                 gate._note()
             gate.start()
             self.gates.append(gate)
 
     def stop(self, consumer: Any) -> None:
+        # A consumer that restarts (a broker reconnect) builds a fresh QoS: a cut
+        # left on the old one would be added to the new one's at the next resume.
         for gate in self.gates:
             gate.stop()
+            gate.prefetch.undo(consumer)
         self.gates = []
 
     shutdown = stop
@@ -247,12 +253,17 @@ _SAID = {
 
 
 def _consumer_switch(
-    consumer: Any, queue: str, probes: int, consumed: set[str], redis_broker: bool
+    consumer: Any,
+    queue: str,
+    probes: int,
+    consumed: set[str],
+    redis_broker: bool,
+    cut: PrefetchCut,
 ) -> Callable[[str], None]:
     """What a gate calls: the change, handed to the consumer's event loop."""
 
     def switch(mode: str) -> None:
-        consumer.call_soon(_apply, consumer, queue, mode, probes, consumed, redis_broker)
+        consumer.call_soon(_apply, consumer, queue, mode, probes, consumed, redis_broker, cut)
         dispatcher = getattr(consumer, "event_dispatcher", None)
         if dispatcher is not None:
             consumer.call_soon(
@@ -262,37 +273,54 @@ def _consumer_switch(
     return switch
 
 
-# How much each consumer's prefetch is cut while it is a half-open consumer:
-# Celery's QoS value also moves with the ETA messages a worker holds, so the
-# cut is undone by the amount it took, never by setting a value.
-_prefetch_cuts: dict[int, int] = {}
+class PrefetchCut:
+    """How much a gate cut its consumer's prefetch while it was the half-open consumer.
 
+    Celery's QoS value also moves with the ETA messages a worker holds, so the
+    cut is undone by the amount it took, never by setting a value. It belongs
+    to the gate (a module global keyed by the consumer outlived a restarted
+    consumer and was added to its fresh QoS).
+    """
 
-def _cut_prefetch(consumer: Any, probes: int) -> None:
-    qos = getattr(consumer, "qos", None)
-    if qos is None or _prefetch_cuts.get(id(consumer)) or not qos.value or qos.value <= probes:
-        return
-    before = qos.value
-    qos.decrement_eventually(before - probes)
-    _prefetch_cuts[id(consumer)] = before - qos.value
-    qos.update()
+    __slots__ = ("amount", "qos")
 
+    def __init__(self) -> None:
+        self.amount = 0
+        #: The QoS the cut was taken from.
+        self.qos: Any = None
 
-def _restore_prefetch(consumer: Any) -> None:
-    cut = _prefetch_cuts.pop(id(consumer), 0)
-    if cut:
-        consumer.qos.increment_eventually(cut)
-        consumer.qos.update()
+    def cut(self, consumer: Any, probes: int) -> None:
+        qos = getattr(consumer, "qos", None)
+        if qos is None or self.amount or not qos.value or qos.value <= probes:
+            return
+        before = qos.value
+        qos.decrement_eventually(before - probes)
+        self.amount, self.qos = before - qos.value, qos
+        qos.update()
+
+    def undo(self, consumer: Any) -> None:
+        """Give the prefetch back, to the QoS it was taken from (if it is still the one)."""
+        amount, taken_from = self.amount, self.qos
+        self.amount, self.qos = 0, None
+        if amount and taken_from is not None and getattr(consumer, "qos", None) is taken_from:
+            consumer.qos.increment_eventually(amount)
+            consumer.qos.update()
 
 
 def _apply(
-    consumer: Any, queue: str, mode: str, probes: int, consumed: set[str], redis: bool
+    consumer: Any,
+    queue: str,
+    mode: str,
+    probes: int,
+    consumed: set[str],
+    redis: bool,
+    cut: PrefetchCut,
 ) -> None:
     """On the event loop: consume ``queue`` (all of it, or the probes), or stop."""
     if mode == PROBE:
-        _cut_prefetch(consumer, probes)
+        cut.cut(consumer, probes)
     else:
-        _restore_prefetch(consumer)
+        cut.undo(consumer)
     if mode != PAUSE:
         consumer.add_task_queue(queue)
         consumed.add(queue)

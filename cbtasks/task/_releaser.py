@@ -63,6 +63,8 @@ class Releaser:
         self.max_rate = max_rate
         self.probe_interval = probe_interval
         self.wake = threading.Event()
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
 
     @classmethod
     def ensure(cls, key: str, make: Callable[[], Releaser], subscribe: Any) -> Releaser:
@@ -76,11 +78,32 @@ class Releaser:
             if releaser is None:
                 releaser = cls._running[full_key] = make()
                 subscribe(releaser.hear)
-                thread = threading.Thread(
+                releaser._thread = threading.Thread(
                     target=releaser.run, name=f"cbtasks-release-{key}", daemon=True
                 )
-                thread.start()
+                releaser._thread.start()
             return releaser
+
+    @classmethod
+    def stop_all(cls, timeout: float = 5.0) -> None:
+        """Stop this process's releasers (a worker shutting down): what a releaser has
+        handed out but not published stays parked and comes back when its lease ends."""
+        with cls._lock:
+            mine = [key for key in cls._running if key[0] == os.getpid()]
+            releasers = [cls._running.pop(key) for key in mine]
+        for releaser in releasers:
+            releaser.stop(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Publish no more; wait up to ``timeout`` for the batch in hand to finish."""
+        self._stopped.set()
+        self.wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
 
     def hear(self, name: str) -> None:
         """News of breaker ``name``: look again now if it is ours."""
@@ -104,6 +127,8 @@ class Releaser:
             # One producer for the batch: no message waits to acquire one.
             with self.producer() as producer:
                 for request_id, message in batch.requests:
+                    if self._stopped.is_set():
+                        break  # the rest of the batch comes back when its lease ends
                     try:
                         self.publish(request_id, message, producer=producer)
                     except PoisonMessage as exc:
@@ -117,7 +142,7 @@ class Releaser:
         return 0.0 if done or batch.expired else batch.wait
 
     def run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             # Cleared before looking: news that comes while we look wakes the next wait.
             self.wake.clear()
             try:

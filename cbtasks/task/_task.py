@@ -132,6 +132,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     classify: Any = None
     #: Seconds between health checks while the circuit is open.
     health_interval: float | None = None
+    #: Seconds a health check may take before it counts as failed (default 5).
+    health_timeout: float | None = None
     #: Store CIRCUIT_OPEN with {breaker, reason, retry_after, deferrals, mode} in
     #: the result backend while deferred (one command per deferral). Default True.
     report_state: bool | None = None
@@ -218,6 +220,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             store=self.cbtasks_store,
             health_check=health_check_of(self),
             health_interval=float(self._option("health_interval")),
+            health_timeout=float(self._option("health_timeout")),
             classify=classify_of(self),
             limit=limit,
         )
@@ -525,6 +528,13 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
     for task in list(celery.current_app.tasks.values()):
         if isinstance(task, CircuitBreakerTask) and task._deferral_mode() == "park":
             task.cbtasks_releaser()
+
+
+@signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
+def _stop_releasers(**_: Any) -> None:
+    """A warm shutdown: release nothing more to a worker that is going away (what is
+    handed out but not yet published stays parked; its lease brings it back)."""
+    Releaser.stop_all()
 
 
 @signals.task_received.connect  # type: ignore[untyped-decorator]
