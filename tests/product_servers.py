@@ -34,6 +34,8 @@ class Answer:
     events: tuple[str, ...] | None = None
     #: Close the connection after the events without ending the chunked body.
     cut_off: bool = False
+    #: Send the last event without the blank line that ends it (an incomplete event).
+    unterminated: bool = False
 
     def raw(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -89,8 +91,10 @@ class ProductServer:
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
-                for data in answer.events:
-                    chunk = f"data:{data}\n\n".encode()
+                for i, data in enumerate(answer.events):
+                    last = i == len(answer.events) - 1
+                    end = "\n" if last and answer.unterminated else "\n\n"
+                    chunk = f"data:{data}{end}".encode()
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.flush()
                 if answer.cut_off:

@@ -18,6 +18,7 @@ from cbtasks import (
     CircuitBreaker,
     CircuitOpenError,
     CountWindow,
+    EndpointBusy,
     EndpointFailure,
     State,
 )
@@ -293,6 +294,42 @@ def test_an_error_event_in_the_stream_is_judged_like_an_answer(server: ProductSe
     with pytest.raises(EndpointFailure, match="CUDA"):
         list(tokens())
     assert breaker.state is State.OPEN
+
+
+def test_an_incomplete_last_event_is_discarded(server: ProductServer) -> None:
+    """The stream ended before the blank line that completes its last event: that event is
+    no event (the server-sent events specification), and is not passed on."""
+    events = sse({"token": {"text": "Hel"}}, {"token": {"text": "lo"}})
+    server.answer("/generate_stream", Answer(200, events=events, unterminated=True))
+    with HTTPModelClient(server.url, profile="tgi") as client:
+        got = list(client.stream({"inputs": "hi"}, path="/generate_stream"))
+    assert got == [{"token": {"text": "Hel"}}]
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        # OpenAI's own: a string code, the type says whose fault.
+        (
+            {"message": "maximum context length", "type": "invalid_request_error",
+             "code": "context_length_exceeded"},
+            CallerError,
+        ),
+        ({"message": "slow down", "type": "rate_limit_error", "code": None}, EndpointBusy),
+        ({"message": "The server had an error", "type": "server_error", "code": None},
+         EndpointFailure),
+        ({"message": "as vLLM says", "type": "BadRequestError", "code": 400}, CallerError),
+        ({"message": "something", "type": "mystery"}, EndpointFailure),
+    ],
+)  # fmt: skip
+def test_an_openai_error_event_is_judged_by_its_type_without_a_status_code(
+    server: ProductServer, error: dict[str, Any], raised: type[Exception]
+) -> None:
+    """An error event whose code is no HTTP status is read by its type, not taken for a 500."""
+    server.answer("/v1/chat/completions", Answer(200, events=sse({"error": error})))
+    with HTTPModelClient(server.url, profile="openai") as client, pytest.raises(raised) as info:
+        list(client.stream({"model": "m"}, path="/v1/chat/completions"))
+    assert type(info.value) is raised
 
 
 def test_a_stream_the_consumer_stops_reading_is_a_success(server: ProductServer) -> None:

@@ -136,6 +136,16 @@ def test_the_completion_guard_survives_a_wrong_type(redis_url: str) -> None:
     guard.mark("task-1", {"label": "setosa"}, ttl=60)
 
 
+@pytest.mark.parametrize("garbage", [b"{not json", b"\xff\xfe", b""])
+def test_a_corrupt_completion_mark_is_no_mark(redis_url: str, garbage: bytes) -> None:
+    """A mark that is not JSON (written by something else, truncated) is read as none: the
+    task calls the endpoint, as while Redis is down, instead of failing on the guard."""
+    client = redis.Redis.from_url(redis_url)
+    client.set("cbtasks:done:task-1", garbage)
+    guard = CompletionGuard(client, "cbtasks")
+    assert guard.result_of("task-1") is None
+
+
 @pytest.mark.parametrize(
     "options",
     [

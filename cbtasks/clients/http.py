@@ -194,8 +194,7 @@ class HTTPModelClient:
     def _raise_error_event(self, event: dict[str, Any], url: str) -> None:
         error = event["error"]
         detail = error if isinstance(error, dict) else {}
-        code = detail.get("code")
-        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        status = _error_event_status(detail)
         text = json.dumps(event)[:500]
         outcome = self.profile.outcome(status, text, event)
         if outcome is Outcome.IGNORED:
@@ -208,8 +207,42 @@ def _retry_after(response: httpx.Response) -> float | None:
     return headers_retry_hint({k.lower(): v for k, v in response.headers.items()})
 
 
+# An OpenAI-style error event's ``type`` when its ``code`` is no HTTP status
+# (OpenAI's own: "context_length_exceeded"): the status the type stands for.
+# OpenAI's types (openai/_exceptions.py maps the statuses to them), vLLM's
+# exception names (vllm/entrypoints/openai/protocol.py, ErrorResponse), and
+# Anthropic's overloaded_error. Unknown: 500, a stream's server gave up.
+_ERROR_TYPE_STATUS = {
+    "invalid_request_error": 400,
+    "BadRequestError": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "NotFoundError": 404,
+    "rate_limit_error": 429,
+    "overloaded_error": 429,
+    "server_error": 500,
+    "api_error": 500,
+    "InternalServerError": 500,
+}
+
+
+def _error_event_status(detail: Mapping[str, Any]) -> int:
+    """The HTTP status an error event stands for: its integer ``code``, else its ``type``."""
+    code = detail.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    kind = detail.get("type")
+    return _ERROR_TYPE_STATUS.get(kind, 500) if isinstance(kind, str) else 500
+
+
 def _sse_data(lines: Iterator[str]) -> Iterator[str]:
-    """The data of each server-sent event (several ``data:`` lines joined by newlines)."""
+    """The data of each server-sent event (several ``data:`` lines joined by newlines).
+
+    An event is complete at its blank line: data pending when the stream ends
+    is discarded, as the server-sent events specification says (a half-sent
+    event is no event).
+    """
     data: list[str] = []
     for line in lines:
         if not line:
@@ -219,8 +252,6 @@ def _sse_data(lines: Iterator[str]) -> Iterator[str]:
             continue
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
-    if data:
-        yield "\n".join(data)
 
 
 def _json_or_text(text: str) -> Any:

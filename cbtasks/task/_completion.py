@@ -59,7 +59,19 @@ class CompletionGuard:
         except REDIS_TROUBLE as exc:
             self._failed(exc)
             return None
-        return None if raw is None else (json.loads(raw),)
+        if raw is None:
+            return None
+        try:
+            return (json.loads(raw),)
+        except ValueError:  # not our JSON (UnicodeDecodeError is a ValueError too)
+            # A mark that cannot be read is no mark: call the endpoint, as when
+            # Redis is down, rather than fail the task over the guard's own key.
+            log.warning(
+                "the completion mark of task %s is not JSON (%r...): calling the endpoint",
+                task_id,
+                raw[:40],
+            )
+            return None
 
     def mark(self, task_id: str, result: Any, ttl: float) -> None:
         """Remember that ``task_id`` completed with ``result`` (the backend's store does it)."""

@@ -16,6 +16,8 @@ DEFERRALS, DEADLINE = "cbtasks_deferrals", "cbtasks_deadline"
 DEFERRED_AT = "cbtasks_deferred_at"
 #: The last reason it was deferred for (for `cbtasks waited`).
 REASON = "cbtasks_reason"
+#: How it was last deferred: "countdown" or "park" (what RequestWaited says).
+DEFERRED_BY = "cbtasks_deferred_by"
 #: Set by a sender that sends a task id again on purpose (``cbtasks batch`` when it
 #: resumes): the completion guard looks, whatever the task's completion_check.
 CHECK_COMPLETION = "cbtasks_check_completion"
@@ -23,7 +25,7 @@ CHECK_COMPLETION = "cbtasks_check_completion"
 #: request (its monotonic clock), and the completion guard reads how long it was held.
 RECEIVED_AT = "cbtasks_received_at"
 #: Every header cbtasks sets on a deferral: a parked message may carry these and no other.
-ALL = frozenset({DEFERRALS, DEADLINE, DEFERRED_AT, REASON, CHECK_COMPLETION})
+ALL = frozenset({DEFERRALS, DEADLINE, DEFERRED_AT, REASON, DEFERRED_BY, CHECK_COMPLETION})
 
 
 def waited_since(request: Any) -> float | None:

@@ -52,6 +52,7 @@ from ._headers import (
     DEADLINE,
     DEFERRALS,
     DEFERRED_AT,
+    DEFERRED_BY,
     REASON,
     RECEIVED_AT,
     header,
@@ -303,9 +304,6 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             rejection = exc.with_traceback(None)
         if rejection is not None:
             return self._rejected(rejection, args, kwargs)
-        waited = waited_since(request)
-        if waited is not None:
-            guard.events.emit(RequestWaited(guard.name, option(self, "defer"), waited, self))
         start = perf_counter()
         failure: CircuitOpenError | None = None
         counted = (
@@ -315,6 +313,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             result = self.run(*args, **kwargs)
         except (Ignore, Reject):
             guard.record(probe, Outcome.IGNORED, _ms_since(start))
+            self._ran_at_last(guard)
             raise
         except Retry as exc:
             # The task's own retry: its cause counts, its budget is its own.
@@ -323,6 +322,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 guard.record(probe, Outcome.IGNORED, _ms_since(start))
             else:
                 guard.record_exception(probe, retried_for, _ms_since(start))
+            self._ran_at_last(guard)
             raise
         except Exception as exc:
             outcome = guard.record_exception(probe, exc, _ms_since(start))
@@ -331,6 +331,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             # on_open="fail" it is raised.
             endpoint = outcome is Outcome.FAILURE or outcome is Outcome.OVERLOAD
             if not endpoint or self._option("on_open") == "fail":
+                self._ran_at_last(guard)
                 raise
             # Only plain values leave this block (see above).
             retry_after = retry_hint(exc) or 0.0
@@ -345,6 +346,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         reported = used[0] if used else None
         tokens_used = reported if reported is not None else self._tokens_of(guard, probe, result)
         guard.record(probe, Outcome.SUCCESS, _ms_since(start), tokens_used=tokens_used)
+        self._ran_at_last(guard)
         self._complete(request.id, result)
         fallback = self._fallback
         if isinstance(fallback, fb.CachedResult):
@@ -353,6 +355,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             except REDIS_TROUBLE as exc:
                 log.warning("cannot cache the result of %s (%s)", self.name, cause(exc))
         return result
+
+    def _ran_at_last(self, guard: CircuitBreaker) -> None:
+        """A deferred request's run that is not deferred again: how long it waited, once,
+        tagged with how it last waited (countdown or park, as RequestDeferred said)."""
+        waited = waited_since(self.request)
+        if waited is not None:
+            mode = str(header(self.request, DEFERRED_BY) or "countdown")
+            guard.events.emit(RequestWaited(guard.name, mode, waited, self))
 
     @staticmethod
     def _tokens_of(guard: CircuitBreaker, probe: Any, result: Any) -> int | None:
@@ -395,10 +405,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
         collect_now_and_then(int(self._option("gc_every")))
-        mode = self._deferral_mode()
-        if mode == "park" and self._parked(args, kwargs, headers):
-            self._emit(RequestDeferred(exc.name, "park", exc, deferrals + 1, None, self))
-        else:
+        used = None
+        if self._deferral_mode() == "park":
+            headers[DEFERRED_BY] = "park"
+            if self._parked(args, kwargs, headers):
+                used = "park"
+                self._emit(RequestDeferred(exc.name, used, exc, deferrals + 1, None, self))
+        if used is None:  # countdown, or a park that Redis could not take
+            used = headers[DEFERRED_BY] = "countdown"
             jitter = float(self._option("defer_jitter"))
             if isinstance(exc, LimitExceeded):
                 # The limit says when a slot or permit is due: spread the fleet's
@@ -411,7 +425,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 ).apply_async()
             self._emit(RequestDeferred(exc.name, "countdown", exc, deferrals + 1, wait, self))
         if self._option("report_state") and not self.ignore_result:
-            report_deferred(self, exc, mode, deferrals + 1)
+            report_deferred(self, exc, used, deferrals + 1)
         raise Ignore()
 
     def _answer_with_fallback(
