@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import pybreaker
@@ -108,11 +109,13 @@ if os.environ.get("CBTASKS_BENCH_LIMIT"):
 
 
 def _noted(task: Any, features: Any) -> dict[str, Any]:
+    started_at = time.time()  # just after the limit admitted it
     payload = {"features": validate_features(features)}
     answer: dict[str, Any] = http_client(config.model_url).predict(
         payload, request_id=task.request.id
     )
     answer["deferrals"] = getattr(task.request, "cbtasks_deferrals", None) or 0
+    answer["started_at"] = started_at
     return answer
 
 

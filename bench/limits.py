@@ -200,7 +200,9 @@ def rate_section(calls: int, rounds: int) -> None:
         )
     print(
         f"\n### rate: {calls} tasks sent at once, 3 workers x 4 processes, medians of "
-        f"{rounds} round(s) (busiest second: the worst of them), measured at the server; "
+        f"{rounds} round(s); the rate measured at the server (first arrival to last); the "
+        "busiest second (the worst round's) both where the task body started, just after the "
+        "limit admitted it, and at the server (a call's trip there adds its jitter); "
         f"a variant not done in {budget:.0f} s is measured on what it did\n"
     )
     print(table(out))

@@ -646,3 +646,25 @@ def test_the_half_open_lease_is_never_extended_for_another_worker(redis_url: str
     holder = client.get(key)
     store.close()
     assert not (a_holds and holder == b"worker-b"), "two half-open consumers"
+
+
+def test_the_fleet_resumes_spread_over_the_jitter() -> None:
+    """A close reaches every worker at once: each waits its own random share of
+    RESUME_JITTER_SECONDS before it consumes again (the draw, not pinned at 0, is used)."""
+    from types import SimpleNamespace
+
+    from cbtasks.task._pause import CONSUME, PAUSE, RESUME_JITTER_SECONDS, QueueGate
+
+    store = SimpleNamespace(
+        prefix="cbtasks", client=SimpleNamespace(zrem=lambda *a: None, zadd=lambda *a: None)
+    )
+    breaker = SimpleNamespace(name="jitter-model", store=store, policy=BreakerPolicy())
+    waits: list[float] = []
+    for draw in (0.25, 0.75):
+        gate = QueueGate("q", breaker, lambda mode: None, "w", rand=lambda d=draw: d)
+        gate.mode = PAUSE
+        gate.wanted = lambda: CONSUME  # type: ignore[method-assign]
+        gate._stopped = SimpleNamespace(wait=lambda seconds: waits.append(seconds) or False)  # type: ignore[assignment]
+        gate.reconcile()
+        assert gate.mode == CONSUME
+    assert waits == [0.25 * RESUME_JITTER_SECONDS, 0.75 * RESUME_JITTER_SECONDS]

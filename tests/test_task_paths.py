@@ -96,3 +96,48 @@ def test_a_deferred_request_is_said_to_have_waited_once_and_how(app: Celery) -> 
     assert run_as_worker(predict, deferred) == "ok"
     waited = [e for e in seen if isinstance(e, RequestWaited)]
     assert len(waited) == 1 and waited[0].mode == "park" and waited[0].seconds >= 5
+
+
+def test_a_redelivered_message_of_a_completed_task_is_answered_by_the_guard(
+    app: Celery,
+) -> None:
+    """A fresh message (stamped on receipt, not deferred) that the broker flags as
+    redelivered, whose task id already succeeded: the guard answers with the result it
+    kept, and the endpoint is not called a second time."""
+    from cbtasks.task._headers import RECEIVED_AT
+
+    calls: list[int] = []
+
+    @app.task(base=CircuitBreakerTask, bind=True, breaker="paths-guard", name="g")
+    def _predict(self: Any) -> str:
+        calls.append(1)
+        return "second call"
+
+    predict = app.tasks["g"]
+    predict.backend.mark_as_done("req-1", "first answer")
+    predict.push_request(
+        id="req-1", args=(), kwargs={}, headers={}, called_directly=False, is_eager=False,
+        retries=0, delivery_info={"redelivered": True}, **{RECEIVED_AT: time.monotonic()},
+    )  # fmt: skip
+    try:
+        assert predict() == "first answer"
+    finally:
+        predict.pop_request()
+    assert calls == []
+
+
+def test_a_fresh_message_is_not_looked_up() -> None:
+    """The healthy path reads nothing: a message neither redelivered, deferred nor held
+    long is not looked up (the other half of the rule above)."""
+    from types import SimpleNamespace
+
+    from cbtasks.task._headers import RECEIVED_AT
+
+    task = CircuitBreakerTask()
+    task.app = Celery("fresh", set_as_current=False)
+    request = SimpleNamespace(
+        delivery_info={"redelivered": False}, headers={}, **{RECEIVED_AT: time.monotonic()}
+    )
+    assert task._may_have_run(request) is False
+    request.delivery_info = {"redelivered": True}
+    assert task._may_have_run(request) is True
