@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 
 def per_call_samples(
@@ -31,7 +31,7 @@ def median_ratio(samples: dict[str, list[float]], top: str, bottom: str) -> floa
     return statistics.median(a / b for a, b in zip(samples[top], samples[bottom], strict=True))
 
 
-def table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: Sequence[tuple[str, ...]]) -> str:
     """A plain text table with aligned columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)) for row in rows]

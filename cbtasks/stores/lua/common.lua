@@ -27,10 +27,19 @@ local window_signature = P[2] .. ':' .. P[3] .. ':' .. P[4]
 local now_exact = now_exact_ms(ARGV[4])
 local now = math.floor(now_exact)
 
-local raw = redis.call('HMGET', H, unpack(FIELDS))
-local S, dirty = {}, {}
+-- The limit's fields (limit.lua), read in the same HMGET: one command, not two.
+local LIMIT_FIELDS = {'lw', 'rt', 'kt', 'al', 'lt', 'nl', 'cu', 'sc', 'pf', 'pc', 'pu', 'pn',
+  'r0', 'r1', 'rs'}
+local ALL_FIELDS = {unpack(FIELDS)}  -- (f(unpack(a), unpack(b)) would cut a to one value)
+for _, name in ipairs(LIMIT_FIELDS) do ALL_FIELDS[#ALL_FIELDS + 1] = name end
+local raw = redis.call('HMGET', H, unpack(ALL_FIELDS))
+local S, dirty, LS = {}, {}, {}
 for i, name in ipairs(FIELDS) do
   if name == 'ws' then S[name] = raw[i] or '' else S[name] = tonumber(raw[i]) or 0 end
+end
+for i, name in ipairs(LIMIT_FIELDS) do
+  local value = raw[#FIELDS + i]
+  if name == 'lw' then LS[name] = value or '' else LS[name] = tonumber(value) or 0 end
 end
 local original_version = S.vn
 -- A breaker's first use writes its version, so operators can list it.

@@ -1,11 +1,9 @@
 -- The breaker's limit in Lua, loaded after common.lua by the scripts that
 -- admit, record and read a call (admit, record, status). The same arithmetic
 -- as cbtasks/_limiter.py; the contract and property tests hold the two to
--- the same answers. Its state: fields of the breaker's hash (LIMIT_FIELDS)
--- and the slots in KEYS[4].
+-- the same answers. Its state: fields of the breaker's hash (LIMIT_FIELDS,
+-- read by common.lua into LS) and the slots in KEYS[4].
 local SLOTS = KEYS[4]
-local LIMIT_FIELDS = {'lw', 'rt', 'kt', 'al', 'lt', 'nl', 'cu', 'sc', 'pf', 'pc', 'pu', 'pn',
-  'r0', 'r1', 'rs'}
 
 -- The limit (LimitWire.encoded), or nil for ''.
 local function parse_limit(text)
@@ -19,14 +17,7 @@ local function parse_limit(text)
   }
 end
 
-local LS, limit_dirty = {}, {}
-
-local function limit_load()
-  local raw = redis.call('HMGET', H, unpack(LIMIT_FIELDS))
-  for i, name in ipairs(LIMIT_FIELDS) do
-    if name == 'lw' then LS[name] = raw[i] or '' else LS[name] = tonumber(raw[i]) or 0 end
-  end
-end
+local limit_dirty = {}
 
 local function lset(name, value)
   if LS[name] ~= value then LS[name] = value; limit_dirty[name] = true end
@@ -70,7 +61,6 @@ end
 -- Take a slot, a rate permit and `tokens`, all or none. Returns the part that
 -- refused (0: none), the ms to wait, and the ms an admitted call sleeps first.
 local function limit_acquire(LW, slot, tokens, wait_ms)
-  limit_load()
   if LS.lw ~= LW.text then lset('lw', LW.text) end
   local cap = limit_capacity(LW)
   if cap > 0 and in_flight() >= cap then
@@ -159,8 +149,9 @@ end
 -- estimate stands; `latency` < 0: not timed. Returns whether an "overloaded"
 -- answer counts toward opening the circuit.
 local function limit_release(LW, slot, reserved, used, latency, outcome)
-  limit_load()
-  local flying = redis.call('ZCARD', SLOTS)
+  -- Only the adaptive rule asks how full the limit was.
+  local flying = 0
+  if LW.adaptive then flying = redis.call('ZCARD', SLOTS) end
   if slot ~= '' then redis.call('ZREM', SLOTS, slot) end
   if LW.token_ms > 0 and used >= 0 and reserved > 0 and used ~= reserved then
     local held = math.min(reserved, LW.token_burst_ms / LW.token_ms)

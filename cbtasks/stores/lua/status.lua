@@ -9,7 +9,6 @@ local reply = finish({exists})
 for _, v in ipairs({S.tr, S.cf, S.nc, S.nf, S.ns, redis.call('ZCARD', PROBES), S.ou}) do
   reply[#reply + 1] = v
 end
-limit_load()
 local LW = parse_limit(LS.lw)
 local flying = redis.call('ZCOUNT', SLOTS, '(' .. now_exact, '+inf')
 local second = math.floor(now_exact / 1000)
