@@ -688,6 +688,11 @@ class CircuitBreaker:
         """Close the circuit now, everywhere; it may trip again."""
         self._control("force_close")
 
+    def force_half_open(self) -> None:
+        """Half-open now, everywhere: the next calls probe and decide (a test's, or an
+        operator's "try it now")."""
+        self._control("force_half_open")
+
     def reset(self) -> None:
         """Forget all state: closed, no counts, no backoff, not disabled."""
         self._control("reset")

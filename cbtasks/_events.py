@@ -13,6 +13,9 @@ failed request (:class:`RequestDeferred`, :class:`FallbackServed`,
 
 A subscriber runs on the thread that emits and must be quick; one that
 raises is logged and the others still run: watching never fails a call.
+
+:func:`watch` adds a subscriber of every breaker's events in this process
+(the test plugin's recorder), whichever breaker emits and whenever it was made.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "RequestDeferred",
     "RequestFailed",
     "RequestWaited",
+    "unwatch",
+    "watch",
 ]
 
 log = logging.getLogger("cbtasks")
@@ -128,6 +133,22 @@ Event = (
 Subscriber = Callable[[Event], object]
 
 
+# Subscribers of every breaker's events (watch / unwatch): a tuple, replaced whole.
+_watchers: tuple[Subscriber, ...] = ()
+
+
+def watch(subscriber: Subscriber) -> None:
+    """Call ``subscriber(event)`` for the events of every breaker of this process."""
+    global _watchers
+    _watchers = (*_watchers, subscriber)
+
+
+def unwatch(subscriber: Subscriber) -> None:
+    """Stop a :func:`watch`."""
+    global _watchers
+    _watchers = tuple(w for w in _watchers if w is not subscriber)
+
+
 class Events:
     """The subscribers of one breaker's events, called in order on the emitting thread."""
 
@@ -138,7 +159,7 @@ class Events:
 
     def __bool__(self) -> bool:
         """True when anyone listens: emitters skip building an event otherwise."""
-        return bool(self._subscribers)
+        return bool(self._subscribers) or bool(_watchers)
 
     def __repr__(self) -> str:
         return f"Events(subscribers={len(self._subscribers)})"
@@ -154,7 +175,7 @@ class Events:
 
     def emit(self, event: Event) -> None:
         """Hand ``event`` to every subscriber; one that raises is logged, the rest still run."""
-        for subscriber in self._subscribers:
+        for subscriber in self._subscribers + _watchers:
             try:
                 subscriber(event)
             except Exception:

@@ -166,8 +166,8 @@ def record(
 
 
 def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition]:
-    """Apply a command: force_open, force_close, reset, disable, enable (an operator's),
-    or healthy (a health check passed: an open circuit goes half-open now)."""
+    """Apply a command: force_open, force_close, force_half_open, reset, disable, enable
+    (an operator's), or healthy (a health check passed: an open circuit goes half-open now)."""
     before = snap.state
     if op == "healthy":
         # A health check opens the door, only real calls (probes) close it.
@@ -195,6 +195,14 @@ def control(snap: Snapshot, w: PolicyWire, now: int, op: str) -> list[Transition
         snap.mode = Mode.NORMAL
         closed = _close(snap, "forced closed")
         return [closed] if before != CLOSED else []
+    if op == "force_half_open":
+        # Probes decide from here, as after an open period: a test's or an operator's.
+        snap.mode = Mode.NORMAL
+        snap.state = HALF_OPEN
+        snap.open_until = 0
+        snap.probes.clear()
+        snap.probe_successes = 0
+        return [(before, HALF_OPEN, "forced half-open")] if before != HALF_OPEN else []
     if op == "reset":
         version = snap.version
         fresh = Snapshot(version=version)

@@ -14,6 +14,9 @@ from cbtasks import AsyncRedisStore, MemoryStore, RedisStore, Store
 from cbtasks._testing.redis_server import RedisServer
 from tests.async_adapter import BlockingAsyncStore
 
+# celery.contrib.pytest's embedded app and worker, as users run their own tests.
+pytest_plugins = ("celery.contrib.pytest",)
+
 _names = itertools.count()
 
 

@@ -386,6 +386,27 @@ def test_force_open_and_force_close(name: str, store: Store, clock: FakeClock) -
     assert breaker.state is State.CLOSED
 
 
+def test_force_half_open_lets_the_probes_decide(name: str, store: Store) -> None:
+    """From closed, or an operator's open: half-open now, everywhere; a probe's failure opens
+    it, a probe's success closes it."""
+    events: list[StateChange] = []
+    breaker = make(name, store, open_seconds=300, half_open_probes=1)
+    breaker.add_listener(events.append)
+    breaker.force_half_open()
+    assert breaker.state is State.HALF_OPEN
+    other = make(name, store, open_seconds=300)  # another process: the same circuit
+    assert other.state is State.HALF_OPEN
+    fail(other)  # the probe fails
+    assert breaker.state is State.OPEN
+    breaker.force_open()
+    breaker.force_half_open()
+    assert breaker.call(ok) == "ok"  # the probe succeeds
+    assert breaker.state is State.CLOSED
+    assert ("closed", "half_open", "forced half-open") in [
+        (e.from_state.value, e.to_state.value, e.reason) for e in events
+    ]
+
+
 def test_reset_forgets_everything(name: str, store: Store) -> None:
     """reset() closes the circuit and clears counts and backoff."""
     breaker = make(name, store, failure_threshold=2)

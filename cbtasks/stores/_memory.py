@@ -7,6 +7,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from .. import _limiter as limiter
 from .. import _machine as machine
@@ -14,18 +15,61 @@ from .._limit import describe_wire
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
 from ._base import BreakerStatus, CallResult, LimitStatus, LocalView, Reply
+from ._keys import DEFAULT_PREFIX
 
-__all__ = ["MemoryStore"]
+__all__ = ["LocalKeys", "MemoryStore", "process_store"]
 
 # Version -1 is older than any news: a breaker learns nothing from this reply.
 _NOTHING_NEW = Reply(True, None, 0, machine.CLOSED, 0, Mode.NORMAL, -1, 0, ())
 
 
+class LocalKeys:
+    """A few keys with expiries, in this process: what a task keeps in Redis (its
+    completion marks, a CachedResult's answers) when its breaker state is ``memory://``."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._values: dict[str, tuple[Any, float]] = {}
+
+    def __repr__(self) -> str:
+        return f"LocalKeys({len(self._values)} keys)"
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            held = self._values.get(key)
+            if held is None:
+                return None
+            if held[1] <= self._clock():
+                del self._values[key]
+                return None
+            return held[0]
+
+    def set(self, key: str, value: Any, px: int | None = None, **_: Any) -> bool:
+        expires = math.inf if px is None else self._clock() + px / 1000
+        encoded = value.encode() if isinstance(value, str) else value
+        with self._lock:
+            self._values[key] = (encoded, expires)
+        return True
+
+    def delete(self, *keys: str) -> int:
+        with self._lock:
+            return sum(1 for key in keys if self._values.pop(key, None) is not None)
+
+    def flushall(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+
 class MemoryStore:
     """Keeps breaker state in this process; thread-safe.
 
-    ``clock`` returns seconds since the epoch (tests pass a fake one).
+    ``clock`` returns seconds since the epoch (tests pass a fake one). Its
+    ``client`` keeps the few keys a task would keep in Redis (``LocalKeys``).
     """
+
+    #: The key prefix (a RedisStore's, for the parts that name keys alike).
+    prefix = DEFAULT_PREFIX
 
     def __init__(
         self,
@@ -40,6 +84,8 @@ class MemoryStore:
         self._limiters: dict[str, tuple[limiter.LimiterState, PolicyWire]] = {}
         self._views: dict[str, LocalView] = {}
         self._claims: dict[tuple[str, str], int] = {}
+        #: The keys a task keeps beside its breaker state (completion marks, a cache).
+        self.client = LocalKeys()
 
     def __repr__(self) -> str:
         return f"MemoryStore(breakers={len(self._snapshots)})"
@@ -131,7 +177,9 @@ class MemoryStore:
                 self._limiters[name] = (limiter.LimiterState(slots=held[0].slots), held[1])
             return self._reply(name, snap, policy, now, tuple(transitions))
 
-    def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
+    def status(
+        self, name: str, policy: PolicyWire, *, strict: bool = True
+    ) -> BreakerStatus | None:
         with self._lock:
             snap = self._snapshots.get(name)
             if snap is None:
@@ -178,6 +226,22 @@ class MemoryStore:
             admitted_last_second=last_second,
             tokens_available=tokens if wire.token_ms else None,
         )
+
+    def reset_all(self) -> None:
+        """Forget every breaker and key (between tests); the views ask again."""
+        with self._lock:
+            self._snapshots.clear()
+            self._limiters.clear()
+            self._claims.clear()
+            for view in self._views.values():
+                view.forget()
+        self.client.flushall()
+
+    def add_news_hook(self, hook: Callable[[str], None]) -> None:
+        """No news in one process: a breaker's own replies are the news."""
+
+    def remove_news_hook(self, hook: Callable[[str], None]) -> None:
+        """No news in one process."""
 
     def forget(self, name: str) -> None:
         """Drop breaker ``name``'s state (a RedisStore's stand-in, once Redis is back)."""
@@ -233,3 +297,17 @@ class MemoryStore:
             now,
             transitions,
         )
+
+
+_process_store: MemoryStore | None = None
+_process_store_lock = threading.Lock()
+
+
+def process_store() -> MemoryStore:
+    """The one MemoryStore of this process that ``memory://`` names: every task and test
+    fixture of the process shares it (a forked child starts from a copy of its parent's)."""
+    global _process_store
+    with _process_store_lock:
+        if _process_store is None:
+            _process_store = MemoryStore()
+        return _process_store

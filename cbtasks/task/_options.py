@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from typing import Any
@@ -17,6 +18,8 @@ from .._policy import BreakerPolicy
 from ..stores._base import validate_name
 from ..stores._keys import DEFAULT_PREFIX
 from ..stores._outage import OnError
+
+log = logging.getLogger("cbtasks.task")
 
 ON_OPEN = ("defer", "fallback", "fail")
 DEFER = ("countdown", "park", "pause")
@@ -246,18 +249,35 @@ def lease_of(task: celery.Task) -> float | None:
     return None
 
 
+#: Breaker state in this process only (tests, one process): cbtasks_redis_url's value.
+MEMORY_URL = "memory://"
+_said_memory: set[int] = set()
+
+
 def redis_url(app: celery.Celery) -> str:
     """``app.conf.cbtasks_redis_url``, else the broker's URL when the broker is Redis
     (kombu's ``sentinel://`` form included, its master named by the broker's
-    ``broker_transport_options["master_name"]``)."""
+    ``broker_transport_options["master_name"]``), else ``memory://`` for an app that
+    runs its tasks eagerly or on the ``memory://`` broker (its own tests)."""
     broker = str(app.conf.broker_url or "")
     url = str(app.conf.get("cbtasks_redis_url") or "")
     if not url and broker.startswith(("redis://", "rediss://", "sentinel://")):
         url = broker
+    if not url and (app.conf.task_always_eager or broker.startswith("memory://")):
+        if id(app) not in _said_memory:
+            _said_memory.add(id(app))
+            log.info(
+                "cbtasks: %s has no cbtasks_redis_url and runs %s: breaker state is kept in "
+                "this process (memory://), shared by no other",
+                app.main or "the app",
+                "eagerly" if app.conf.task_always_eager else "on the memory:// broker",
+            )
+        return MEMORY_URL
     if not url:
         raise PolicyError(
             "set app.conf.cbtasks_redis_url to the Redis that keeps breaker state "
-            "(the broker is not Redis, so it cannot be used)"
+            "(the broker is not Redis, so it cannot be used; 'memory://' keeps it in one "
+            "process, for tests)"
         )
     if url == broker and url.startswith("sentinel://") and "master_name=" not in url:
         options = app.conf.get("broker_transport_options") or {}

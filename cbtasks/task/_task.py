@@ -42,8 +42,9 @@ from .._limit import Limit
 from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..ops.metrics import metrics
-from ..stores import RedisStore
+from ..stores import MemoryStore, RedisStore
 from ..stores._connection import REDIS_TROUBLE, cause, describe_client
+from ..stores._memory import process_store
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
 from ._countdown import as_the_same_request, countdown
@@ -61,6 +62,7 @@ from ._headers import (
 from ._memory import collect_now_and_then
 from ._options import (
     LIMIT_WAIT,
+    MEMORY_URL,
     PAUSE_LIMIT_WAIT,
     classify_of,
     health_check_of,
@@ -172,11 +174,18 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     @property
     def cbtasks_breaker(self) -> CircuitBreaker:
         """This process's breaker object for the task's circuit."""
-        return self._cached("breaker", self._make_breaker)  # type: ignore[no-any-return]
+        # Keyed by where its state lives: a test that moves the app to memory:// (the
+        # cbtasks fixture) gets a breaker of that store, not one made before.
+        where = redis_url(self.app)
+        return self._cached(f"breaker:{where}", self._make_breaker)  # type: ignore[no-any-return]
 
     @property
     def cbtasks_store(self) -> RedisStore:
         url = redis_url(self.app)
+        if url == MEMORY_URL:
+            # Tests and one process: this process's one MemoryStore, whose client
+            # keeps the completion marks and a cache's answers.
+            return process_store()  # type: ignore[return-value]
         prefix = self.cbtasks_prefix
         on_error = self._option("on_error")
         timeout = float(self._option("redis_timeout"))
@@ -201,7 +210,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     @property
     def cbtasks_completions(self) -> CompletionGuard:
         return self._cached(  # type: ignore[no-any-return]
-            "completions",
+            f"completions:{redis_url(self.app)}",
             lambda: CompletionGuard(
                 self.cbtasks_redis,
                 self.cbtasks_prefix,
@@ -265,6 +274,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     def _option(self, name: str) -> Any:
         return option(self, name)
+
+    @property
+    def _in_memory(self) -> bool:
+        """Breaker state in this process (``memory://``): no parking, no pause, no releaser."""
+        return isinstance(self.cbtasks_store, MemoryStore)
 
     def _limit_wait(self, breaker: CircuitBreaker) -> float:
         """How long a refused request waits for its slot in this process before deferral."""
@@ -448,6 +462,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         self, args: tuple[Any, ...], kwargs: dict[str, Any], headers: dict[str, Any]
     ) -> bool:
         """Park the request; False if Redis cannot take it now (then: a countdown)."""
+        if self._in_memory:
+            return False  # memory:// keeps no parking lot: a countdown (said at start)
         try:
             self._park(args, kwargs, headers)
         except REDIS_TROUBLE as exc:
@@ -522,6 +538,12 @@ def _check_options(sender: Any = None, **_: Any) -> None:
         for task in list(app.tasks.values()):
             if isinstance(task, CircuitBreakerTask):
                 validate_task(task)
+        if redis_url(app) == MEMORY_URL:
+            log.warning(
+                "cbtasks: breaker state is in each process (memory://): parked and paused "
+                "requests are deferred by countdown instead; for a fleet set cbtasks_redis_url"
+            )
+            return
         if pause_queues(app):
             check_pause_queues(app)
             # Before the consumer is built (worker_init comes first): its bootstep.
@@ -540,7 +562,11 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
     per worker keeps an idle fleet's Redis traffic to one re-check per worker.
     """
     for task in list(celery.current_app.tasks.values()):
-        if isinstance(task, CircuitBreakerTask) and task._deferral_mode() == "park":
+        if (
+            isinstance(task, CircuitBreakerTask)
+            and task._deferral_mode() == "park"
+            and not task._in_memory
+        ):
             task.cbtasks_releaser()
 
 

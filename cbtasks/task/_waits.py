@@ -45,6 +45,8 @@ def waits_record(event: Event) -> None:
 
 def record_wait(client: Any, prefix: str, breaker: str, entry: dict[str, Any]) -> None:
     """Keep ``entry`` (a request that ran after waiting); never fails the task over it."""
+    if not hasattr(client, "pipeline"):
+        return  # memory:// keeps no record: it is for `cbtasks waited` across a fleet
     key = breaker_keys(prefix, breaker).waited
     try:
         with client.pipeline(transaction=False) as pipe:

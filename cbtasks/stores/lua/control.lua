@@ -1,5 +1,5 @@
--- ARGV[5] the command: force_open, force_close, reset, disable, enable (an
--- operator's), or healthy (a health check passed: open goes half-open now).
+-- ARGV[5] the command: force_open, force_close, force_half_open, reset, disable,
+-- enable (an operator's), or healthy (a health check passed: open goes half-open now).
 local op = ARGV[5]
 local before = S.st
 if op == 'healthy' then
@@ -25,6 +25,12 @@ elseif op == 'force_close' then
   set('md', NORMAL)
   close('')
   if before ~= CLOSED then transitions[#transitions + 1] = {before, CLOSED, 'forced closed'} end
+elseif op == 'force_half_open' then
+  -- Probes decide from here, as after an open period: a test's or an operator's.
+  set('md', NORMAL); set('st', HALF_OPEN); set('ou', 0)
+  redis.call('DEL', PROBES)
+  set('ps', 0)
+  if before ~= HALF_OPEN then transitions[#transitions + 1] = {before, HALF_OPEN, 'forced half-open'} end
 elseif op == 'reset' then
   local version = S.vn
   redis.call('DEL', H, RING, PROBES)
