@@ -47,6 +47,12 @@ VARIANTS = {
 }
 
 
+#: Each pool's concurrency, as fleets run model calls on it (--pool); --concurrency overrides.
+POOL_CONCURRENCY = {"prefork": 4, "threads": 16, "gevent": 64, "eventlet": 64, "solo": 1}
+#: The pool and concurrency of this invocation's workers (set by main()).
+_POOL: dict[str, Any] = {"pool": "prefork", "concurrency": 4}
+
+
 def _stack(
     logs: Path, name: str, open_seconds: float = 2.0
 ) -> tuple[RedisServer, ModelServer, CeleryWorker, Any]:
@@ -61,9 +67,10 @@ def _stack(
     client = client_app(server.url, f"bench-{name}")
     worker = CeleryWorker(
         env,
-        concurrency=4,
+        concurrency=_POOL["concurrency"],
+        pool=_POOL["pool"],
         queues="celery,iris-model",  # iris-model: the pause variant's own queue
-        log_path=logs / f"{name}.log",
+        log_path=logs / f"{name}-{_POOL['pool']}.log",
         app="bench.baselines",
     ).start()
     return server, model, worker, client
@@ -280,6 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--repeat", type=int, default=3, help="runs per variant (medians)")
     parser.add_argument(
+        "--pool",
+        default="prefork",
+        help="worker pools, comma-separated (prefork, threads, gevent, eventlet, solo): "
+        "each variant runs on each",
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=0, help="the worker's concurrency (0: the pool's own)"
+    )
+    parser.add_argument(
         "--healthy",
         type=int,
         default=0,
@@ -290,6 +306,15 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    pools = [p.strip() for p in args.pool.split(",") if p.strip()]
+    if not pools or any(p not in POOL_CONCURRENCY for p in pools):
+        parser.error(f"--pool takes {', '.join(POOL_CONCURRENCY)}, got {args.pool!r}")
+    if len(pools) > 1:
+        for pool in pools:
+            print(f"## pool {pool}\n")
+            main([*_without_pool(argv or []), "--pool", pool])
+        return
+    _POOL.update(pool=pools[0], concurrency=args.concurrency or POOL_CONCURRENCY[pools[0]])
     if not 1 <= args.repeat <= 20:
         parser.error(f"--repeat must be 1 to 20, got {args.repeat}")
     logs = Path(tempfile.mkdtemp(prefix="cbtasks-bench-"))
@@ -297,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
         idle_run(args.idle, logs)
     sent = f"at {args.rate:g}/s" if args.rate else "at once"
     print(
-        f"{args.tasks} tasks sent {sent}, 4 worker processes, outage {args.outage:g} s, "
+        f"{args.tasks} tasks sent {sent}, one worker (pool {_POOL['pool']}, concurrency "
+        f"{_POOL['concurrency']}), outage {args.outage:g} s, "
         f"open period {args.open_seconds:g} s, "
         f"medians of {args.repeat} runs (variants take turns); logs in {logs}\n"
     )
@@ -366,5 +392,22 @@ def main(argv: list[str] | None = None) -> None:
         print(table(rows))
 
 
+def _without_pool(argv: list[str]) -> list[str]:
+    """``argv`` without its --pool option (main() runs once per pool)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--pool":
+            skip = True
+            continue
+        if not arg.startswith("--pool="):
+            kept.append(arg)
+    return kept
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main(sys.argv[1:])

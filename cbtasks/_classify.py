@@ -20,6 +20,13 @@ exceptions carry:
 - the caller's error (:attr:`Outcome.IGNORED`): other 4xx (bad input, auth,
   unknown model or route, payload too large), gRPC INVALID_ARGUMENT,
   NOT_FOUND, PERMISSION_DENIED, ... , a URL or a credential that cannot work;
+- a bug in the caller's own code (:attr:`Outcome.IGNORED` too): ``NameError``,
+  ``ImportError``, ``SyntaxError``, ``NotImplementedError`` wherever raised, and
+  ``TypeError`` / ``AttributeError`` raised by the caller's own code (the
+  traceback's last frame outside the standard library, site-packages and
+  cbtasks), not by a client library reading an odd answer: a bug is not an
+  outage, and the task fails with its traceback instead of opening the circuit
+  for everyone (``classify=`` can say otherwise);
 - ``None``: the defaults do not know the exception; the policy's
   ``failure_exceptions`` decide (by default every ``Exception`` counts).
 
@@ -36,7 +43,9 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import re
+import sysconfig
 from collections.abc import Callable, Iterable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -456,6 +465,44 @@ def _as_float(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+# Raised by a bug, whoever raised it: never an endpoint's outage.
+_BUGS = (NameError, ImportError, SyntaxError, NotImplementedError)
+# A bug when the caller's own code raised it; from a library (a client reading an odd
+# answer) it may be the endpoint's doing.
+_BUGS_IF_OWN = (TypeError, AttributeError)
+# Where libraries live: the standard library, site-packages, and cbtasks itself.
+_LIBRARY_ROOTS = tuple(
+    {
+        os.path.realpath(path) + os.sep
+        for key in ("stdlib", "platstdlib", "purelib", "platlib")
+        if (path := sysconfig.get_paths().get(key))
+    }
+    | {os.path.dirname(os.path.realpath(__file__)) + os.sep}
+)
+
+
+def is_own_bug(exc: BaseException) -> bool:
+    """True for an exception that says the caller's code is wrong, not the endpoint down.
+
+    ``NameError`` (and ``UnboundLocalError``), ``ImportError``, ``SyntaxError`` and
+    ``NotImplementedError`` always; ``TypeError`` and ``AttributeError`` when the
+    last frame of their traceback is the caller's own code, not a library's.
+    """
+    if isinstance(exc, _BUGS):
+        return True
+    if not isinstance(exc, _BUGS_IF_OWN):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return False  # made, never raised: nothing says whose code it was
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    if filename.startswith("<") or "site-packages" in filename or "dist-packages" in filename:
+        return False
+    return not os.path.realpath(filename).startswith(_LIBRARY_ROOTS)
+
+
 def judge(
     exc: BaseException,
     hooks: tuple[Classifier, ...],
@@ -466,7 +513,8 @@ def judge(
 
     ``hooks`` (the breaker's ``classify``, then the policy's) are asked in
     turn; the first that returns an Outcome decides. Then ``ignored`` (the
-    policy's ``ignored_exceptions``, added to the defaults) are the caller's;
+    policy's ``ignored_exceptions``, added to the defaults) and bugs of the
+    caller's own code (:func:`is_own_bug`) are the caller's;
     then :func:`default_classify`; an exception outside ``failures`` (the
     policy's ``failure_exceptions``) is never a failure: the endpoint answered.
     The endpoint saying it is busy (OVERLOAD) stays so.
@@ -487,7 +535,7 @@ def judge(
             outcome,
             exc,
         )
-    if isinstance(exc, ignored):
+    if isinstance(exc, ignored) or is_own_bug(exc):
         return CALLER
     outcome = default_classify(exc)
     if outcome is CALLER or outcome is BUSY:

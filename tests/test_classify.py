@@ -255,3 +255,66 @@ def test_a_bad_classify_fails_at_registration_and_at_worker_start() -> None:
     app.finalize(auto=True)
     with pytest.raises(SystemExit, match="classify"):
         _check_options(sender=SimpleNamespace(app=app))
+
+
+# -- a bug is not an outage ------------------------------------------------------------
+
+
+def _own_type_error() -> None:
+    len(5)  # type: ignore[arg-type]  # the caller's own mistake
+
+
+def _library_type_error() -> None:
+    import json
+
+    json.loads(5)  # type: ignore[arg-type]  # raised inside the standard library
+
+
+@pytest.mark.parametrize(
+    "bug",
+    [
+        lambda: undefined_name,  # type: ignore[name-defined]  # noqa: F821
+        lambda: __import__("no_such_module_here"),
+        lambda: compile("def (", "<task>", "exec"),
+        lambda: (_ for _ in ()).throw(NotImplementedError("todo")),
+        _own_type_error,
+        lambda: None.label,  # type: ignore[union-attr]
+    ],
+    ids=[
+        "NameError",
+        "ImportError",
+        "SyntaxError",
+        "NotImplementedError",
+        "TypeError",
+        "AttributeError",
+    ],
+)
+def test_a_bug_in_the_callers_code_never_opens_the_circuit(bug: Any) -> None:
+    """The task's own bug fails the call (its exception, with its traceback) and leaves the
+    circuit closed for everyone else."""
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=30)
+    for _ in range(3):
+        with pytest.raises(Exception) as info:
+            breaker.call(bug)
+        assert not isinstance(info.value, CircuitOpenError)
+    assert breaker.state is State.CLOSED
+
+
+def test_a_type_error_inside_a_library_still_counts() -> None:
+    """A TypeError a library raises reading an odd answer may be the endpoint's doing."""
+    breaker = CircuitBreaker(fail_max=1, reset_timeout=30)
+    with pytest.raises(TypeError):
+        breaker.call(_library_type_error)
+    assert breaker.state is State.OPEN
+
+
+def test_a_users_rule_can_call_a_bug_a_failure() -> None:
+    """classify= is asked first: a team that wants NameErrors to open the circuit says so."""
+    breaker = CircuitBreaker(
+        fail_max=1,
+        reset_timeout=30,
+        classify=lambda exc: Outcome.FAILURE if isinstance(exc, NameError) else None,
+    )
+    with pytest.raises(NameError):
+        breaker.call(lambda: undefined_name)  # type: ignore[name-defined]  # noqa: F821
+    assert breaker.state is State.OPEN

@@ -179,9 +179,12 @@ class CeleryWorker:
         log_path: Path | None = None,
         app: str = "workers.app",
         prefetch_multiplier: int | None = None,
+        pool: str = "prefork",
     ) -> None:
         self.env = {**os.environ, **env}
         self.app = app
+        #: The execution pool: prefork, threads, gevent, eventlet or solo.
+        self.pool = pool
         #: Messages each pool process may hold (the app's own setting when None).
         self.prefetch_multiplier = prefetch_multiplier
         self.concurrency = concurrency
@@ -201,7 +204,7 @@ class CeleryWorker:
                 sys.executable, "-m", "celery", "-A", self.app, "worker",
                 "-l", "warning", "-c", str(self.concurrency), "-Q", self.queues,
                 "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
-                "--without-heartbeat", *prefetch,
+                "--without-heartbeat", "-P", self.pool, *prefetch,
             ],
             cwd=ROOT,
             env=self.env,

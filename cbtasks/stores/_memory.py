@@ -177,9 +177,7 @@ class MemoryStore:
                 self._limiters[name] = (limiter.LimiterState(slots=held[0].slots), held[1])
             return self._reply(name, snap, policy, now, tuple(transitions))
 
-    def status(
-        self, name: str, policy: PolicyWire, *, strict: bool = True
-    ) -> BreakerStatus | None:
+    def status(self, name: str, policy: PolicyWire, *, strict: bool = True) -> BreakerStatus | None:
         with self._lock:
             snap = self._snapshots.get(name)
             if snap is None:
