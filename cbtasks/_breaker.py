@@ -18,12 +18,12 @@ from time import perf_counter
 from types import TracebackType
 from typing import Any, ParamSpec, Self, TypeVar, cast
 
-from ._classify import Classifier, judge, retry_hint
+from ._classify import Classifier, failure_text, judge, retry_hint
 from ._errors import CallRefused, CircuitOpenError, LimitExceeded, PolicyError
 from ._events import CallRecorded, CallRejected, Events, HealthChecked, only_state_changes
 from ._health import HealthCheck, HealthChecker, health_checker
 from ._limit import RATE, REFUSED_BY, Limit
-from ._machine import CLOSED, HALF_OPEN
+from ._machine import HALF_OPEN, OPEN
 from ._policy import BreakerPolicy, with_shorthand
 from ._state import STATE_BY_CODE, Mode, Outcome, State, StateChange
 from .stores import MemoryStore, RedisStore
@@ -181,6 +181,9 @@ class CircuitBreaker:
         # A rate refusal is exact: no permit exists for anyone before it ends, so
         # until then (local clock) this process refuses without asking.
         self._rate_hold = 0.0
+        #: The last failure this process counted ("Type: message"): said when it trips.
+        self.last_failure: str | None = None
+        self._why: tuple[int, str | None] = (-2, None)
         self._view = self.store.view(self.name)
         self._clock = self.store.local_clock
         self._slow_ms = (
@@ -495,14 +498,17 @@ class CircuitBreaker:
         elapsed_ms: float | None = None,
         retry_after: float | None = None,
         tokens_used: int | None = None,
+        *,
+        failure: str = "",
     ) -> None:
         """Count an admitted call's outcome; ``probe`` is the ticket :meth:`admit` returned.
 
         ``elapsed_ms`` is how long the call took (None: not timed, never slow);
-        ``tokens_used`` what it used of a token budget (None: the estimate stands).
+        ``tokens_used`` what it used of a token budget (None: the estimate stands);
+        ``failure`` what a failure was, for operators (:meth:`record_exception` says it).
         """
         self._require_sync("record")
-        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used)
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used, failure)
         self._recorded(self.store.record(self.name, self._wire, result), result, elapsed_ms)
 
     def record_exception(
@@ -510,7 +516,7 @@ class CircuitBreaker:
     ) -> Outcome:
         """Count a call that raised ``exc``, classified by the policy; returns the outcome."""
         outcome = self.classify(exc)
-        self.record(probe, outcome, elapsed_ms, retry_hint(exc))
+        self.record(probe, outcome, elapsed_ms, retry_hint(exc), failure=_said(outcome, exc))
         return outcome
 
     def classify(self, exc: BaseException) -> Outcome:
@@ -573,6 +579,7 @@ class CircuitBreaker:
         elapsed_ms: float | None,
         retry_after: float | None,
         tokens_used: int | None = None,
+        failure: str = "",
     ) -> CallResult:
         """How a call went: slow or not, the endpoint's Retry-After in ms (bounded), and
         what it gives back of its limit."""
@@ -580,8 +587,10 @@ class CircuitBreaker:
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
         # An endpoint's word, bounded: an hour at most.
         retry_after_ms = min(retry_after_ms, _MAX_RETRY_AFTER_MS)
+        if failure:
+            self.last_failure = failure
         if not isinstance(probe, Ticket):
-            return CallResult(probe, outcome, slow, retry_after_ms)
+            return CallResult(probe, outcome, slow, retry_after_ms, failure=failure)
         return CallResult(
             probe.probe_id,
             outcome,
@@ -591,6 +600,7 @@ class CircuitBreaker:
             reserved=probe.tokens,
             used=-1 if tokens_used is None else tokens_used,
             latency_ms=-1.0 if elapsed_ms is None else elapsed_ms,
+            failure=failure,
         )
 
     def _recorded(self, reply: Reply, result: CallResult, elapsed_ms: float | None) -> None:
@@ -635,6 +645,19 @@ class CircuitBreaker:
         status: BreakerStatus | None = self.store.status(self.name, self._wire)
         return status
 
+    def why_open(self) -> str | None:
+        """The last failure the fleet counted ("ConnectionError: ..."), read from the store
+        once per change of state this process hears of (one round trip per trip)."""
+        version = self._view.version
+        if self._why[0] != version:
+            try:
+                status = self.status() if not self._async_store else None
+            except Exception:  # watching must never fail a request
+                status = None
+            # The read itself teaches the view the version it read: keyed by that.
+            self._why = (self._view.version, None if status is None else status.last_failure)
+        return self._why[1]
+
     @property
     def health(self) -> HealthChecker | None:
         """The health checker, if a ``health_check`` was given."""
@@ -671,10 +694,18 @@ class CircuitBreaker:
                 reason,
                 reply.now_ms / 1000,
             )
-            if to_code == CLOSED or from_code == CLOSED:
-                log.info(
-                    "breaker %r: %s -> %s (%s)", self.name, event.from_state, event.to_state, reason
-                )
+            # Every transition, and why: a trip says the failure that caused it.
+            said = reason
+            if to_code == OPEN and self.last_failure:
+                said = f"{reason}; last failure: {self.last_failure}"
+            log.log(
+                logging.WARNING if to_code == OPEN else logging.INFO,
+                "breaker %r: %s -> %s (%s)",
+                self.name,
+                event.from_state,
+                event.to_state,
+                said,
+            )
             if self.events:
                 self.events.emit(event)
 
@@ -770,9 +801,11 @@ class CircuitBreaker:
         elapsed_ms: float | None = None,
         retry_after: float | None = None,
         tokens_used: int | None = None,
+        *,
+        failure: str = "",
     ) -> None:
         """:meth:`record`, awaited."""
-        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used)
+        result = self._call_result(probe, outcome, elapsed_ms, retry_after, tokens_used, failure)
         self._recorded(await _store_call(self, "record", result), result, elapsed_ms)
 
     async def arecord_exception(
@@ -780,7 +813,7 @@ class CircuitBreaker:
     ) -> Outcome:
         """:meth:`record_exception`, awaited."""
         outcome = self.classify(exc)
-        await self.arecord(probe, outcome, elapsed_ms, retry_hint(exc))
+        await self.arecord(probe, outcome, elapsed_ms, retry_hint(exc), failure=_said(outcome, exc))
         return outcome
 
     async def astatus(self) -> BreakerStatus | None:
@@ -839,6 +872,11 @@ class CircuitBreaker:
 
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
+
+
+def _said(outcome: Outcome, exc: BaseException) -> str:
+    """What a counted failure was, for operators ("" for what is not one)."""
+    return failure_text(exc) if outcome is Outcome.FAILURE else ""
 
 
 def _jittered(seconds: float) -> float:

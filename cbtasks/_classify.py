@@ -53,7 +53,14 @@ from typing import Any
 from ._errors import CallerError, CallRefused, EndpointBusy, EndpointFailure
 from ._state import Outcome
 
-__all__ = ["Classifier", "default_classify", "http_status_outcome", "retry_hint"]
+__all__ = [
+    "Classifier",
+    "default_classify",
+    "failure_text",
+    "http_status_outcome",
+    "is_own_bug",
+    "retry_hint",
+]
 
 log = logging.getLogger("cbtasks")
 
@@ -501,6 +508,36 @@ def is_own_bug(exc: BaseException) -> bool:
     if filename.startswith("<") or "site-packages" in filename or "dist-packages" in filename:
         return False
     return not os.path.realpath(filename).startswith(_LIBRARY_ROOTS)
+
+
+#: A failure as operators read it is one line of at most this many characters.
+FAILURE_TEXT_CHARACTERS = 200
+# What must never reach a log or Redis: a URL's user:password, a bearer token, and
+# key=value pairs whose key says secret.
+_CREDENTIALS = (
+    (re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/\s:@]*:[^/\s@]*@", re.IGNORECASE), r"\1***@"),
+    (re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1 ***"),
+    (
+        re.compile(
+            r"\b(api[_-]?key|access[_-]?token|token|password|passwd|secret)([\"']?\s*[=:]\s*[\"']?)"
+            r"[^\s\"'&,;]+",
+            re.IGNORECASE,
+        ),
+        r"\1\2***",
+    ),
+)
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failed call raised, in one short line for logs and operators:
+    ``"ConnectError: [Errno 111] Connection refused"``, never a credential."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    for pattern, replacement in _CREDENTIALS:
+        text = pattern.sub(replacement, text)
+    if len(text) > FAILURE_TEXT_CHARACTERS:
+        text = text[: FAILURE_TEXT_CHARACTERS - 3] + "..."
+    return text
 
 
 def judge(

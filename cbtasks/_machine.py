@@ -54,6 +54,8 @@ class Snapshot:
     probe_successes: int = 0
     #: Grows at every change of state or mode: lets caches drop stale news.
     version: int = 0
+    #: The last failure counted ("Type: message"), for operators.
+    last_failure: str = ""
 
     def copy(self) -> Snapshot:
         return copy.deepcopy(self)
@@ -121,14 +123,18 @@ def record(
     slow: bool,
     retry_after_ms: int,
     rand: float,
+    failure: str = "",
 ) -> list[Transition]:
-    """Count the outcome of a call admitted earlier (as a probe if ``probe_id``)."""
+    """Count the outcome of a call admitted earlier (as a probe if ``probe_id``);
+    ``failure`` says what a failure was, kept as the last one."""
     if probe_id is not None:
         lease_end = snap.probes.pop(probe_id, None)  # probes exist only while half-open
         if lease_end is None or lease_end <= now:
             return []  # the probe's lease ran out, or other probes decided first
         if outcome == Outcome.IGNORED:
             return []
+        if outcome == Outcome.FAILURE and failure:
+            snap.last_failure = failure
         if outcome == Outcome.FAILURE or slow:
             reason = "probe failed" if outcome == Outcome.FAILURE else "probe was slow"
             return [_trip(snap, w, now, reason, retry_after_ms, rand)]
@@ -143,6 +149,8 @@ def record(
     failed = outcome == Outcome.FAILURE
     if failed:
         snap.consecutive += 1
+        if failure:
+            snap.last_failure = failure
         if w.honor_retry_after and retry_after_ms > 0:
             reason = f"endpoint asked to retry after {retry_after_ms} ms"
             return [_trip(snap, w, now, reason, retry_after_ms, rand)]

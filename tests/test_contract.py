@@ -660,3 +660,35 @@ def test_enable_after_an_operators_open_probes_first(name: str, store: Store) ->
     breaker.force_open()
     breaker.enable()
     assert breaker.state is State.HALF_OPEN
+
+
+def test_the_failure_that_opened_it_is_kept_and_said(
+    name: str, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The last failure counted (type and first line, never a credential) is kept with the
+    state for every process, and the trip's log line says it; every transition is logged."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="cbtasks")
+    breaker = make(name, store, failure_threshold=2, open_seconds=1)
+
+    def refused() -> None:
+        raise ConnectionError("cannot reach http://svc:s3cret@model:8000/predict\nsecond line")
+
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(refused)
+    other = make(name, store, failure_threshold=2, open_seconds=1)  # another process
+    status = other.status()
+    assert status is not None
+    assert status.last_failure == "ConnectionError: cannot reach http://***@model:8000/predict"
+    assert other.why_open() == status.last_failure
+    said = [r.getMessage() for r in caplog.records]
+    assert any(
+        "closed -> open (2 consecutive failures; last failure: ConnectionError" in s for s in said
+    ), said
+    assert not any("s3cret" in s for s in said)
+    breaker.force_half_open()
+    assert any("-> half_open" in s for s in [r.getMessage() for r in caplog.records])
+    breaker.reset()
+    assert breaker.status() is None or breaker.status().last_failure is None  # type: ignore[union-attr]

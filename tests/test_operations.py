@@ -206,6 +206,8 @@ def test_tables_are_rich_on_a_terminal_and_plain_elsewhere(fleet: dict[str, Any]
         "DEAD",
         "PAUSED",
         "LIMIT",
+        "LAST",
+        "FAILURE",
     ]
 
 

@@ -25,6 +25,7 @@ HEADER = (
     "DEAD",
     "PAUSED",
     "LIMIT",
+    "LAST FAILURE",
 )
 NO_BREAKERS = "no breakers yet (a breaker appears after its first call)"
 _STYLE = {"closed": "green", "open": "bold red", "half_open": "yellow", "corrupt": "magenta"}
@@ -48,6 +49,8 @@ def as_dict(status: BreakerStatus, lot: ParkingLot, paused: int = 0) -> dict[str
         # Workers that stopped consuming the breaker's queue (defer="pause").
         "paused_workers": paused,
         "limit": _limit_dict(status),
+        # The last failure counted: why it opened, if it did.
+        "last_failure": status.last_failure,
     }
 
 
@@ -97,6 +100,7 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         str(row["dead_letters"]),
         str(row.get("paused_workers", 0)),
         limit_cell(row.get("limit")),
+        _short(row.get("last_failure")),
     )
 
 
@@ -121,6 +125,12 @@ def rich_table(rows: list[dict[str, Any]], title: str | None = None) -> Any:
         style = _STYLE.get(row["state"], "")
         table.add_row(values[0], f"[{style}]{values[1]}[/]" if style else values[1], *values[2:])
     return table
+
+
+def _short(text: str | None, most: int = 48) -> str:
+    if not text:
+        return "-"
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _open_until(row: dict[str, Any]) -> str:

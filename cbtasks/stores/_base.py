@@ -67,6 +67,8 @@ class CallResult:
     reserved: int = 0
     used: int = -1
     latency_ms: float = -1.0
+    #: What a failure was ("Type: message", no credentials), kept as the last one.
+    failure: str = ""
 
     @property
     def healthy(self) -> bool:
@@ -146,6 +148,8 @@ class BreakerStatus:
     retry_after: float = 0.0
     #: Its limit, when its workers use one.
     limit: LimitStatus | None = None
+    #: The last failure counted ("ConnectionError: ..."): why it opened, if it did.
+    last_failure: str | None = None
 
 
 class LocalView:

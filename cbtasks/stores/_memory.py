@@ -161,7 +161,15 @@ class MemoryStore:
             if outcome == Outcome.OVERLOAD:
                 outcome = Outcome.FAILURE if counts else Outcome.IGNORED
             transitions = machine.record(
-                snap, policy, now, call.probe_id, outcome, call.slow, call.retry_after_ms, rand
+                snap,
+                policy,
+                now,
+                call.probe_id,
+                outcome,
+                call.slow,
+                call.retry_after_ms,
+                rand,
+                call.failure,
             )
             return self._reply(name, snap, policy, now, tuple(transitions))
 
@@ -199,6 +207,7 @@ class MemoryStore:
                 else 0,
                 retry_after=remaining / 1000 if state == machine.OPEN else 0.0,
                 limit=self._limit_status(name, self.local_clock() * 1000),
+                last_failure=snap.last_failure or None,
             )
 
     def _limiter(self, name: str, policy: PolicyWire) -> limiter.LimiterState:

@@ -336,7 +336,7 @@ class RedisStoreBase:
             args = (*args, *limit)
         else:
             args = (*args, "", "", 0, -1, -1)
-        return self._machine_call("record", name, policy, *args)
+        return self._machine_call("record", name, policy, *args, call.failure)
 
     def _fixed_arguments(self, name: str) -> tuple[bytes, ...]:
         """A breaker's keys, the news channel and its name, encoded once."""
@@ -421,6 +421,7 @@ class RedisStoreBase:
             probes_in_use=counts.probes if state == HALF_OPEN else 0,
             retry_after=remaining / 1000 if state == OPEN else 0.0,
             limit=_limit_status(limit),
+            last_failure=counts.last_failure.decode(errors="replace") or None,
         )
 
     # -- outages --------------------------------------------------------------------

@@ -101,6 +101,7 @@ class StatusTail(NamedTuple):
     slow: int
     probes: int
     open_until: int
+    last_failure: bytes
 
 
 class LimitTail(NamedTuple):

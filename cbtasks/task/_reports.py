@@ -90,6 +90,7 @@ def report_deferred(task: celery.Task, exc: Any, mode: str, deferrals: int) -> N
         "retry_after": exc.retry_after,
         "deferrals": deferrals,
         "mode": mode,
+        "refused_by": getattr(exc, "kind", "circuit"),
     }
     state = LIMIT if isinstance(exc, LimitExceeded) else CIRCUIT_OPEN
     try:

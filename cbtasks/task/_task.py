@@ -408,13 +408,17 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         deadline = float(header(request, DEADLINE) or time.time() + self._option("defer_deadline"))
         if deferrals >= self._option("max_deferrals") or time.time() >= deadline:
             why = "deadline passed" if time.time() >= deadline else f"{deferrals} deferrals"
-            exhausted = type(exc)(
-                exc.name, exc.retry_after, f"{exc.reason}; gave up: {why}", *exc.args[3:]
-            )
+            exhausted = exc.saying(f"{exc.reason}; gave up: {why}")
             if self._fallback is not None:
                 return self._answer_with_fallback(exhausted, args, kwargs)
             self._emit(RequestFailed(exc.name, exhausted, self))
             raise exhausted
+        if isinstance(exc, CircuitOpenError) and not exc.reason.startswith(_OWN_FAILURE):
+            # Say why the circuit refused: the failure that opened it (Flower's reason,
+            # the backend's info, the log), read once per trip.
+            last = self.cbtasks_breaker.why_open()
+            if last:
+                exc = exc.saying(f"{exc.reason}; last failure: {last}")
         deferred_at = header(request, DEFERRED_AT) or time.time()
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
@@ -425,6 +429,15 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             if self._parked(args, kwargs, headers):
                 used = "park"
                 self._emit(RequestDeferred(exc.name, used, exc, deferrals + 1, None, self))
+                log.info(
+                    "task %s[%s] deferred: %s (breaker %r), parked until the circuit closes "
+                    "(deferral %d)",
+                    self.name,
+                    request.id,
+                    exc.reason,
+                    exc.name,
+                    deferrals + 1,
+                )
         if used is None:  # countdown, or a park that Redis could not take
             used = headers[DEFERRED_BY] = "countdown"
             jitter = float(self._option("defer_jitter"))
@@ -438,6 +451,16 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                     request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
                 ).apply_async()
             self._emit(RequestDeferred(exc.name, "countdown", exc, deferrals + 1, wait, self))
+            log.info(
+                "task %s[%s] deferred: %s (breaker %r), back in %.1f s by countdown "
+                "(deferral %d, its retries untouched)",
+                self.name,
+                request.id,
+                exc.reason,
+                exc.name,
+                wait,
+                deferrals + 1,
+            )
         if self._option("report_state") and not self.ignore_result:
             report_deferred(self, exc, used, deferrals + 1)
         raise Ignore()
@@ -587,6 +610,11 @@ def _stamp_receipt(request: Any = None, **_: Any) -> None:
     """
     if request is not None and isinstance(getattr(request, "task", None), CircuitBreakerTask):
         request.request_dict[RECEIVED_AT] = time.monotonic()
+
+
+#: The start of the reason a task gives a failed call it defers (its own failure, not
+#: the circuit's: nothing to add).
+_OWN_FAILURE = ("call failed", "endpoint busy")
 
 
 def _ms_since(start: float) -> float:

@@ -10,7 +10,8 @@
 -- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
 -- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
-local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn'}
+-- (lf: the last failure counted, "Type: message", for operators; a string, as ws is.)
+local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn', 'lf'}
 local H, RING, PROBES = KEYS[1], KEYS[2], KEYS[3]
 
 -- One string.match: a gmatch loop costs Redis several times as much.
@@ -35,7 +36,7 @@ for _, name in ipairs(LIMIT_FIELDS) do ALL_FIELDS[#ALL_FIELDS + 1] = name end
 local raw = redis.call('HMGET', H, unpack(ALL_FIELDS))
 local S, dirty, LS = {}, {}, {}
 for i, name in ipairs(FIELDS) do
-  if name == 'ws' then S[name] = raw[i] or '' else S[name] = tonumber(raw[i]) or 0 end
+  if name == 'ws' or name == 'lf' then S[name] = raw[i] or '' else S[name] = tonumber(raw[i]) or 0 end
 end
 for i, name in ipairs(LIMIT_FIELDS) do
   local value = raw[#FIELDS + i]

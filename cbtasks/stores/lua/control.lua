@@ -35,7 +35,7 @@ elseif op == 'reset' then
   local version = S.vn
   redis.call('DEL', H, RING, PROBES)
   for _, name in ipairs(FIELDS) do S[name] = 0 end
-  S.ws = ''
+  S.ws, S.lf = '', ''
   dirty = {}
   set('vn', version)
   if before ~= CLOSED then transitions[#transitions + 1] = {before, CLOSED, 'reset'} end

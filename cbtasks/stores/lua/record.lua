@@ -2,7 +2,8 @@
 -- ARGV[7] slow (0/1), ARGV[8] retry-after ms, ARGV[9] a random number in [0, 1);
 -- ARGV[10] the limit (LimitWire.encoded, '' for none), ARGV[11] the call's slot
 -- id or '', ARGV[12] tokens reserved, ARGV[13] tokens used (-1: unknown),
--- ARGV[14] the call's duration in ms (-1: not timed).
+-- ARGV[14] the call's duration in ms (-1: not timed), ARGV[15] what the failure was
+-- ("Type: message", '' if none): kept as the last failure for operators.
 local function record(outcome)
   local probe_id = ARGV[5]
   local slow, retry_after_ms = ARGV[7] == '1', tonumber(ARGV[8])
@@ -15,6 +16,7 @@ local function record(outcome)
     redis.call('ZREM', PROBES, probe_id)
     if lease_end <= now then return end
     if outcome == IGNORED then return end
+    if outcome == FAILURE and ARGV[15] ~= '' then set('lf', ARGV[15]) end
     if outcome == FAILURE or slow then
       local reason = 'probe was slow'
       if outcome == FAILURE then reason = 'probe failed' end
@@ -30,6 +32,7 @@ local function record(outcome)
   local failed = outcome == FAILURE
   if failed then
     set('cf', S.cf + 1)
+    if ARGV[15] ~= '' then set('lf', ARGV[15]) end
     -- Every failure in a closed circuit, ever: the parking lot's release
     -- ramp halves on each (release.lua). Not part of the machine's state.
     redis.call('HINCRBY', H, 'ft', 1)
