@@ -200,6 +200,70 @@ def test_app_settings_that_cannot_work_stop_the_worker_at_start(setting: str, va
         _check_options(sender=SimpleNamespace(app=app))
 
 
+@pytest.mark.parametrize(
+    ("setting", "value", "words"),
+    [
+        ("policy", {"failure_treshold": 3}, "cbtasks_policy: unknown field(s) 'failure_treshold' "
+         "(did you mean 'failure_threshold'?)"),
+        ("policy", {"failure_threshold": 0}, "cbtasks_policy: failure_threshold must be"),
+        ("limit", {"iris": {"concurency": 4}}, "cbtasks_limit['iris']: unknown Limit field"),
+        ("limit", {"iris": {"rate": "fast"}}, "cbtasks_limit['iris']: rate must be like"),
+        ("redis_url", "redis://127.0.0.1:1/0?bogus_option=1", "bogus_option"),
+        ("redis_url", "memcached://127.0.0.1:1", "unknown scheme"),
+    ],
+)  # fmt: skip
+def test_settings_a_typo_breaks_stop_the_worker_naming_the_setting(
+    setting: str, value: Any, words: str
+) -> None:
+    """A typo in app.conf.cbtasks_policy (or a limit, or a URL) no longer passes worker
+    start to fail every task with a TypeError naming no setting."""
+    app = Celery("typos", set_as_current=False)
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+    app.conf[f"cbtasks_{setting}"] = value
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="iris")
+    def predict() -> None:
+        """A task whose settings are wrong."""
+
+    app.finalize(auto=True)
+    with pytest.raises(SystemExit) as info:
+        _check_options(sender=SimpleNamespace(app=app))
+    assert words in str(info.value)
+
+
+def test_a_policy_can_be_a_dict_on_the_task_too() -> None:
+    """breaker_policy takes a dict of the policy's fields, as cbtasks_policy does."""
+    app = Celery("dicts", set_as_current=False, broker="memory://")
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker_policy={"failure_threshold": 2})
+    def predict() -> None:
+        """A task with its policy as a dict."""
+
+    app.finalize(auto=True)
+    assert predict.cbtasks_breaker.policy.failure_threshold == 2
+
+
+def test_options_and_settings_one_edit_away_are_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A task option that is a cbtasks option misspelt (Celery keeps any option silently),
+    and a cbtasks_ setting nothing reads, are named at worker start."""
+    app = Celery("near", set_as_current=False, broker="memory://")
+    app.conf.cbtasks_polcy = {"failure_threshold": 2}
+
+    @app.task(base=CircuitBreakerTask, shared=False, brekaer="iris", defer_jiter=0.5)
+    def predict() -> None:
+        """A task with two options misspelt."""
+
+    app.finalize(auto=True)
+    with caplog.at_level("WARNING", logger="cbtasks"):
+        _check_options(sender=SimpleNamespace(app=app))
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "'brekaer' is not one; did you mean 'breaker'?" in said
+    assert "'defer_jiter' is not one; did you mean 'defer_jitter'?" in said
+    assert "'cbtasks_polcy' is read by nothing; did you mean 'cbtasks_policy'?" in said
+
+
 def test_a_tasks_redis_calls_are_bounded_by_its_redis_timeout() -> None:
     """app.conf.cbtasks_redis_timeout reaches the task's store (and its guard and lot)."""
     app = Celery("timeouts", set_as_current=False)

@@ -114,6 +114,16 @@ def make_client(
     return client
 
 
+def check_url(url: str) -> None:
+    """PolicyError if ``url`` cannot make a store's client; never connects (a worker's
+    start checks its settings whether or not Redis is up yet)."""
+    if is_multi_node(url):
+        parse_multi_node(url, master_name="-")  # the master's name is checked where it is set
+        return
+    client = make_client(url, 1.0)
+    client.close()
+
+
 def _refuse_unknown_options(pool: Any, url: str) -> None:
     """PolicyError for a URL option the connection would refuse at its first use.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -16,6 +17,7 @@ from .._errors import PolicyError
 from .._limit import Limit
 from .._policy import BreakerPolicy
 from ..stores._base import validate_name
+from ..stores._connection import check_url
 from ..stores._keys import DEFAULT_PREFIX
 from ..stores._outage import OnError
 
@@ -97,9 +99,7 @@ def validate_options(cls: type, name: str) -> None:
     ends up with, ``app.conf.cbtasks_*`` settings included.
     """
     _check(name, {key: getattr(cls, key, None) for key in (*DEFAULTS, "fallback", "breaker")})
-    policy = getattr(cls, "breaker_policy", None)
-    if policy is not None and not isinstance(policy, BreakerPolicy):
-        raise PolicyError(f"task {name}: breaker_policy must be a BreakerPolicy, got {policy!r}")
+    coerce_policy(getattr(cls, "breaker_policy", None), f"task {name}: breaker_policy")
     Limit.coerce(getattr(cls, "limit", None), f"task {name}: limit")
 
 
@@ -113,7 +113,12 @@ def validate_task(task: celery.Task) -> None:
     _check(task.name, values)
     policy_of(task)
     limit_of(task)
-    redis_url(task.app)
+    url = redis_url(task.app)
+    if url != MEMORY_URL:
+        try:
+            check_url(url)
+        except PolicyError as exc:
+            raise PolicyError(f"cbtasks_redis_url: {exc}") from None
 
 
 def _check(name: str, values: dict[str, Any]) -> None:
@@ -205,17 +210,65 @@ def classify_of(task: celery.Task) -> Any:
 
 
 def policy_of(task: celery.Task) -> BreakerPolicy:
-    """The task's ``breaker_policy``, else ``app.conf.cbtasks_policy``, else the defaults."""
-    policy = getattr(task, "breaker_policy", None) or task.app.conf.get("cbtasks_policy")
-    if policy is None:
+    """The task's ``breaker_policy``, else ``app.conf.cbtasks_policy``, else the defaults;
+    either may be a dict of the policy's fields."""
+    own = getattr(task, "breaker_policy", None)
+    where = f"task {task.name}: breaker_policy" if own is not None else "cbtasks_policy"
+    return coerce_policy(own or task.app.conf.get("cbtasks_policy"), where)
+
+
+def coerce_policy(value: object, where: str) -> BreakerPolicy:
+    """A BreakerPolicy from a policy, a dict of its fields or None; PolicyError naming
+    ``where`` (the setting) and, for a misspelt field, the field it is likely to be."""
+    if value is None:
         return BreakerPolicy()
-    if isinstance(policy, dict):
-        return BreakerPolicy(**policy)
-    if not isinstance(policy, BreakerPolicy):
+    if isinstance(value, BreakerPolicy):
+        return value
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be a BreakerPolicy or a dict of its fields, got {value!r}")
+    fields = list(BreakerPolicy.__dataclass_fields__)
+    unknown = [key for key in value if key not in fields]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise PolicyError(
-            f"cbtasks_policy must be a BreakerPolicy or a dict of its fields, got {policy!r}"
+            f"{where}: unknown field(s) {', '.join(hints)}; the fields are {', '.join(fields)}"
         )
-    return policy
+    try:
+        return BreakerPolicy(**value)
+    except PolicyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
+
+
+def near_misses(task: celery.Task) -> list[str]:
+    """The task's attributes one edit away from a cbtasks option (``brekaer=`` for
+    ``breaker=``): Celery keeps any decorator option as an attribute, so a typo is silent."""
+    ours = [*DEFAULTS, "breaker", "breaker_policy", "fallback", "limit", "limit_wait"]
+    celerys = set(dir(celery.Task))  # dir(), not hasattr(): some are deprecated properties
+    said = []
+    for attribute in vars(type(task)):
+        if attribute.startswith("_") or attribute in ours or attribute in celerys:
+            continue
+        close = difflib.get_close_matches(attribute, ours, n=1, cutoff=0.85)
+        if close:
+            said.append(
+                f"task {task.name}: option {attribute!r} is not one; did you mean {close[0]!r}?"
+            )
+    return said
+
+
+def unknown_settings(app: celery.Celery) -> list[str]:
+    """``cbtasks_*`` settings no option reads (a typo: ``cbtasks_polcy``), with a hint."""
+    known = {f"cbtasks_{name}" for name in (*DEFAULTS, "policy", "limit", "redis_url")}
+    said = []
+    for key in list(app.conf.keys()):
+        if isinstance(key, str) and key.lower().startswith("cbtasks_") and key.lower() not in known:
+            close = difflib.get_close_matches(key.lower(), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            said.append(f"setting {key!r} is read by nothing{hint}")
+    return said
 
 
 def limit_of(task: celery.Task) -> Limit | None:

@@ -69,9 +69,11 @@ from ._options import (
     hide_redis_url_from_reports,
     lease_of,
     limit_of,
+    near_misses,
     option,
     policy_of,
     redis_url,
+    unknown_settings,
     validate_options,
     validate_task,
 )
@@ -94,8 +96,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     #: The breaker's name; tasks sharing it share one circuit. Default: the task's name.
     breaker: str | None = None
-    #: A BreakerPolicy; default ``app.conf.cbtasks_policy`` (a policy or a dict of its fields).
-    breaker_policy: BreakerPolicy | None = None
+    #: A BreakerPolicy (or a dict of its fields); default ``app.conf.cbtasks_policy``.
+    breaker_policy: BreakerPolicy | dict[str, Any] | None = None
     #: What a rejected request does: "defer" (default), "fallback" or "fail".
     on_open: str | None = None
     #: How it is deferred: "countdown" (default), "park", or "pause" (the fleet stops
@@ -557,10 +559,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 def _check_options(sender: Any = None, **_: Any) -> None:
     """Every option of every CircuitBreakerTask, app.conf included, before the worker starts."""
     app = getattr(sender, "app", None) or celery.current_app
+    for said in unknown_settings(app):
+        log.warning("cbtasks: %s", said)
     try:
         for task in list(app.tasks.values()):
             if isinstance(task, CircuitBreakerTask):
                 validate_task(task)
+                for said in near_misses(task):
+                    log.warning("cbtasks: %s", said)
         if redis_url(app) == MEMORY_URL:
             log.warning(
                 "cbtasks: breaker state is in each process (memory://): parked and paused "
