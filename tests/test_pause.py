@@ -296,6 +296,37 @@ def test_a_paused_worker_leaves_the_messages_in_the_broker(pause_fleet: dict[str
         worker.stop()
 
 
+def test_a_worker_started_as_the_docs_write_it_runs_the_paused_tasks(
+    pause_fleet: dict[str, Any],
+) -> None:
+    """`celery -A app worker`, no -Q, as the docs and the compose file start it: the queue
+    task_routes gives a pause-mode task is consumed too (it stayed PENDING for ever), and
+    it pauses and resumes with its circuit."""
+    url = pause_fleet["redis"].url
+    breaker = CircuitBreaker("pause-model", store=pause_fleet["store"])
+    breaker.reset()
+    worker = CeleryWorker(
+        pause_fleet["env"],
+        concurrency=2,
+        queues=None,  # no -Q
+        name="as-documented",
+        log_path=pause_fleet["logs"] / "as-documented.log",
+        app="tests.worker_tasks",
+    ).start()
+    try:
+        app = client_app(url)
+        first = app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        assert first.get(timeout=60)["label"] == "setosa"
+        breaker.force_open()
+        wait_for(lambda: paused_workers(pause_fleet["store"], "pause-model") == 1, 10, "pause")
+        later = app.send_task("tests.predict_paused", (FEATURES,), queue=QUEUE)
+        wait_for(lambda: queued(url) == 1, 10, "the request to wait in the queue")
+        breaker.force_close()
+        assert later.get(timeout=60)["label"] == "setosa"
+    finally:
+        worker.stop()
+
+
 def test_a_worker_started_while_open_takes_nothing(pause_fleet: dict[str, Any]) -> None:
     """The gate decides before the event loop runs: nothing is taken, then all once closed."""
     url = pause_fleet["redis"].url

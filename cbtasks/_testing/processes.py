@@ -174,7 +174,7 @@ class CeleryWorker:
         env: dict[str, str],
         *,
         concurrency: int = 4,
-        queues: str = "celery",
+        queues: str | None = "celery",
         name: str = "w1",
         log_path: Path | None = None,
         app: str = "workers.app",
@@ -202,7 +202,8 @@ class CeleryWorker:
         self.process = subprocess.Popen(
             [
                 sys.executable, "-m", "celery", "-A", self.app, "worker",
-                "-l", "warning", "-c", str(self.concurrency), "-Q", self.queues,
+                "-l", "warning", "-c", str(self.concurrency),
+                *(["-Q", self.queues] if self.queues else []),
                 "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
                 "--without-heartbeat", "-P", self.pool, *prefetch,
             ],

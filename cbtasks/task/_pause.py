@@ -367,6 +367,31 @@ def queue_of(app: Any, task: Any) -> str:
     return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
 
 
+def consume_pause_queues(app: Any) -> None:
+    """A worker started without ``-Q`` takes every paused queue of the app's tasks too.
+
+    Celery's worker consumes the queues it is told (``-Q``) or, told none, the
+    default queue and ``task_queues``: a queue that only ``task_routes`` names
+    would never be consumed, and its tasks would stay PENDING. One told ``-Q``
+    without a paused queue chose so: it is told what it leaves.
+    """
+    queues = app.amqp.queues
+    # Told no -Q, Celery keeps no selection (its _consume_from is None) and consumes its
+    # defaults, to which select_add adds (Celery 5.7's Queues).
+    told_queues = getattr(queues, "_consume_from", None) is not None
+    for queue, task in pause_queues(app).items():
+        if not told_queues:
+            queues.select_add(queue)
+        elif queue not in queues.consume_from:
+            log.warning(
+                "queue %r of %s (defer='pause') is not consumed by this worker (-Q %s): its "
+                "requests wait for a worker that takes it; add it to -Q",
+                queue,
+                task.name,
+                ",".join(sorted(queues.consume_from)),
+            )
+
+
 def check_pause_queues(app: Any) -> None:
     """Refuse (PolicyError) a paused queue shared with a task of another breaker."""
     from .._errors import PolicyError

@@ -78,7 +78,7 @@ from ._options import (
     validate_task,
 )
 from ._parked import expires_at, parked_message, publish_parked, revoke_expired
-from ._pause import PauseQueues, check_pause_queues, pause_queues
+from ._pause import PauseQueues, check_pause_queues, consume_pause_queues, pause_queues
 from ._releaser import Releaser
 from ._reports import flower_events, report_deferred
 from ._visibility import safe_hold
@@ -575,6 +575,7 @@ def _check_options(sender: Any = None, **_: Any) -> None:
             return
         if pause_queues(app):
             check_pause_queues(app)
+            consume_pause_queues(app)
             # Before the consumer is built (worker_init comes first): its bootstep.
             app.steps["consumer"].add(PauseQueues)
     except PolicyError as exc:
