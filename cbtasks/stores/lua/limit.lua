@@ -42,9 +42,15 @@ local function limit_capacity(LW)
   return limit
 end
 
-local function in_flight()
-  redis.call('ZREMRANGEBYSCORE', SLOTS, '-inf', now_exact)
-  return redis.call('ZCARD', SLOTS)
+-- Calls holding a slot; the dead holders' slots (leases run out) are dropped only
+-- when the count says full: a slot is expired when it matters, not at every call.
+local function in_flight(cap)
+  local count = redis.call('ZCARD', SLOTS)
+  if count >= cap then
+    redis.call('ZREMRANGEBYSCORE', SLOTS, '-inf', now_exact)
+    count = redis.call('ZCARD', SLOTS)
+  end
+  return count
 end
 
 -- When a slot is likely free: the oldest call's expected end, else a share of a call.
@@ -63,7 +69,7 @@ end
 local function limit_acquire(LW, slot, tokens, wait_ms)
   if LS.lw ~= LW.text then lset('lw', LW.text) end
   local cap = limit_capacity(LW)
-  if cap > 0 and in_flight() >= cap then
+  if cap > 0 and in_flight(cap) >= cap then
     limit_save()
     return BY_CONCURRENCY, slot_wait(LW, cap), 0
   end
