@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -179,3 +180,61 @@ def test_a_frozen_breaker_redis_keeps_the_gateway_ready(tmp_path: Any) -> None:
                 assert response.status_code == 202, response.text
             finally:
                 breaker_redis.thaw()
+
+
+USER_APP = '''
+import os
+
+from celery import Celery
+from pydantic import BaseModel
+
+from cbtasks import CircuitBreakerTask
+from cbtasks.gateway import create_gateway
+
+URL = os.environ["CBTASKS_REDIS_URL"]
+app = Celery("userapp", broker=URL, backend=URL)
+app.conf.update(cbtasks_redis_url=URL, task_serializer="json", accept_content=["json"],
+                result_serializer="json")
+
+
+@app.task(base=CircuitBreakerTask, bind=True, breaker="summarizer", name="userapp.summarize")
+def summarize(self, text: str, max_words: int = 3) -> dict:
+    return {"summary": " ".join(text.split()[:max_words])}
+
+
+class Summarize(BaseModel):
+    text: str
+    max_words: int = 3
+
+
+gateway = create_gateway(summarize, body=Summarize, path="/summarize")
+'''
+
+
+def test_the_gateway_serves_a_task_of_another_shape_from_outside_the_repository(
+    tmp_path: Any,
+) -> None:
+    """cbtasks.gateway, from a project of one's own (not this repository): the body is the
+    task's own (a pydantic model), its fields the task's keyword arguments."""
+    (tmp_path / "userapp.py").write_text(USER_APP)
+    with RedisServer() as redis_server:
+        env = {"CBTASKS_REDIS_URL": redis_server.url, "PYTHONPATH": ""}
+        worker = CeleryWorker(
+            env, concurrency=1, app="userapp", cwd=tmp_path, log_path=tmp_path / "worker.log"
+        ).start()
+        command = [sys.executable, "-m", "uvicorn", "userapp:gateway", "--port"]
+        try:
+            with Gateway(
+                env, log_path=tmp_path / "gateway.log", command=command, cwd=tmp_path
+            ) as gateway:
+                ok = httpx.post(
+                    f"{gateway.url}/summarize?wait=20",
+                    json={"text": "the model is back up now", "max_words": 2},
+                    timeout=30,
+                )
+                assert ok.status_code == 200, ok.text
+                assert ok.json()["result"] == {"summary": "the model"}
+                bad = httpx.post(f"{gateway.url}/summarize", json={"txt": "typo"}, timeout=30)
+                assert bad.status_code == 422 and "typo" not in bad.text
+        finally:
+            worker.stop()

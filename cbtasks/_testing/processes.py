@@ -117,8 +117,10 @@ class Gateway:
         env: dict[str, str],
         log_path: Path | None = None,
         command: list[str] | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.command = command
+        self.cwd = cwd
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env}
@@ -134,7 +136,7 @@ class Gateway:
         if self.command is not None:
             command = [*self.command, str(self.port)]
         self.process = subprocess.Popen(
-            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            command, cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
         if not isinstance(log, int):
             log.close()
@@ -180,7 +182,10 @@ class CeleryWorker:
         app: str = "workers.app",
         prefetch_multiplier: int | None = None,
         pool: str = "prefork",
+        cwd: Path = ROOT,
     ) -> None:
+        #: Where it runs (the app module is imported from there).
+        self.cwd = cwd
         self.env = {**os.environ, **env}
         self.app = app
         #: The execution pool: prefork, threads, gevent, eventlet or solo.
@@ -207,7 +212,7 @@ class CeleryWorker:
                 "-n", f"{self.name}@%h", "-E", "--without-gossip", "--without-mingle",
                 "--without-heartbeat", "-P", self.pool, *prefetch,
             ],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
