@@ -32,6 +32,7 @@ from .stores._base import (
     AsyncStore,
     BreakerStatus,
     CallResult,
+    HistoryEntry,
     Reply,
     Store,
     validate_name,
@@ -181,8 +182,6 @@ class CircuitBreaker:
         # A rate refusal is exact: no permit exists for anyone before it ends, so
         # until then (local clock) this process refuses without asking.
         self._rate_hold = 0.0
-        #: The last failure this process counted ("Type: message"): said when it trips.
-        self.last_failure: str | None = None
         self._why: tuple[int, str | None] = (-2, None)
         self._view = self.store.view(self.name)
         self._clock = self.store.local_clock
@@ -587,8 +586,6 @@ class CircuitBreaker:
         retry_after_ms = 0 if retry_after is None else max(0, round(retry_after * 1000))
         # An endpoint's word, bounded: an hour at most.
         retry_after_ms = min(retry_after_ms, _MAX_RETRY_AFTER_MS)
-        if failure:
-            self.last_failure = failure
         if not isinstance(probe, Ticket):
             return CallResult(probe, outcome, slow, retry_after_ms, failure=failure)
         return CallResult(
@@ -605,7 +602,7 @@ class CircuitBreaker:
 
     def _recorded(self, reply: Reply, result: CallResult, elapsed_ms: float | None) -> None:
         if reply.version > self._view.version or reply.transitions:
-            self._learn(reply)
+            self._learn(reply, result.failure)
         if self.events:
             seconds = None if elapsed_ms is None else elapsed_ms / 1000
             self.events.emit(
@@ -669,7 +666,9 @@ class CircuitBreaker:
             raise PolicyError(f"a listener must be callable, got {listener!r}")
         self.events.subscribe(only_state_changes(listener))
 
-    def _learn(self, reply: Reply) -> None:
+    def _learn(self, reply: Reply, failure: str = "") -> None:
+        """Take a store's reply: this process's view, and the transitions it made (logged
+        and emitted; a trip by the call just recorded says its ``failure``)."""
         if self._health is not None:
             self._health.ensure_running()  # again after a fork
         if reply.cacheable:
@@ -695,9 +694,7 @@ class CircuitBreaker:
                 reply.now_ms / 1000,
             )
             # Every transition, and why: a trip says the failure that caused it.
-            said = reason
-            if to_code == OPEN and self.last_failure:
-                said = f"{reason}; last failure: {self.last_failure}"
+            said = f"{reason}; last failure: {failure}" if to_code == OPEN and failure else reason
             log.log(
                 logging.WARNING if to_code == OPEN else logging.INFO,
                 "breaker %r: %s -> %s (%s)",
@@ -710,39 +707,84 @@ class CircuitBreaker:
                 self.events.emit(event)
 
     # -- the operator's commands: each one atomic step of the store's machine ------
+    #
+    # ``by`` (who) and ``why`` go to the breaker's history with the command.
 
-    def force_open(self) -> None:
+    def force_open(self, *, by: str = "", why: str = "") -> None:
         """Open the circuit until :meth:`force_close` or :meth:`reset`, everywhere."""
-        self._control("force_open")
+        self._control("force_open", by, why)
 
-    def force_close(self) -> None:
+    def force_close(self, *, by: str = "", why: str = "") -> None:
         """Close the circuit now, everywhere; it may trip again."""
-        self._control("force_close")
+        self._control("force_close", by, why)
 
-    def force_half_open(self) -> None:
+    def force_half_open(self, *, by: str = "", why: str = "") -> None:
         """Half-open now, everywhere: the next calls probe and decide (a test's, or an
         operator's "try it now")."""
-        self._control("force_half_open")
+        self._control("force_half_open", by, why)
 
-    def reset(self) -> None:
-        """Forget all state: closed, no counts, no backoff, not disabled."""
-        self._control("reset")
+    def reset(self, *, by: str = "", why: str = "") -> None:
+        """Forget all state: closed, no counts, no backoff, not disabled (the history stays)."""
+        self._control("reset", by, why)
 
-    def disable(self) -> None:
+    def disable(self, *, by: str = "", why: str = "") -> None:
         """Shadow mode: admit every call but keep counting, everywhere."""
-        self._control("disable")
+        self._control("disable", by, why)
 
-    def enable(self) -> None:
+    def enable(self, *, by: str = "", why: str = "") -> None:
         """Leave shadow mode (or a forced open): the policy decides again."""
-        self._control("enable")
+        self._control("enable", by, why)
 
     def health_passed(self) -> None:
         """A health check passed: an open circuit goes half-open now (probes decide the rest)."""
         self._control("healthy")
 
-    def _control(self, op: str) -> None:
+    def history(self, since: float = 0.0, count: int = 100) -> list[HistoryEntry]:
+        """The newest ``count`` transitions and operators' commands since ``since``
+        (epoch seconds), oldest first: kept by the scripts, at the store's time."""
+        self._require_sync("history")
+        entries: list[HistoryEntry] = self.store.history(self.name, since, count)
+        return entries
+
+    def _control(self, op: str, by: str = "", why: str = "") -> None:
         self._require_sync("control")
-        self._learn(self.store.control(self.name, self._wire, op))
+        self._learn(self.store.control(self.name, self._wire, op, by, why))
+
+    async def aforce_open(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`force_open`, awaited."""
+        await self._acontrol("force_open", by, why)
+
+    async def aforce_close(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`force_close`, awaited."""
+        await self._acontrol("force_close", by, why)
+
+    async def aforce_half_open(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`force_half_open`, awaited."""
+        await self._acontrol("force_half_open", by, why)
+
+    async def areset(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`reset`, awaited."""
+        await self._acontrol("reset", by, why)
+
+    async def adisable(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`disable`, awaited."""
+        await self._acontrol("disable", by, why)
+
+    async def aenable(self, *, by: str = "", why: str = "") -> None:
+        """:meth:`enable`, awaited."""
+        await self._acontrol("enable", by, why)
+
+    async def ahistory(self, since: float = 0.0, count: int = 100) -> list[HistoryEntry]:
+        """:meth:`history`, awaited."""
+        method = self.store.history
+        if self._async_store:
+            entries: list[HistoryEntry] = await method(self.name, since, count)
+        else:
+            entries = await asyncio.to_thread(method, self.name, since, count)
+        return entries
+
+    async def _acontrol(self, op: str, by: str = "", why: str = "") -> None:
+        self._learn(await _store_call(self, "control", op, by, why))
 
     # -- the async forms: the same steps, only the store's round trips awaited ------
 

@@ -692,3 +692,37 @@ def test_the_failure_that_opened_it_is_kept_and_said(
     assert any("-> half_open" in s for s in [r.getMessage() for r in caplog.records])
     breaker.reset()
     assert breaker.status() is None or breaker.status().last_failure is None  # type: ignore[union-attr]
+
+
+def test_the_history_keeps_every_transition_and_command(
+    name: str, store: Store, clock: FakeClock
+) -> None:
+    """The scripts note each transition (a trip with its failure) and each operator's
+    command (who, why) at the store's time; a reset keeps the record."""
+    breaker = make(name, store, failure_threshold=1, open_seconds=1)
+    fail(breaker)
+    clock.advance(1)
+    assert breaker.call(ok) == "ok"
+    clock.advance(10)
+    breaker.force_open(by="alice@ops", why="rolling deploy")
+    breaker.enable()  # a mode change: the state it leaves is noted
+    breaker.reset(by="bob@ops")
+    entries = breaker.history()
+    seen = [(e.from_state, e.to_state, e.state, e.command) for e in entries]
+    assert seen == [
+        ("closed", "open", None, None),
+        ("open", "half_open", None, None),
+        ("half_open", "closed", None, None),
+        ("closed", "open", None, "force_open"),
+        (None, None, "open", "enable"),
+        ("open", "closed", None, "reset"),
+    ]
+    assert entries[0].failure == "EndpointDown: 503" and entries[0].reason == "1 consecutive failures"
+    assert (entries[3].by, entries[3].why) == ("alice@ops", "rolling deploy")
+    assert entries[3].at == pytest.approx(clock.now, abs=0.01)
+    assert [e.command for e in breaker.history(since=clock.now - 1)] == [
+        "force_open",
+        "enable",
+        "reset",
+    ]
+    assert len(breaker.history(count=2)) == 2

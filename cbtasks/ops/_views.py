@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..stores import BreakerStatus
+from ..stores._base import HistoryEntry
 from ..stores._parking import ParkingLot
 
 HEADER = (
@@ -138,6 +139,22 @@ def _open_until(row: dict[str, Any]) -> str:
         return "until closed"  # an operator's open has no end of its own
     until = row["open_until"]
     return datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3] if until else "-"
+
+
+def history_table(entries: Sequence[HistoryEntry]) -> str:
+    """A breaker's history, oldest first, times in the local zone with its name."""
+    header = ("AT", "CHANGE", "WHY", "COMMAND", "BY")
+    lines = [header]
+    for e in entries:
+        at = datetime.datetime.fromtimestamp(e.at).astimezone().strftime("%Y-%m-%d %H:%M:%S.%f")
+        change = f"{e.from_state} -> {e.to_state}" if e.to_state else f"({e.state})"
+        why = "; ".join(x for x in (e.reason, e.failure, e.why) if x)
+        lines.append((f"{at[:-3]} {_zone()}", change, why or "-", e.command or "-", e.by or "-"))
+    return aligned(lines)
+
+
+def _zone() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Z") or "local"
 
 
 def waits_table(entries: list[dict[str, Any]]) -> str:

@@ -1,7 +1,9 @@
 """The ``cbtasks`` command: see and steer the breakers of a whole fleet.
 
     cbtasks status [--json]         every breaker: state, failures, open until, probes, parked
-    cbtasks open|close|reset|disable|enable NAME   cluster-wide (open asks; --yes skips)
+    cbtasks open|close|half-open|reset|disable|enable NAME [--why TEXT]
+                                    cluster-wide (open asks; --yes skips); into the history
+    cbtasks history NAME [--since 1h] [--json]   its transitions and operators' commands
     cbtasks watch [--interval S]    a live view
     cbtasks waited NAME             requests that waited for NAME's circuit: how long, why
     cbtasks batch INPUT.jsonl --task MODULE.TASK --out OUTPUT.jsonl
@@ -20,8 +22,11 @@ terminal and plain aligned lines elsewhere (logs, pipes, scripts).
 
 from __future__ import annotations
 
+import datetime
+import getpass
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -29,16 +34,18 @@ from typing import Any
 
 import click
 
+from .._breaker import CircuitBreaker
 from .._errors import PolicyError, StoreError, StoreUnavailableError
 from ..stores import RedisStore
 from ..stores._keys import DEFAULT_PREFIX
 from ..stores._parking import ParkingLot
 from ._fleet import OPERATOR_POLICY, known_breaker, paused_workers, read_fleet, recent_waits
-from ._views import as_dict, plain_table, rich_table, waits_table
+from ._views import as_dict, history_table, plain_table, rich_table, waits_table
 
 COMMANDS = {
     "open": ("force_open", "open a breaker until closed or reset (asks first)"),
     "close": ("force_close", "close a breaker now"),
+    "half-open": ("force_half_open", "half-open a breaker now: the next calls probe"),
     "reset": ("reset", "forget a breaker's counts and backoff"),
     "disable": ("disable", "shadow mode: admit every call, keep counting"),
     "enable": ("enable", "leave shadow mode or a forced open"),
@@ -141,6 +148,7 @@ def _control_command(verb: str, op: str, what: str) -> click.Command:
     @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
     # Every verb that changes state takes --yes; only open asks without it.
     @click.option("--yes", is_flag=True, help="do not ask for confirmation")
+    @click.option("--why", default="", help="why, for the breaker's history")
     @click.pass_context
     def control(
         ctx: click.Context,
@@ -149,6 +157,7 @@ def _control_command(verb: str, op: str, what: str) -> click.Command:
         prefix: str | None,
         as_json: bool,
         yes: bool,
+        why: str,
     ) -> None:
         with _store(ctx, redis_url, prefix) as store:
             if unknown := known_breaker(store, name):
@@ -161,7 +170,10 @@ def _control_command(verb: str, op: str, what: str) -> click.Command:
                 if not click.confirm(f"open {name!r} on every worker, stopping its calls?"):
                     click.echo("nothing changed")
                     ctx.exit(1)
-            store.control(name, OPERATOR_POLICY, op)
+            # Through the breaker, as any caller: its command is one atomic step, noted
+            # in the history with who gave it.
+            breaker = CircuitBreaker(name, store=store)
+            getattr(breaker, op)(by=_operator(), why=why)
             now = store.status(name, OPERATOR_POLICY)
             assert now is not None
             lot = ParkingLot(store.client, store.prefix, name)
@@ -255,6 +267,63 @@ def waited(
         click.echo(json.dumps(entries, indent=2))
         return
     click.echo(waits_table(entries) if entries else f"no request has waited for {name!r} lately")
+
+
+@main.command()
+@click.argument("name")
+@with_redis
+@click.option(
+    "--since",
+    default=None,
+    help="how far back: 30m, 2h, 1d, or an ISO time (default: the newest --count)",
+)
+@click.option("--count", type=click.IntRange(1, 1000), default=50, help="newest N (default 50)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.pass_context
+def history(
+    ctx: click.Context,
+    name: str,
+    redis_url: str | None,
+    prefix: str | None,
+    since: str | None,
+    count: int,
+    as_json: bool,
+) -> None:
+    """NAME's transitions and operators' commands, oldest first (times with their zone)."""
+    start = _since(since)
+    with _store(ctx, redis_url, prefix) as store:
+        if unknown := known_breaker(store, name):
+            raise CLIError(unknown)
+        entries = CircuitBreaker(name, store=store).history(start, count)
+    if as_json:
+        click.echo(json.dumps([e.as_dict() for e in entries], indent=2))
+        return
+    click.echo(history_table(entries) if entries else f"nothing in {name!r}'s history yet")
+
+
+def _since(text: str | None) -> float:
+    """Epoch seconds from ``30m``, ``2h``, ``1d``, ``45s`` or an ISO time; 0 for None."""
+    if not text:
+        return 0.0
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(text[:-1]) * units[text[-1]]
+    try:
+        when = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise CLIError(f"--since takes 30m, 2h, 1d or an ISO time, got {text!r}", 2) from None
+    if when.tzinfo is None:
+        when = when.astimezone()  # the local zone, as the table shows times
+    return when.timestamp()
+
+
+def _operator() -> str:
+    """Who gives a command from this shell: user@host (for the history)."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name to be had (a container without one)
+        user = "?"
+    return f"{user}@{socket.gethostname()}"
 
 
 @main.command()

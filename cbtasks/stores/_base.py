@@ -18,6 +18,7 @@ __all__ = [
     "AsyncStore",
     "BreakerStatus",
     "CallResult",
+    "HistoryEntry",
     "LimitStatus",
     "LocalView",
     "Reply",
@@ -131,6 +132,38 @@ class LimitStatus:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryEntry:
+    """One line of a breaker's history: a transition, or an operator's command.
+
+    ``at`` is seconds since the epoch on the store's clock (Redis's own);
+    ``failure`` the last failure counted, on a trip; ``command``, ``by`` and
+    ``why`` an operator's command and what they said of it.
+    """
+
+    at: float
+    from_state: str | None = None
+    to_state: str | None = None
+    reason: str = ""
+    failure: str | None = None
+    command: str | None = None
+    by: str | None = None
+    why: str | None = None
+    #: The state when a command changed none.
+    state: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        """Plain data (``--json``), without the empty fields."""
+        fields = (
+            "at", "from_state", "to_state", "reason", "failure", "command", "by", "why", "state"
+        )  # fmt: skip
+        return {f: getattr(self, f) for f in fields if getattr(self, f) not in (None, "")}
+
+
+#: A breaker's history keeps about this many entries (stores/lua/constants.lua's too).
+HISTORY_LENGTH = 1000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerStatus:
     """One breaker as an operator sees it."""
 
@@ -235,8 +268,14 @@ class Store(Protocol):
         """Count how an admitted call went."""
         ...
 
-    def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
-        """An operator's command: force_open, force_close, reset, disable, enable."""
+    def control(self, name: str, policy: PolicyWire, op: str, by: str = "", why: str = "") -> Reply:
+        """An operator's command: force_open, force_close, force_half_open, reset, disable,
+        enable; ``by`` who gave it and ``why``, for the history."""
+        ...
+
+    def history(self, name: str, since: float = 0.0, count: int = 100) -> list[HistoryEntry]:
+        """The breaker's newest ``count`` history entries since ``since`` (epoch seconds),
+        oldest first."""
         ...
 
     def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None:
@@ -269,6 +308,12 @@ class AsyncStore(Protocol):
 
     async def record(self, name: str, policy: PolicyWire, call: CallResult) -> Reply: ...
 
-    async def control(self, name: str, policy: PolicyWire, op: str) -> Reply: ...
+    async def control(
+        self, name: str, policy: PolicyWire, op: str, by: str = "", why: str = ""
+    ) -> Reply: ...
+
+    async def history(
+        self, name: str, since: float = 0.0, count: int = 100
+    ) -> list[HistoryEntry]: ...
 
     async def status(self, name: str, policy: PolicyWire) -> BreakerStatus | None: ...

@@ -5,7 +5,8 @@ Cluster slot and one script can touch them all:
 
 - ``<prefix>:{name}:s`` the state hash (the limit's fields too), ``:r`` the
   count window's ring, ``:p`` the probe leases, ``:c`` the limit's slots
-  (calls in flight), ``:claim:<what>`` a fleet-wide turn;
+  (calls in flight), ``:h`` its history (a capped stream of transitions and
+  operators' commands), ``:claim:<what>`` a fleet-wide turn;
 - ``:parked`` the parked requests by due time, ``:parked:data`` their
   messages, ``:parked:expires`` their expiry, ``:parked:dead`` the poison
   ones, ``:releasing`` the leases of releases in flight, ``:release-ramp``
@@ -55,6 +56,10 @@ class BreakerKeys:
     @property
     def slots(self) -> str:
         return f"{self.base}:c"
+
+    @property
+    def history(self) -> str:
+        return f"{self.base}:h"
 
     def claim(self, what: str) -> str:
         return f"{self.base}:claim:{what}"

@@ -6,6 +6,7 @@ import math
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,15 @@ from .. import _machine as machine
 from .._limit import describe_wire
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode, Outcome
-from ._base import BreakerStatus, CallResult, LimitStatus, LocalView, Reply
+from ._base import (
+    HISTORY_LENGTH,
+    BreakerStatus,
+    CallResult,
+    HistoryEntry,
+    LimitStatus,
+    LocalView,
+    Reply,
+)
 from ._keys import DEFAULT_PREFIX
 
 __all__ = ["LocalKeys", "MemoryStore", "process_store"]
@@ -82,6 +91,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._snapshots: dict[str, machine.Snapshot] = {}
         self._limiters: dict[str, tuple[limiter.LimiterState, PolicyWire]] = {}
+        self._histories: dict[str, deque[HistoryEntry]] = {}
         self._views: dict[str, LocalView] = {}
         self._claims: dict[tuple[str, str], int] = {}
         #: The keys a task keeps beside its breaker state (completion marks, a cache).
@@ -173,17 +183,18 @@ class MemoryStore:
             )
             return self._reply(name, snap, policy, now, tuple(transitions))
 
-    def control(self, name: str, policy: PolicyWire, op: str) -> Reply:
+    def control(self, name: str, policy: PolicyWire, op: str, by: str = "", why: str = "") -> Reply:
         with self._lock:
             now = self._now_ms()
             snap = self._snapshot(name)
             transitions = machine.control(snap, policy, now, op)
+            said = None if op == "healthy" else {"command": op, "by": by[:200], "why": why[:500]}
             held = self._limiters.get(name)
             if op == "reset" and held is not None:
                 # As in Redis: the limit's learning is forgotten, the calls in flight
                 # keep their slots (they are still at the endpoint).
                 self._limiters[name] = (limiter.LimiterState(slots=held[0].slots), held[1])
-            return self._reply(name, snap, policy, now, tuple(transitions))
+            return self._reply(name, snap, policy, now, tuple(transitions), said=said)
 
     def status(self, name: str, policy: PolicyWire, *, strict: bool = True) -> BreakerStatus | None:
         with self._lock:
@@ -277,6 +288,47 @@ class MemoryStore:
             snap = self._snapshots[name] = machine.Snapshot()
         return snap
 
+    def history(self, name: str, since: float = 0.0, count: int = 100) -> list[HistoryEntry]:
+        with self._lock:
+            entries = [e for e in self._histories.get(name, ()) if e.at >= since]
+        return entries[-max(1, count) :]
+
+    def _note(
+        self,
+        name: str,
+        snap: machine.Snapshot,
+        now: int,
+        transitions: list[machine.Transition] | tuple[machine.Transition, ...],
+        command: str | None = None,
+        by: str = "",
+        why: str = "",
+    ) -> None:
+        """Every transition (the last failure with a trip), and an operator's command, to
+        the history (common.lua's note_history, in Python)."""
+        if not transitions and command is None:
+            return
+        history = self._histories.setdefault(name, deque(maxlen=HISTORY_LENGTH))
+        by_, why_ = (by or None, why or None) if command is not None else (None, None)
+        if not transitions:
+            state = STATE_BY_CODE[snap.state].value
+            history.append(
+                HistoryEntry(at=now / 1000, state=state, command=command, by=by_, why=why_)
+            )
+        for from_code, to_code, reason in transitions:
+            failure = snap.last_failure if to_code == machine.OPEN and snap.last_failure else None
+            history.append(
+                HistoryEntry(
+                    at=now / 1000,
+                    from_state=STATE_BY_CODE[from_code].value,
+                    to_state=STATE_BY_CODE[to_code].value,
+                    reason=reason,
+                    failure=failure,
+                    command=command,
+                    by=by_,
+                    why=why_,
+                )
+            )
+
     def _reply(
         self,
         name: str,
@@ -287,7 +339,10 @@ class MemoryStore:
         admitted: bool = True,
         probe_id: str | None = None,
         retry_after_ms: int = 0,
+        said: dict[str, str] | None = None,
     ) -> Reply:
+        said = said or {}
+        self._note(name, snap, now, transitions, said.get("command"), **_who(said))
         state, remaining = machine.observe(snap, now, policy)
         view = self._views.get(name)
         if view is not None and view.version != snap.version:
@@ -304,6 +359,10 @@ class MemoryStore:
             now,
             transitions,
         )
+
+
+def _who(said: dict[str, str]) -> dict[str, str]:
+    return {"by": said.get("by", ""), "why": said.get("why", "")}
 
 
 _process_store: MemoryStore | None = None

@@ -38,7 +38,7 @@ from .._limit import LimitWire, describe_wire
 from .._machine import CLOSED, HALF_OPEN, OPEN
 from .._policy import PolicyWire
 from .._state import STATE_BY_CODE, Mode
-from ._base import BreakerStatus, CallResult, LimitStatus, LocalView, Reply
+from ._base import BreakerStatus, CallResult, HistoryEntry, LimitStatus, LocalView, Reply
 from ._connection import (
     ASYNCIO,
     BLOCKING,
@@ -255,10 +255,23 @@ class RedisStoreBase:
         raw = yield from self._script(name, script)
         return self._record_reply(raw, script[0], name, policy, call)
 
-    def _control(self, name: str, policy: PolicyWire, op: str) -> Flow[Reply]:
-        """An operator's command: force_open, force_close, reset, disable, enable, healthy."""
-        call = self._machine_call("control", name, policy, op)
+    def _control(
+        self, name: str, policy: PolicyWire, op: str, by: str = "", why: str = ""
+    ) -> Flow[Reply]:
+        """An operator's command: force_open, force_close, force_half_open, reset, disable,
+        enable (``by`` and ``why`` go to the history), or healthy."""
+        call = self._machine_call("control", name, policy, op, by[:200], why[:500])
         return machine_reply((yield from self._script(name, call, strict=True)))
+
+    def _history(self, name: str, since: float = 0.0, count: int = 100) -> Flow[list[HistoryEntry]]:
+        """The breaker's newest ``count`` history entries since ``since``, oldest first."""
+        key = breaker_keys(self.prefix, name).history
+        start = f"{int(since * 1000)}-0" if since > 0 else "-"
+        try:
+            raw = yield ("XREVRANGE", key, "+", start, "COUNT", max(1, count))
+        except REDIS_DOWN as exc:
+            raise StoreUnavailableError(unreachable_message(self.client, exc)) from exc
+        return [history_entry(entry_id, fields) for entry_id, fields in reversed(raw)]
 
     def _status(
         self, name: str, policy: PolicyWire, *, strict: bool = True
@@ -314,7 +327,7 @@ class RedisStoreBase:
 
     def _machine_call(self, op: str, name: str, policy: PolicyWire, *args: Any) -> ScriptCall:
         """One of the machine's scripts: keys, channel and name, policy, time, then ``args``."""
-        return op, (4, *self._fixed_arguments(name), policy.encoded, self._now_arg(), *args)
+        return op, (5, *self._fixed_arguments(name), policy.encoded, self._now_arg(), *args)
 
     def _record_call(self, name: str, policy: PolicyWire, call: CallResult) -> ScriptCall:
         if call.healthy and not policy.window_kind:
@@ -345,7 +358,15 @@ class RedisStoreBase:
             keys = breaker_keys(self.prefix, name)
             fixed = self._fixed[name] = tuple(
                 s.encode()
-                for s in (keys.state, keys.ring, keys.probes, keys.slots, self.channel, name)
+                for s in (
+                    keys.state,
+                    keys.ring,
+                    keys.probes,
+                    keys.slots,
+                    keys.history,
+                    self.channel,
+                    name,
+                )
             )
         return fixed
 
@@ -488,6 +509,32 @@ class RedisStoreBase:
             self._outage(exc)
 
 
+def history_entry(entry_id: bytes, fields: Any) -> HistoryEntry:
+    """A history stream entry: its id is its time (ms), its fields what happened."""
+    if isinstance(fields, dict):
+        pairs = fields
+    else:  # RESP2: a flat list of field, value, field, value ...
+        pairs = dict(zip(fields[::2], fields[1::2], strict=True))
+    text = {
+        (k.decode() if isinstance(k, bytes) else str(k)): (
+            v.decode(errors="replace") if isinstance(v, bytes) else str(v)
+        )
+        for k, v in pairs.items()
+    }
+    at = int((entry_id.decode() if isinstance(entry_id, bytes) else entry_id).split("-")[0])
+    return HistoryEntry(
+        at=at / 1000,
+        from_state=text.get("from"),
+        to_state=text.get("to"),
+        reason=text.get("reason", ""),
+        failure=text.get("failure"),
+        command=text.get("command"),
+        by=text.get("by"),
+        why=text.get("why"),
+        state=text.get("state"),
+    )
+
+
 def _uncacheable(reply: Reply) -> Reply:
     return reply._replace(cacheable=False)
 
@@ -524,6 +571,7 @@ class RedisStore(RedisStoreBase):
     admit = blocking(RedisStoreBase._admit)
     record = blocking(RedisStoreBase._record)
     control = blocking(RedisStoreBase._control)
+    history = blocking(RedisStoreBase._history)
     status = blocking(RedisStoreBase._status)
     names = blocking(RedisStoreBase._names)
     claim = blocking(RedisStoreBase._claim)
@@ -571,6 +619,7 @@ class AsyncRedisStore(RedisStoreBase):
     admit = awaited(RedisStoreBase._admit)
     record = awaited(RedisStoreBase._record)
     control = awaited(RedisStoreBase._control)
+    history = awaited(RedisStoreBase._history)
     status = awaited(RedisStoreBase._status)
     names = awaited(RedisStoreBase._names)
     claim = awaited(RedisStoreBase._claim)

@@ -6,7 +6,9 @@
 --
 -- KEYS[1] hash of the breaker's fields, KEYS[2] its count-window ring
 -- (one byte per call), KEYS[3] its probes (zset: probe id -> lease end, ms),
--- KEYS[4] its limit's slots (zset: slot id -> lease end, ms; see limit.lua).
+-- KEYS[4] its limit's slots (zset: slot id -> lease end, ms; see limit.lua),
+-- KEYS[5] its history (a stream capped near HISTORY_LENGTH: every transition and
+-- operator's command, at Redis time).
 -- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
 -- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
@@ -149,7 +151,39 @@ end
 -- Writes what changed, tells other processes of a new state, and returns
 -- {state, ms until it may change, mode, version, now, from, to, reason, ...}
 -- after `head` (the op's own leading values).
+local STATE_NAMES = {[CLOSED] = 'closed', [OPEN] = 'open', [HALF_OPEN] = 'half_open'}
+-- An operator's command to note in the history (control.lua sets them).
+local history_command, history_by, history_why = nil, '', ''
+
+-- Every transition (the last failure with a trip), and the operator's command, to
+-- the breaker's history.
+local function note_history()
+  local entries = {}
+  for _, t in ipairs(transitions) do
+    local entry = {'from', STATE_NAMES[t[1]], 'to', STATE_NAMES[t[2]], 'reason', t[3]}
+    if t[2] == OPEN and S.lf ~= '' then
+      entry[#entry + 1] = 'failure'; entry[#entry + 1] = S.lf
+    end
+    entries[#entries + 1] = entry
+  end
+  if history_command then
+    if #entries == 0 then entries[1] = {'state', STATE_NAMES[S.st]} end
+    for _, entry in ipairs(entries) do
+      entry[#entry + 1] = 'command'; entry[#entry + 1] = history_command
+      if history_by ~= '' then entry[#entry + 1] = 'by'; entry[#entry + 1] = history_by end
+      if history_why ~= '' then entry[#entry + 1] = 'why'; entry[#entry + 1] = history_why end
+    end
+  end
+  -- Redis's own time names each entry; a test's fake clock names it itself.
+  local id = '*'
+  if ARGV[4] ~= '' then id = now .. '-*' end
+  for _, entry in ipairs(entries) do
+    redis.call('XADD', KEYS[5], 'MAXLEN', '~', HISTORY_LENGTH, id, unpack(entry))
+  end
+end
+
 local function finish(head)
+  note_history()
   local changes = {}
   for name in pairs(dirty) do
     changes[#changes + 1] = name

@@ -1,6 +1,8 @@
 -- ARGV[5] the command: force_open, force_close, force_half_open, reset, disable,
--- enable (an operator's), or healthy (a health check passed: open goes half-open now).
+-- enable (an operator's), or healthy (a health check passed: open goes half-open now);
+-- ARGV[6] who gave it and ARGV[7] why ('' if unsaid), for the history.
 local op = ARGV[5]
+if op ~= 'healthy' then history_command, history_by, history_why = op, ARGV[6], ARGV[7] end
 local before = S.st
 if op == 'healthy' then
   -- A health check opens the door, only real calls (probes) close it. Never
