@@ -717,7 +717,8 @@ def test_the_history_keeps_every_transition_and_command(
         (None, None, "open", "enable"),
         ("open", "closed", None, "reset"),
     ]
-    assert (entries[0].failure, entries[0].reason) == ("EndpointDown: 503", "1 consecutive failures")
+    trip = entries[0]
+    assert (trip.failure, trip.reason) == ("EndpointDown: 503", "1 consecutive failures")
     assert (entries[3].by, entries[3].why) == ("alice@ops", "rolling deploy")
     assert entries[3].at == pytest.approx(clock.now, abs=0.01)
     assert [e.command for e in breaker.history(since=clock.now - 1)] == [

@@ -182,7 +182,7 @@ def test_a_frozen_breaker_redis_keeps_the_gateway_ready(tmp_path: Any) -> None:
                 breaker_redis.thaw()
 
 
-USER_APP = '''
+USER_APP = """
 import os
 
 from celery import Celery
@@ -208,7 +208,7 @@ class Summarize(BaseModel):
 
 
 gateway = create_gateway(summarize, body=Summarize, path="/summarize")
-'''
+"""
 
 
 def test_the_gateway_serves_a_task_of_another_shape_from_outside_the_repository(
