@@ -917,8 +917,9 @@ def _ms_since(start: float) -> float:
 
 
 def _said(outcome: Outcome, exc: BaseException) -> str:
-    """What a counted failure was, for operators ("" for what is not one)."""
-    return failure_text(exc) if outcome is Outcome.FAILURE else ""
+    """What a failure was, for operators ("" for what is not one); an overload's too, kept
+    only where it counts as a failure (no adaptive limit, or one at its minimum)."""
+    return failure_text(exc) if outcome in (Outcome.FAILURE, Outcome.OVERLOAD) else ""
 
 
 def _jittered(seconds: float) -> float:

@@ -35,6 +35,8 @@ class BreakerRead:
     error: str | None = None
     #: Workers that paused the breaker's queue (defer="pause") while it is open.
     paused: int = 0
+    #: Messages waiting in its paused queue, as a paused worker last counted them.
+    backlog: int | None = None
 
 
 def read_fleet(store: RedisStore) -> Iterator[BreakerRead]:
@@ -52,7 +54,11 @@ def read_fleet(store: RedisStore) -> Iterator[BreakerRead]:
             yield BreakerRead(name, None, lot, str(exc))
             continue
         if status is not None:
-            yield BreakerRead(name, status, lot, paused=paused_workers(store, name))
+            paused = paused_workers(store, name)
+            backlog = store.client.get(breaker_keys(store.prefix, name).backlog) if paused else None
+            yield BreakerRead(
+                name, status, lot, paused=paused, backlog=None if backlog is None else int(backlog)
+            )
 
 
 def paused_workers(store: RedisStore, name: str) -> int:

@@ -87,6 +87,12 @@ class BreakerCollector:
             "Workers that stopped consuming the breaker's queue while it is open (defer=pause)",
             labels=["breaker"],
         )
+        backlog = GaugeMetricFamily(
+            "cbtasks_queue_backlog",
+            "Messages waiting in the breaker's paused queue (defer=pause), as a paused worker "
+            "counted them",
+            labels=["breaker"],
+        )
         limit = GaugeMetricFamily(
             "cbtasks_limit_concurrency",
             "The fleet's concurrency limit now (a static one, or where the adaptive one stands)",
@@ -125,6 +131,7 @@ class BreakerCollector:
                 probes.add_metric([name], status.probes_in_use)
                 parked.add_metric([name], read.lot.count())
                 paused.add_metric([name], read.paused)
+                backlog.add_metric([name], read.backlog or 0)
                 if status.limit is not None:
                     if status.limit.concurrency is not None:
                         limit.add_metric([name], status.limit.concurrency)
@@ -134,7 +141,7 @@ class BreakerCollector:
                         tokens.add_metric([name], status.limit.tokens_available)
         except StoreUnavailableError as exc:  # the scrape shows what it got, and the
             log.warning("metrics: %s", exc)  # per-process counters still answer
-        yield from (state, mode, failures, trips, probes, parked, paused)
+        yield from (state, mode, failures, trips, probes, parked, paused, backlog)
         yield from (limit, in_flight, admitted, tokens)
 
 

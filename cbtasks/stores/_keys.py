@@ -13,7 +13,7 @@ Cluster slot and one script can touch them all:
   the slow start;
 - ``:waited`` the requests that waited and then ran; ``:paused`` the workers
   that paused the breaker's queue (defer="pause"), ``:claim:consume:<queue>``
-  the half-open consumer's lease.
+  the half-open consumer's lease, ``:backlog`` the paused queue's waiting messages.
 
 Outside any breaker: ``<prefix>:news`` and ``<prefix>:parked`` (channels),
 ``<prefix>:done:<task id>`` (the completion guard).
@@ -95,6 +95,10 @@ class BreakerKeys:
     @property
     def paused(self) -> str:
         return f"{self.base}:paused"
+
+    @property
+    def backlog(self) -> str:
+        return f"{self.base}:backlog"
 
 
 @functools.lru_cache(maxsize=4096)

@@ -29,12 +29,15 @@ consumes ``cbtasks.restore`` (a queue nothing is sent to) meanwhile.
 
 Each paused worker notes itself in ``<prefix>:{breaker}:paused`` (a sorted set
 of hostnames by the time the note runs out), which ``cbtasks status`` and the
-``cbtasks_queue_paused`` gauge count.
+``cbtasks_queue_paused`` gauge count, and the messages waiting in the queue in
+``<prefix>:{breaker}:backlog`` (the ``cbtasks_queue_backlog`` gauge: a paused
+queue whose backlog grows is worth an alert).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -84,6 +87,7 @@ class QueueGate:
         hostname: str,
         *,
         rand: Callable[[], float] = random.random,
+        backlog: Callable[[], int | None] | None = None,
     ) -> None:
         self.queue = queue
         self.breaker = breaker
@@ -91,8 +95,11 @@ class QueueGate:
         self.hostname = hostname
         self._consume = consume
         self._rand = rand
+        #: Messages waiting in the queue (the broker's count), read while paused.
+        self._backlog = backlog
         keys = breaker_keys(self.store.prefix, breaker.name)
         self._paused_key = keys.paused
+        self._backlog_key = keys.backlog
         self._lease_key = keys.claim(f"consume:{queue}")
         self._wire = breaker.policy.wire()
         #: What this worker does now: it consumes every queue when it starts.
@@ -164,6 +171,10 @@ class QueueGate:
             else:
                 until = int((time.time() + PAUSED_NOTE_SECONDS) * 1000)
                 client.zadd(self._paused_key, {self.hostname: until})
+                waiting = self._backlog() if self._backlog is not None else None
+                if waiting is not None:  # for operators: a paused queue's backlog
+                    ttl = int(PAUSED_NOTE_SECONDS * 1000)
+                    client.set(self._backlog_key, waiting, px=ttl)
         except REDIS_TROUBLE as exc:
             log.debug("cannot note the pause of %r (%s)", self.queue, exc)
 
@@ -222,6 +233,7 @@ class PauseQueues(bootsteps.StartStopStep):  # type: ignore[misc]
                 task.cbtasks_breaker,
                 _consumer_switch(consumer, queue, task_probes(task), consumed, redis_broker, cut),
                 consumer.hostname,
+                backlog=functools.partial(queue_backlog, consumer.app, queue),
             )
             gate.prefetch = cut
             # Before the event loop runs: a worker that starts while the circuit
@@ -365,6 +377,19 @@ def queue_of(app: Any, task: Any) -> str:
     route = app.amqp.router.route({}, task.name, (), {})
     queue = route.get("queue")
     return str(getattr(queue, "name", queue) or app.conf.task_default_queue)
+
+
+def queue_backlog(app: Any, queue: str) -> int | None:
+    """How many messages wait in ``queue`` (the broker says: LLEN, a passive declare), or
+    None if it cannot say now. A connection of its own: the gate's thread is not the
+    consumer's."""
+    try:
+        with app.connection_for_read() as connection, connection.channel() as channel:
+            declared = channel.queue_declare(queue=queue, passive=True)
+            return int(declared.message_count)
+    except Exception as exc:  # watching only: a broker that cannot say is no reason to fail
+        log.debug("cannot count the messages in %r (%s)", queue, exc)
+        return None
 
 
 def consume_pause_queues(app: Any) -> None:
