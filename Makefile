@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVERS_VENV := .venv-servers
 SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs demo bench clean mutate servers-venv
+.PHONY: test lint typecheck pytest docs demo bench clean mutate servers-venv tools
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ $(SERVERS_STAMP): tests/servers/requirements.txt
 
 servers-venv: $(SERVERS_STAMP)
 
+# Prometheus and promtool (Debian's prometheus package): the alert rules' tests and
+# the real scrape of a worker. Installed when missing (as root: CI runs as root).
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package (promtool, prometheus)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+
 lint: $(STAMP)
 	$(BIN)/ruff check cbtasks workers tests bench
 	$(BIN)/ruff format --check cbtasks workers tests bench
@@ -30,7 +37,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) $(SERVERS_STAMP)
+pytest: $(STAMP) $(SERVERS_STAMP) tools
 	$(BIN)/pytest
 
 # The documentation site (mkdocs-material, the API reference by mkdocstrings),

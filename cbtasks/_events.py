@@ -16,14 +16,22 @@ raises is logged and the others still run: watching never fails a call.
 
 :func:`watch` adds a subscriber of every breaker's events in this process
 (the test plugin's recorder), whichever breaker emits and whenever it was made.
+
+Instrumentation (the Prometheus metrics) is found by name, as Celery finds its
+plugins: :data:`INSTRUMENTATION` lists ``module:object`` paths of objects with
+``observe(event)`` and ``store_error(exc)``; a task subscribes what imports
+(prometheus_client installed) through :func:`instruments`. The layers below
+never import the ones above: the dependency is a name here, not an import.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from ._state import Outcome, StateChange
 
@@ -37,6 +45,8 @@ __all__ = [
     "RequestDeferred",
     "RequestFailed",
     "RequestWaited",
+    "instruments",
+    "store_error",
     "unwatch",
     "watch",
 ]
@@ -131,6 +141,46 @@ Event = (
     | RequestWaited
 )
 Subscriber = Callable[[Event], object]
+
+
+class Instrument(Protocol):
+    """What observes a fleet's breakers for operators: their events, the store's errors."""
+
+    def observe(self, event: Event) -> None: ...
+
+    def store_error(self, exc: BaseException) -> None: ...
+
+
+#: The instrumentation a task subscribes, by ``module:callable`` returning an Instrument.
+INSTRUMENTATION: list[str] = ["cbtasks.ops.metrics:metrics"]
+_instruments: tuple[Instrument, ...] | None = None
+_instruments_lock = threading.Lock()
+
+
+def instruments() -> tuple[Instrument, ...]:
+    """The instrumentation of this process, each of INSTRUMENTATION that imports (made once;
+    one whose library is missing is left out)."""
+    global _instruments
+    with _instruments_lock:
+        if _instruments is None:
+            found = []
+            for path in INSTRUMENTATION:
+                module, _, name = path.partition(":")
+                try:
+                    found.append(getattr(importlib.import_module(module), name)())
+                except ImportError as exc:
+                    log.debug("instrumentation %s left out: %s", path, exc)
+            _instruments = tuple(found)
+        return _instruments
+
+
+def store_error(exc: BaseException) -> None:
+    """A Redis call of a store, a guard or a lot failed: told to every instrument."""
+    for instrument in instruments():
+        try:
+            instrument.store_error(exc)
+        except Exception:  # watching never fails a call
+            log.exception("instrument %r failed on a store error", instrument)
 
 
 # Subscribers of every breaker's events (watch / unwatch): a tuple, replaced whole.

@@ -67,3 +67,76 @@ def test_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == []
+
+
+#: Layers, lowest first: a module may import its own layer's and lower ones only.
+LAYERS = (
+    ("cbtasks._state", "cbtasks._errors", "cbtasks._limit", "cbtasks._policy"),
+    ("cbtasks._machine", "cbtasks._limiter", "cbtasks._classify", "cbtasks._events"),
+    ("cbtasks.stores",),
+    ("cbtasks._health", "cbtasks._breaker"),
+    ("cbtasks.fallbacks", "cbtasks.clients", "cbtasks.server", "cbtasks.task"),
+    ("cbtasks.ops", "cbtasks.gateway", "cbtasks.testing", "cbtasks._testing"),
+)
+
+
+def _layer(module: str) -> int | None:
+    for i, layer in enumerate(LAYERS):
+        if any(module == top or module.startswith(top + ".") for top in layer):
+            return i
+    return None
+
+
+def test_dependencies_point_one_way() -> None:
+    """Pure core <- stores <- breaker <- task <- ops: no module imports one of a layer
+    above its own (instrumentation is found by name, not imported: _events)."""
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        mine = _layer(name)
+        if mine is None:
+            continue
+        for target in _imports(name, path, modules):
+            theirs = _layer(target)
+            if theirs is not None and theirs > mine:
+                upward.append(f"{name} -> {target}")
+    assert not upward, upward
+
+
+def test_importing_cbtasks_wires_nothing() -> None:
+    """Importing every module changes no Celery global and connects no signal; a task
+    bound to an app wires that app (once)."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib, pkgutil, re
+from celery import Celery, signals
+from celery.app import utils
+def seen():
+    return (utils.HIDDEN_SETTINGS.pattern,
+            [len(s.receivers) for s in (signals.worker_init, signals.worker_ready,
+             signals.worker_shutting_down, signals.task_received)])
+before = seen()
+import cbtasks
+for info in pkgutil.walk_packages(cbtasks.__path__, "cbtasks."):
+    if info.name.split(".")[-1] not in ("__main__",) and not info.name.startswith("cbtasks.server.grpc"):
+        importlib.import_module(info.name)
+assert seen() == before, (before, seen())
+app = Celery("wired", set_as_current=False, broker="memory://")
+@app.task(base=cbtasks.CircuitBreakerTask, shared=False)
+def predict(): pass
+app.finalize(auto=True)
+after = seen()
+assert "CBTASKS_REDIS_URL" in after[0] and after[1][0] == before[1][0] + 1, after
+other = Celery("other", set_as_current=False, broker="memory://")
+@other.task(base=cbtasks.CircuitBreakerTask, shared=False)
+def again(): pass
+other.finalize(auto=True)
+assert seen()[1][0] == before[1][0] + 2 and seen()[1][2] == before[1][2] + 1, seen()
+print("ok")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr

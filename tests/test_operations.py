@@ -539,6 +539,8 @@ def test_dashboard_queries_name_metrics_the_workers_export(fleet: dict[str, Any]
     breaker.force_open()
     app.send_task("workers.predict_or_default", (FEATURES,), queue="ops").get(timeout=60)
     breaker.force_close()
+    # A breaker with a limit: the limit's gauges.
+    app.send_task("tests.predict_limited", (FEATURES,), queue="ops").get(timeout=60)
     exported = {name for name, _ in _scrape(fleet["metrics"])}
     missing = dashboard_metric_names() - exported
     assert not missing, f"the dashboard queries metrics no worker exports: {missing}"

@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 import time
 from time import perf_counter
 from typing import Any, ClassVar
@@ -37,11 +38,17 @@ from .. import fallbacks as fb
 from .._breaker import CircuitBreaker, Ticket, _reported_tokens
 from .._classify import retry_hint
 from .._errors import CallRefused, CircuitOpenError, LimitExceeded, PolicyError
-from .._events import FallbackServed, RequestDeferred, RequestFailed, RequestWaited
+from .._events import (
+    FallbackServed,
+    RequestDeferred,
+    RequestFailed,
+    RequestWaited,
+    instruments,
+    store_error,
+)
 from .._limit import Limit
 from .._policy import BreakerPolicy
 from .._state import Outcome
-from ..ops.metrics import metrics
 from ..stores import MemoryStore, RedisStore
 from ..stores._connection import REDIS_TROUBLE, cause, describe_client
 from ..stores._memory import process_store
@@ -85,8 +92,6 @@ from ._visibility import safe_hold
 from ._waits import waits_record
 
 __all__ = ["CircuitBreakerTask"]
-
-hide_redis_url_from_reports()
 
 log = logging.getLogger("cbtasks.task")
 
@@ -155,6 +160,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     #: paused queue meanwhile: consumption follows the limit); 0: defer at once.
     limit_wait: float | None = None
 
+    @classmethod
+    def on_bound(cls, app: celery.Celery) -> None:
+        """Celery binds a task class to ``app``: wire cbtasks into that app's workers (once
+        per app). Importing cbtasks wires nothing: this is where the framework hands us
+        its object."""
+        super().on_bound(app)
+        wire(app)
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery builds a subclass per decorated function, with the decorator's
         # options as class attributes: bad options fail here, at registration.
@@ -216,7 +229,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             lambda: CompletionGuard(
                 self.cbtasks_redis,
                 self.cbtasks_prefix,
-                on_error=metrics().store_error,
+                on_error=store_error,
                 backend=self._result_backend(),
             ),
         )
@@ -238,7 +251,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         )
         # What the breaker and the task do reaches the metrics, Flower and the
         # waits record through the breaker's one stream of events.
-        for subscriber in (metrics().observe, flower_events, waits_record):
+        for instrument in instruments():
+            breaker.events.subscribe(instrument.observe)
+        for subscriber in (flower_events, waits_record):
             breaker.events.subscribe(subscriber)
         return breaker
 
@@ -555,7 +570,6 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         self.cbtasks_breaker.events.emit(event)
 
 
-@signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _check_options(sender: Any = None, **_: Any) -> None:
     """Every option of every CircuitBreakerTask, app.conf included, before the worker starts."""
     app = getattr(sender, "app", None) or celery.current_app
@@ -584,14 +598,13 @@ def _check_options(sender: Any = None, **_: Any) -> None:
         raise SystemExit(f"cbtasks: {exc}") from None
 
 
-@signals.worker_ready.connect  # type: ignore[untyped-decorator]
-def _start_releasers(sender: Any = None, **_: Any) -> None:
+def _start_releasers(app: Any) -> None:
     """The worker's main process releases parked requests: one releaser per breaker and worker.
 
     Not the pool processes: releasing needs no task slot, and one releaser
     per worker keeps an idle fleet's Redis traffic to one re-check per worker.
     """
-    for task in list(celery.current_app.tasks.values()):
+    for task in list(app.tasks.values()):
         if (
             isinstance(task, CircuitBreakerTask)
             and task._deferral_mode() == "park"
@@ -600,14 +613,12 @@ def _start_releasers(sender: Any = None, **_: Any) -> None:
             task.cbtasks_releaser()
 
 
-@signals.worker_shutting_down.connect  # type: ignore[untyped-decorator]
 def _stop_releasers(**_: Any) -> None:
     """A warm shutdown: release nothing more to a worker that is going away (what is
     handed out but not yet published stays parked; its lease brings it back)."""
     Releaser.stop_all()
 
 
-@signals.task_received.connect  # type: ignore[untyped-decorator]
 def _stamp_receipt(request: Any = None, **_: Any) -> None:
     """When the worker received the message: the completion guard reads how long it was held.
 
@@ -624,11 +635,44 @@ def _stamp_receipt(request: Any = None, **_: Any) -> None:
 _OWN_FAILURE = ("call failed", "endpoint busy")
 
 
+# The apps wired (by id: an app lives as long as its process) and the process-wide
+# receivers connected once.
+_wired: set[int] = set()
+_wired_lock = threading.Lock()
+
+
+def wire(app: celery.Celery) -> None:
+    """Connect what ``app``'s workers need, once: the options checked and the pause
+    bootstep added at worker_init, parked requests released once ready, releasers
+    stopped at a warm shutdown, receipts stamped; the Redis URL masked in reports."""
+    with _wired_lock:
+        if id(app) in _wired:
+            return
+        first = not _wired
+        _wired.add(id(app))
+    hide_redis_url_from_reports()
+
+    def check(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _check_options(sender=sender)
+
+    def release(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is app:
+            _start_releasers(app)
+
+    # Receivers held strongly (they are closures); each answers for its own app only.
+    signals.worker_init.connect(check, weak=False)
+    signals.worker_ready.connect(release, weak=False)
+    if first:  # process-wide: any app's worker stops this process's releasers
+        signals.worker_shutting_down.connect(_stop_releasers, weak=False)
+        signals.task_received.connect(_stamp_receipt, weak=False)
+
+
 def _ms_since(start: float) -> float:
     return (perf_counter() - start) * 1000
 
 
 def _store(url: str, prefix: str, on_error: str, timeout: float) -> RedisStore:
     store = RedisStore(url, prefix=prefix, on_error=on_error, timeout=timeout)
-    store.on_store_error = metrics().store_error
+    store.on_store_error = store_error
     return store
