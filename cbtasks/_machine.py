@@ -56,6 +56,9 @@ class Snapshot:
     version: int = 0
     #: The last failure counted ("Type: message"), for operators.
     last_failure: str = ""
+    #: Every trip since the breaker was made or reset (``trips`` counts those in a
+    #: row, and sets the backoff; a close clears it).
+    trips_total: int = 0
 
     def copy(self) -> Snapshot:
         return copy.deepcopy(self)
@@ -225,6 +228,7 @@ def _trip(
 ) -> Transition:
     before = snap.state
     snap.trips += 1
+    snap.trips_total += 1
     duration = max(open_duration_ms(w, snap.trips, rand), retry_after_ms)
     snap.state = OPEN
     snap.open_until = now + duration

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +89,22 @@ def test_status_lists_every_breaker(fleet: dict[str, Any]) -> None:
     assert "TRIPS" in lines[0]
     forced = next(line for line in lines if line.startswith("model-a"))
     assert "until closed" in forced  # not a time already past
+    CircuitBreaker("model-b", fail_max=1, store=fleet["store"]).force_close()
+    tripping = CircuitBreaker("model-b", fail_max=1, store=fleet["store"])
+    for _ in range(2):  # two trips, a close between them: one in a row, two in all
+        with contextlib.suppress(ZeroDivisionError):
+            tripping.call(lambda: 1 / 0)
+        assert tripping.state is State.OPEN
+        if _ == 0:
+            tripping.force_close()
+    row = json.loads(cli("status", "--json", "--redis-url", url).stdout)
+    b = next(r for r in row if r["name"] == "model-b")
+    assert (b["trips"], b["trips_total"]) == (1, 2)
+    shown = next(line for line in cli("status", "--redis-url", url).stdout.splitlines()
+                 if line.startswith("model-b"))  # fmt: skip
+    assert " 1/2 " in shown and re.search(r"\d\d:\d\d:\d\d \S+", shown), shown  # its zone
+    help_text = cli("status", "--help").stdout
+    assert "DEAD" in help_text and "ROW/ALL" in help_text
     CircuitBreaker("model-a", store=fleet["store"]).reset()
 
 
@@ -199,6 +217,7 @@ def test_tables_are_rich_on_a_terminal_and_plain_elsewhere(fleet: dict[str, Any]
         "MODE",
         "FAILURES",
         "TRIPS",
+        "ROW/ALL",
         "OPEN",
         "UNTIL",
         "PROBES",

@@ -19,7 +19,7 @@ HEADER = (
     "STATE",
     "MODE",
     "FAILURES",
-    "TRIPS",
+    "TRIPS ROW/ALL",
     "OPEN UNTIL",
     "PROBES",
     "PARKED",
@@ -39,7 +39,9 @@ def as_dict(status: BreakerStatus, lot: ParkingLot, paused: int = 0) -> dict[str
         "state": status.state.value,
         "mode": status.mode.name.lower(),
         "open_until": status.open_until,
+        # Trips in a row (a close clears them; they set the backoff) and in all.
         "trips": status.trips,
+        "trips_total": status.trips_total,
         "consecutive_failures": status.consecutive_failures,
         "window_calls": status.window_calls,
         "window_failures": status.window_failures,
@@ -94,7 +96,7 @@ def cells(row: dict[str, Any]) -> tuple[str, ...]:
         row["mode"],
         # Failures are counted while closed; an open circuit counts none.
         str(row["consecutive_failures"]) if row["state"] == "closed" else "-",
-        str(row["trips"]),
+        f"{row['trips']}/{row.get('trips_total', row['trips'])}",
         _open_until(row),
         str(row["probes_in_use"]),
         str(row["parked"]),
@@ -138,7 +140,12 @@ def _open_until(row: dict[str, Any]) -> str:
     if row["mode"] == "forced_open":
         return "until closed"  # an operator's open has no end of its own
     until = row["open_until"]
-    return datetime.datetime.fromtimestamp(until).strftime("%H:%M:%S.%f")[:-3] if until else "-"
+    if not until:
+        return "-"
+    at = datetime.datetime.fromtimestamp(until).astimezone()
+    # The date too when it is not today's (a long backoff, a clock far away).
+    shown = at.strftime("%H:%M:%S" if at.date() == datetime.date.today() else "%Y-%m-%d %H:%M:%S")
+    return f"{shown} {_zone()}"
 
 
 def history_table(entries: Sequence[HistoryEntry]) -> str:

@@ -128,7 +128,25 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.pass_context
 def status(ctx: click.Context, redis_url: str | None, prefix: str | None, as_json: bool) -> None:
-    """Every breaker's state."""
+    """Every breaker's state.
+
+    \b
+    NAME           the breaker (a task's breaker is named after its endpoint or task)
+    STATE          closed (calls go through), open (calls refused), half_open (probes)
+    MODE           normal, or an operator's forced_open / forced_closed / disabled
+    FAILURES       failures in a row while closed ("-" when not closed)
+    TRIPS ROW/ALL  times opened since it last closed (they lengthen the open
+                   period) / since it was made or reset
+    OPEN UNTIL     when an open circuit lets its first probe through (local time)
+    PROBES         half-open probe calls in flight now
+    PARKED         requests waiting in Redis for the circuit (defer="park")
+    DEAD           parked requests that could not be sent back (not a request of
+                   this breaker's task): kept, never run, in the Redis hash
+                   cbtasks:{NAME}:parked:dead (request id -> message, reason)
+    PAUSED         workers not consuming the breaker's queue (defer="pause")
+    LIMIT          calls in flight / the limit, calls admitted in the last second
+    LAST FAILURE   the last failure counted: why it opened, if it did
+    """
     with _store(ctx, redis_url, prefix) as store:
         rows = status_rows(store)
     if as_json:

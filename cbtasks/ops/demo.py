@@ -41,14 +41,20 @@ class EventCounts:
     """Counts the custom task events workers send (what Flower shows), in a thread."""
 
     def __init__(self, app: Celery) -> None:
+        #: Events by kind: a request deferred three times counts three.
         self.counts: Counter[str] = Counter()
+        #: The requests (task ids) deferred at least once.
+        self.deferred_requests: set[str] = set()
         self._connection = app.connection()
         self._receiver = app.events.Receiver(self._connection, handlers={"*": self._on_event})
         threading.Thread(target=self._run, daemon=True).start()
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event["type"] == "task-circuit_open":
-            self.counts[str(event.get("action", "rejected"))] += 1
+            action = str(event.get("action", "rejected"))
+            self.counts[action] += 1
+            if action in ("deferred", "parked") and event.get("uuid"):
+                self.deferred_requests.add(str(event["uuid"]))
         elif event["type"] == "task-circuit_fallback":
             self.counts["fallback"] += 1
 
@@ -171,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             c = events.counts
             line.show(
                 f"  sent {len(results):4}  done {done:4}/{args.tasks}  "
-                f"deferred {c['deferred']:4}  answered by the fallback "
+                f"deferred {len(events.deferred_requests):4}  answered by the fallback "
                 f"{requests.answers['FALLBACK']:3}  breaker {state:9}",
                 final=done == args.tasks,
             )
@@ -197,14 +203,18 @@ def run(args: argparse.Namespace) -> int:
         events.stop()
         store.close()
         accounted = sum(outcomes.values())
-        print("\n\nsummary")
-        print(f"  succeeded        {outcomes['succeeded']}")
-        print(f"  fallback         {requests.answers['FALLBACK']} answered at once by the gateway "
-              "(their tasks ran after the recovery)")  # fmt: skip
-        print(f"  failed           {outcomes['failed']}")
-        print(f"  deferrals        {events.counts['deferred'] + events.counts['parked']}")
-        print(f"  endpoint calls   {stats['requests']} ({stats['requests'] - stats['ok']} failed)")
-        print(f"  called twice after success: {stats['calls_after_success']}")
+        deferrals = events.counts["deferred"] + events.counts["parked"]
+        print(f"\n\nsummary of {args.tasks} requests")
+        print(f"  answered by the model      {outcomes['succeeded']}")
+        print(f"  answered by a fallback     {outcomes['fallback']} (in the task)")
+        print(f"  failed                     {outcomes['failed']}")
+        print(f"  deferred at least once     {len(events.deferred_requests)} requests "
+              f"({deferrals} deferrals in all)")  # fmt: skip
+        print(f"  the gateway's fallback     {requests.answers['FALLBACK']} requests answered "
+              "at once by the gateway while open (their tasks ran later, counted above)")  # fmt: skip
+        print(f"  endpoint calls             {stats['requests']} "
+              f"({stats['requests'] - stats['ok']} failed)")  # fmt: skip
+        print(f"  called again after success {stats['calls_after_success']}")
         print(
             f"  accounted for: {accounted} of {args.tasks} requests, lost: {args.tasks - accounted}"
         )

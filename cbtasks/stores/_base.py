@@ -183,6 +183,8 @@ class BreakerStatus:
     limit: LimitStatus | None = None
     #: The last failure counted ("ConnectionError: ..."): why it opened, if it did.
     last_failure: str | None = None
+    #: Every trip since it was made or reset (``trips``: those in a row, which a close clears).
+    trips_total: int = 0
 
 
 class LocalView:

@@ -219,6 +219,7 @@ class MemoryStore:
                 retry_after=remaining / 1000 if state == machine.OPEN else 0.0,
                 limit=self._limit_status(name, self.local_clock() * 1000),
                 last_failure=snap.last_failure or None,
+                trips_total=snap.trips_total,
             )
 
     def _limiter(self, name: str, policy: PolicyWire) -> limiter.LimiterState:

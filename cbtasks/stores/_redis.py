@@ -443,6 +443,7 @@ class RedisStoreBase:
             retry_after=remaining / 1000 if state == OPEN else 0.0,
             limit=_limit_status(limit),
             last_failure=counts.last_failure.decode(errors="replace") or None,
+            trips_total=counts.trips_total,
         )
 
     # -- outages --------------------------------------------------------------------

@@ -102,6 +102,7 @@ class StatusTail(NamedTuple):
     probes: int
     open_until: int
     last_failure: bytes
+    trips_total: int
 
 
 class LimitTail(NamedTuple):

@@ -12,8 +12,9 @@
 -- ARGV[1] channel for state news, ARGV[2] breaker name, ARGV[3] policy
 -- (PolicyWire.encoded), ARGV[4] now in ms or '' for Redis TIME.
 
--- (lf: the last failure counted, "Type: message", for operators; a string, as ws is.)
-local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn', 'lf'}
+-- (lf: the last failure counted, "Type: message", for operators; a string, as ws is.
+-- ta: every trip since the breaker was made or reset; tr counts those in a row.)
+local FIELDS = {'st', 'md', 'ou', 'tr', 'cf', 'nc', 'nf', 'ns', 'ws', 'rp', 'le', 'ps', 'vn', 'lf', 'ta'}
 local H, RING, PROBES = KEYS[1], KEYS[2], KEYS[3]
 
 -- One string.match: a gmatch loop costs Redis several times as much.
@@ -76,6 +77,7 @@ end
 local function trip(reason, retry_after_ms)
   local before = S.st
   set('tr', S.tr + 1)
+  set('ta', S.ta + 1)
   set('st', OPEN)
   set('ou', now + math.max(open_duration_ms(S.tr), retry_after_ms))
   redis.call('DEL', PROBES)

@@ -1,12 +1,12 @@
 -- Read-only. Returns {exists, <finish>, trips, consecutive, calls, failures, slow,
--- probes in use, open_until ms, last failure, limit, in flight, adaptive limit, admitted last
+-- probes in use, open_until ms, last failure, trips in all, limit, in flight, adaptive limit, admitted last
 -- second, tokens available}: the limit as the workers last sent it ('' if none;
 -- LimitWire.encoded), the concurrency limit as a string (an adaptive one is a float).
 redis.call('ZREMRANGEBYSCORE', PROBES, '-inf', now)
 local exists = redis.call('EXISTS', H)
 dirty = {}
 local reply = finish({exists})
-for _, v in ipairs({S.tr, S.cf, S.nc, S.nf, S.ns, redis.call('ZCARD', PROBES), S.ou, S.lf}) do
+for _, v in ipairs({S.tr, S.cf, S.nc, S.nf, S.ns, redis.call('ZCARD', PROBES), S.ou, S.lf, S.ta}) do
   reply[#reply + 1] = v
 end
 local LW = parse_limit(LS.lw)
