@@ -1,7 +1,7 @@
 """A limit for the whole fleet: rate, concurrency, cost, and a backlog drained at the limit.
 
     python -m bench.limits [--sections rate,concurrency,cost,backlog] [--rounds 1]
-                           [--rate-calls 3000] [--backlog 5000]
+                           [--rate-calls 3000] [--backlog 5000] [--service-ms 50]
 
 Each section starts its own Redis (broker, results, breaker state), the
 reference model server and a fleet of Celery workers (``bench.baselines``),
@@ -12,7 +12,7 @@ and measures at the server (every request's arrival time and status):
   own ``rate_limit="50/s"`` on the same fleet. Printed: the achieved rate
   (calls / time from the first arrival to the last), the most calls that
   arrived in any one second, and Redis commands per task.
-- concurrency: ``Limit(concurrency=8)``, 50 ms calls, 3 workers x 4
+- concurrency: ``Limit(concurrency=8)``, --service-ms calls, 3 workers x 4
   processes: the most calls in flight at the server, and throughput against 8
   / service time; then the same with one worker SIGKILLed mid-run: tasks
   lost, run twice, and how long until the fleet used all 8 slots again (the
@@ -211,9 +211,9 @@ def rate_section(calls: int, rounds: int) -> None:
 # -- concurrency ------------------------------------------------------------------------
 
 
-def concurrency_section(calls: int) -> None:
+def concurrency_section(calls: int, service_ms: float = 50) -> None:
     limit = {"concurrency": 8, "lease": 3}
-    service = 0.05
+    service = service_ms / 1000
     header = ("run", "peak in flight", "throughput /s", "vs 8/service", "vs 8 callers")
     out: list[tuple[str, ...]] = [(*header, "lost", "twice", "dead slots back (s)")]
     # The baseline: 8 callers and no limit (2 workers x 4): what 8 calls at once make of
@@ -375,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--rate-calls", type=int, default=3000)
     parser.add_argument("--concurrency-calls", type=int, default=1200)
+    # A longer call shows the limit's own cost against 8 / service time apart from the
+    # client's fixed time per call (about 12 ms a call on a 2-core machine).
+    parser.add_argument("--service-ms", type=float, default=50)
     parser.add_argument("--cost-tasks", type=int, default=400)
     parser.add_argument("--backlog", type=int, default=5000)
     args = parser.parse_args(argv)
@@ -384,11 +387,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     if not 1 <= args.rounds <= 10:
         parser.error("--rounds is 1 to 10")
+    if not 1 <= args.service_ms <= 5000:
+        parser.error("--service-ms is 1 to 5000 (milliseconds per call at the server)")
     print("## Fleet-wide limits (bench/limits.py)")
     if "rate" in sections:
         rate_section(args.rate_calls, args.rounds)
     if "concurrency" in sections:
-        concurrency_section(args.concurrency_calls)
+        concurrency_section(args.concurrency_calls, args.service_ms)
     if "cost" in sections:
         cost_section(args.cost_tasks, max(args.rounds, 3))
     if "backlog" in sections:

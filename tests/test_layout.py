@@ -120,8 +120,9 @@ def seen():
 before = seen()
 import cbtasks
 for info in pkgutil.walk_packages(cbtasks.__path__, "cbtasks."):
-    if info.name.split(".")[-1] not in ("__main__",) and not info.name.startswith("cbtasks.server.grpc"):
-        importlib.import_module(info.name)
+    name = info.name
+    if not name.endswith("__main__") and not name.startswith("cbtasks.server.grpc"):
+        importlib.import_module(name)
 assert seen() == before, (before, seen())
 app = Celery("wired", set_as_current=False, broker="memory://")
 @app.task(base=cbtasks.CircuitBreakerTask, shared=False)

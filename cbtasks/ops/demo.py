@@ -174,7 +174,6 @@ def run(args: argparse.Namespace) -> int:
             if state != last_state:
                 line.event(f"  {elapsed} breaker {last_state} -> {state}")
                 last_state = state
-            c = events.counts
             line.show(
                 f"  sent {len(results):4}  done {done:4}/{args.tasks}  "
                 f"deferred {len(events.deferred_requests):4}  answered by the fallback "
@@ -211,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  deferred at least once     {len(events.deferred_requests)} requests "
               f"({deferrals} deferrals in all)")  # fmt: skip
         print(f"  the gateway's fallback     {requests.answers['FALLBACK']} requests answered "
-              "at once by the gateway while open (their tasks ran later, counted above)")  # fmt: skip
+              "at once while open (their tasks ran later, counted above)")  # fmt: skip
         print(f"  endpoint calls             {stats['requests']} "
               f"({stats['requests'] - stats['ok']} failed)")  # fmt: skip
         print(f"  called again after success {stats['calls_after_success']}")
