@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import pytest
 import redis
@@ -18,6 +21,49 @@ from tests.async_adapter import BlockingAsyncStore
 pytest_plugins = ("celery.contrib.pytest",)
 
 _names = itertools.count()
+
+
+@contextlib.contextmanager
+def worker_tasks_on(redis_url: str, env: dict[str, str]) -> Iterator[ModuleType]:
+    """``tests.worker_tasks`` (its app and tasks) sending to ``redis_url``, with ``env`` in
+    the environment, for one module's tests; then both put back.
+
+    Every module that runs real workers shares that app, and Celery keeps what it made
+    for the first broker and result backend it used (connection and producer pools, the
+    backend): without dropping them a later module's tasks go to a Redis that has gone.
+    """
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    from tests import worker_tasks
+
+    app = worker_tasks.app
+    before = {key: app.conf.get(key) for key in ("broker_url", "result_backend")}
+    before["cbtasks_redis_url"] = app.conf.get("cbtasks_redis_url")
+    _forget_connections(app)
+    app.conf.update(broker_url=redis_url, result_backend=redis_url, cbtasks_redis_url=redis_url)
+    try:
+        yield worker_tasks
+    finally:
+        _forget_connections(app)
+        app.conf.update(before)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _forget_connections(app: object) -> None:
+    """What Celery drops in a forked child (``Celery._after_fork``), and the backend."""
+    pool = getattr(app, "_pool", None)
+    if pool is not None:
+        pool.force_close_all()
+    app._pool = None  # type: ignore[attr-defined]
+    amqp = app.__dict__.get("amqp")
+    if amqp is not None:
+        amqp._producer_pool = None
+    app._backend_cache = None  # type: ignore[attr-defined]
+    app._local = threading.local()  # type: ignore[attr-defined]
 
 
 class FakeClock:

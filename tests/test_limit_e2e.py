@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from cbtasks import CircuitBreaker, Limit, RedisStore
 from cbtasks._testing.processes import CeleryWorker, ModelServer
 from cbtasks._testing.redis_server import RedisServer
-from tests.conftest import wait_for
+from tests.conftest import wait_for, worker_tasks_on
 
 APP = "tests.worker_tasks"
 FEATURES = [5.1, 3.5, 1.4, 0.2]
@@ -30,17 +29,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             # A killed worker's message comes back after this (the kill test).
             "CBTASKS_VISIBILITY_TIMEOUT": "4",
         }
-        os.environ.update(env)
-        from tests import worker_tasks as tasks
-
-        tasks.app.conf.update(
-            broker_url=redis_server.url,
-            result_backend=redis_server.url,
-            cbtasks_redis_url=redis_server.url,
-        )
         store = RedisStore(redis_server.url)
         try:
-            yield {"model": model, "tasks": tasks, "env": env, "logs": logs, "store": store}
+            with worker_tasks_on(redis_server.url, env) as tasks:
+                yield {"model": model, "tasks": tasks, "env": env, "logs": logs, "store": store}
         finally:
             store.close()
 

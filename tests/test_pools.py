@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from cbtasks import CircuitBreaker, RedisStore
 from cbtasks._testing.processes import CeleryWorker, ModelServer
 from cbtasks._testing.redis_server import RedisServer
 from cbtasks.fallbacks import is_fallback
-from tests.conftest import wait_for
+from tests.conftest import wait_for, worker_tasks_on
 
 FEATURES = [5.1, 3.5, 1.4, 0.2]
 #: Each pool with the concurrency a fleet would give it (I/O-bound calls: many greenlets).
@@ -26,17 +25,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     logs = tmp_path_factory.mktemp("logs")
     with RedisServer() as redis_server, ModelServer() as model:
         env = {"CBTASKS_REDIS_URL": redis_server.url, "CBTASKS_MODEL_URL": model.url}
-        os.environ.update(env)
-        from tests import worker_tasks as tasks
-
-        tasks.app.conf.update(
-            broker_url=redis_server.url,
-            result_backend=redis_server.url,
-            cbtasks_redis_url=redis_server.url,
-        )
         store = RedisStore(redis_server.url)
         try:
-            yield {"model": model, "tasks": tasks, "env": env, "logs": logs, "store": store}
+            with worker_tasks_on(redis_server.url, env) as tasks:
+                yield {"model": model, "tasks": tasks, "env": env, "logs": logs, "store": store}
         finally:
             store.close()
 

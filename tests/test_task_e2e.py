@@ -19,7 +19,7 @@ from cbtasks import CircuitBreaker, CircuitOpenError, PolicyError, RedisStore, S
 from cbtasks._testing.processes import CeleryWorker, ModelServer
 from cbtasks._testing.redis_server import RedisServer
 from cbtasks.fallbacks import is_fallback
-from tests.conftest import wait_for
+from tests.conftest import wait_for, worker_tasks_on
 
 CONCURRENCY = 4
 # The example app plus the tasks only these tests use.
@@ -36,28 +36,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "CBTASKS_MODEL_URL": model.url,
             "CBTASKS_MODEL_GRPC_TARGET": model.grpc_target or "",
         }
-        os.environ.update(env)
-        from tests import worker_tasks as workers_app
-
-        workers_app.app.conf.update(
-            broker_url=redis_server.url,
-            result_backend=redis_server.url,
-            cbtasks_redis_url=redis_server.url,
-        )
         worker = CeleryWorker(
             env, concurrency=CONCURRENCY, log_path=logs / "worker.log", app=APP
         ).start()
         store = RedisStore(redis_server.url)
         try:
-            yield {
-                "redis": redis_server,
-                "model": model,
-                "worker": worker,
-                "tasks": workers_app,
-                "env": env,
-                "logs": logs,
-                "breaker": CircuitBreaker("iris-model", store=store),
-            }
+            with worker_tasks_on(redis_server.url, env) as workers_app:
+                yield {
+                    "redis": redis_server,
+                    "model": model,
+                    "worker": worker,
+                    "tasks": workers_app,
+                    "env": env,
+                    "logs": logs,
+                    "breaker": CircuitBreaker("iris-model", store=store),
+                }
         finally:
             worker.stop()
             store.close()
