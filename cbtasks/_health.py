@@ -53,6 +53,7 @@ class HealthChecker:
         self._pending: concurrent.futures.Future[object] | None = None
         self._pending_since = 0.0
         self._runner: concurrent.futures.ThreadPoolExecutor | None = None
+        self._runner_pid = 0
         self.store = store
         self.check = check
         self.on_healthy = on_healthy
@@ -82,11 +83,6 @@ class HealthChecker:
         if self._pid != os.getpid():
             self._pid = os.getpid()
             self._stopped = threading.Event()
-            # The check runs on a thread of its own, so a hung one can be given up on.
-            self._runner = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"cbtasks-check-{self.name}"
-            )
-            self._pending = None
             name = f"cbtasks-health-{self.name}"
             threading.Thread(target=self._run, name=name, daemon=True).start()
 
@@ -114,16 +110,27 @@ class HealthChecker:
             self.passed += 1
             self.on_healthy()
 
+    def _check_runner(self) -> concurrent.futures.ThreadPoolExecutor:
+        """The thread the check runs on (so a hung check can be given up on): one per
+        process, made again in a forked child, where the parent's did not come along."""
+        if self._runner is None or self._runner_pid != os.getpid():
+            self._runner_pid = os.getpid()
+            self._pending = None
+            self._runner = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"cbtasks-check-{self.name}"
+            )
+        return self._runner
+
     def _ask(self) -> tuple[bool, BaseException | None]:
         """Run the check, bounded by ``timeout``: (healthy, why not)."""
+        runner = self._check_runner()  # first: a forked child forgets the parent's pending
         pending = self._pending
         if pending is not None and not pending.done():
             since = time.monotonic() - self._pending_since
             return False, TimeoutError(
                 f"the health check has not returned for {since:.1f} s (timeout {self.timeout:g} s)"
             )
-        assert self._runner is not None
-        self._pending = self._runner.submit(self.check)
+        self._pending = runner.submit(self.check)
         self._pending_since = time.monotonic()
         try:
             return bool(self._pending.result(self.timeout)), None
