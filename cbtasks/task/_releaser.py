@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -91,6 +92,10 @@ class Releaser:
         with cls._lock:
             mine = [key for key in cls._running if key[0] == os.getpid()]
             releasers = [cls._running.pop(key) for key in mine]
+        for releaser in releasers:  # every one told first: the waits below may not happen
+            releaser.stop(0)
+        if not _may_wait():
+            return
         for releaser in releasers:
             releaser.stop(timeout)
 
@@ -98,7 +103,11 @@ class Releaser:
         """Publish no more; wait up to ``timeout`` for the batch in hand to finish."""
         self._stopped.set()
         self.wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
+        if (
+            timeout > 0
+            and self._thread is not None
+            and self._thread is not threading.current_thread()
+        ):
             self._thread.join(timeout)
 
     @property
@@ -158,3 +167,16 @@ class Releaser:
             if wait == 0:
                 continue
             self.wake.wait(RECHECK_SECONDS if wait is None else min(wait, RECHECK_SECONDS))
+
+
+def _may_wait() -> bool:
+    """False in gevent's event loop itself, where a worker's shutdown signal arrives under
+    ``-P gevent`` and any wait raises BlockingSwitchOutError: there the releasers are
+    told to stop and finish their batch in hand on their own."""
+    gevent = sys.modules.get("gevent")
+    if gevent is None:
+        return True
+    try:
+        return bool(gevent.getcurrent() is not gevent.get_hub())
+    except Exception:  # gevent imported but not running a hub here
+        return True

@@ -86,6 +86,7 @@ from ._options import (
 )
 from ._parked import expires_at, parked_message, publish_parked, revoke_expired
 from ._pause import PauseQueues, check_pause_queues, consume_pause_queues, pause_queues
+from ._pools import fit_broker_connections
 from ._releaser import Releaser
 from ._reports import flower_events, report_deferred
 from ._visibility import safe_hold
@@ -575,6 +576,15 @@ def _check_options(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None) or celery.current_app
     for said in unknown_settings(app):
         log.warning("cbtasks: %s", said)
+    fitted = fit_broker_connections(app, sender)
+    if fitted is not None:
+        # Logging is not set up yet at worker_init: a warning shows on stderr now,
+        # a note in the worker's log once it is ready.
+        level, said = fitted
+        if level >= logging.WARNING:
+            log.warning("cbtasks: %s", said)
+        else:
+            _notes_at_ready.setdefault(id(app), []).append(said)
     try:
         for task in list(app.tasks.values()):
             if isinstance(task, CircuitBreakerTask):
@@ -596,6 +606,10 @@ def _check_options(sender: Any = None, **_: Any) -> None:
         log.critical("cbtasks: %s", exc)
         # Celery logs and swallows a receiver's Exception: stop the worker.
         raise SystemExit(f"cbtasks: {exc}") from None
+
+
+#: What a worker's start did for its app, logged once the worker is ready (by app id).
+_notes_at_ready: dict[int, list[str]] = {}
 
 
 def _start_releasers(app: Any) -> None:
@@ -658,6 +672,8 @@ def wire(app: celery.Celery) -> None:
 
     def release(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is app:
+            for said in _notes_at_ready.pop(id(app), []):
+                log.info("cbtasks: %s", said)
             _start_releasers(app)
 
     # Receivers held strongly (they are closures); each answers for its own app only.
