@@ -170,13 +170,18 @@ class Releaser:
 
 
 def _may_wait() -> bool:
-    """False in gevent's event loop itself, where a worker's shutdown signal arrives under
-    ``-P gevent`` and any wait raises BlockingSwitchOutError: there the releasers are
-    told to stop and finish their batch in hand on their own."""
-    gevent = sys.modules.get("gevent")
-    if gevent is None:
-        return True
+    """False in gevent's or eventlet's event loop itself, where a worker's shutdown signal
+    arrives under ``-P gevent`` / ``-P eventlet`` and any wait raises (gevent's
+    BlockingSwitchOutError, eventlet's "Cannot switch to MAINLOOP from MAINLOOP"): there
+    the releasers are told to stop and finish their batch in hand on their own."""
     try:
-        return bool(gevent.getcurrent() is not gevent.get_hub())
-    except Exception:  # gevent imported but not running a hub here
+        gevent = sys.modules.get("gevent")
+        if gevent is not None and gevent.getcurrent() is gevent.get_hub():
+            return False
+        eventlet = sys.modules.get("eventlet.hubs")
+        if eventlet is not None:
+            current = sys.modules["greenlet"].getcurrent()  # eventlet runs on greenlet
+            return bool(eventlet.get_hub().greenlet is not current)
+    except Exception:  # imported, but no hub running here
         return True
+    return True
