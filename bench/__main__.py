@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from bench import ceiling, gateway, outage, overhead, redis_cost, scale
+from bench import adaptive, ceiling, gateway, limits, outage, overhead, redis_cost, scale
 
 
 def main() -> None:
@@ -20,6 +20,10 @@ def main() -> None:
     ceiling.main([])
     print("\n## The gateway: latency, throughput, loop lag (bench/gateway.py)\n")
     gateway.main([])
+    print()
+    limits.main([])
+    print("\n## The adaptive limit against a server of unknown capacity (bench/adaptive.py)\n")
+    adaptive.main([])
     print("\n## Outage storm and parked backlog (bench/outage.py; about 25 minutes)\n")
     outage.main(["--backlog", "10000"])
 
