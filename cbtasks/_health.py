@@ -32,10 +32,12 @@ class HealthChecker:
     asks the store for the fleet's turn (a lease of ``interval``): exactly one calls
     ``check()``. A truthy answer sends the ``healthy`` command. ``on_result``
     (the breaker's events) hears each answer, with the exception if the check
-    raised one. A check that raises counts as unhealthy; so does one that has
-    not answered within ``timeout`` seconds (its error a TimeoutError), and no
-    other check starts while it hangs: a check without a deadline would block
-    its checker for ever.
+    raised one, or the ``error`` of a falsy answer that has one (the shipped
+    clients' ``health()``: a timeout, an unreachable endpoint, a status). A
+    check that raises counts as unhealthy; so does one that has not answered
+    within ``timeout`` seconds (its error a TimeoutError), and no other check
+    starts while it hangs: a check without a deadline would block its checker
+    for ever.
     """
 
     def __init__(
@@ -133,11 +135,17 @@ class HealthChecker:
         self._pending = runner.submit(self.check)
         self._pending_since = time.monotonic()
         try:
-            return bool(self._pending.result(self.timeout)), None
+            answer = self._pending.result(self.timeout)
+            if answer:
+                return True, None
+            # A shipped client's HealthAnswer says why not; a plain False says nothing.
+            why = getattr(answer, "error", None)
+            error = why if isinstance(why, BaseException) else None
+            if error is not None:
+                log.debug("breaker %r: health check: not ready: %s", self.name, error)
+            return False, error
         except concurrent.futures.TimeoutError:
-            error: BaseException = TimeoutError(
-                f"the health check timed out after {self.timeout:g} s"
-            )
+            error = TimeoutError(f"the health check timed out after {self.timeout:g} s")
         except Exception as exc:
             error = exc
         log.debug("breaker %r: health check failed: %r", self.name, error)

@@ -248,3 +248,86 @@ def test_the_fleet_makes_one_check_per_interval_however_many_know_it_open(
     finally:
         for store in stores:
             store.close()
+
+
+# -- why a check failed: the shipped clients' health() -----------------------------------
+
+
+def test_the_http_client_says_why_it_is_not_ready(model: ModelServer) -> None:
+    """health() tells a refused connection from no answer in time from "answered: not
+    ready", and healthy() agrees with it; the metric's label follows the reason."""
+    import socket
+
+    from cbtasks._testing.redis_server import free_port
+    from cbtasks.ops.metrics import health_result
+
+    refused = http_client(f"http://127.0.0.1:{free_port()}").health(timeout=1)
+    assert not refused and isinstance(refused.error, ConnectionError)
+    assert health_result(False, refused.error) == "unreachable"
+
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        late = http_client(url).health(timeout=0.2)
+    assert not late and isinstance(late.error, TimeoutError)
+    assert "no answer within 0.2 s" in late.why
+    assert health_result(False, late.error) == "timeout"
+
+    client = http_client(model.url)
+    model.faults(outage_seconds=30)
+    try:
+        down = client.health()
+        assert not down and isinstance(down.error, EndpointFailure)
+        assert down.error.status == 503 and "/healthz answered 503" in down.why
+        assert health_result(False, down.error) == "unhealthy"
+        assert client.healthy() is False
+    finally:
+        model.clear_faults()
+    up = client.health()
+    assert up and up.error is None and up.why == "ready" and client.healthy() is True
+
+
+def test_the_grpc_client_says_why_it_is_not_ready() -> None:
+    """NOT_SERVING is named; a target nobody listens on is unreachable."""
+    from grpc_health.v1 import health_pb2
+
+    from cbtasks._testing.redis_server import free_port
+    from cbtasks.clients import grpc_client
+    from tests.product_servers import GrpcProductServer
+
+    with GrpcProductServer() as server:
+        client = grpc_client(server.target)
+        server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        answer = client.health()
+        assert not answer and isinstance(answer.error, EndpointFailure)
+        assert answer.error.status == "NOT_SERVING"
+        server.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert client.health()
+    nobody = grpc_client(f"127.0.0.1:{free_port()}").health(timeout=1)
+    assert not nobody and isinstance(nobody.error, ConnectionError | TimeoutError)
+
+
+def test_the_checker_hands_on_the_clients_reason(name: str) -> None:
+    """health_check=client.health: HealthChecked.error is the client's reason, and the
+    Prometheus counter labels the check "unreachable" (it said only "unhealthy")."""
+    from prometheus_client import REGISTRY
+
+    from cbtasks import HealthChecked
+    from cbtasks._testing.redis_server import free_port
+    from cbtasks.ops.metrics import metrics
+
+    client = http_client(f"http://127.0.0.1:{free_port()}")
+    seen: list[HealthChecked] = []
+    breaker = CircuitBreaker(
+        name, policy=POLICY, store=MemoryStore(), health_check=client.health, health_interval=0.05
+    )
+    breaker.events.subscribe(lambda e: seen.append(e) if isinstance(e, HealthChecked) else None)
+    breaker.events.subscribe(metrics().observe)
+    trip(breaker)
+    wait_for(lambda: len(seen) >= 2, 5, "two checks' results")
+    assert all(not e.healthy and isinstance(e.error, ConnectionError) for e in seen)
+    labels = {"breaker": name, "result": "unreachable"}
+    counted = REGISTRY.get_sample_value("cbtasks_health_checks_total", labels)
+    assert counted is not None and counted >= 2
+    assert breaker.state is State.OPEN

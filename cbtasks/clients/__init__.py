@@ -6,9 +6,10 @@ count against a breaker) and :class:`~cbtasks.CallerError` for the caller's
 CircuitBreakerTask with no glue code.
 """
 
+from ._health import HealthAnswer
 from .http import HTTPModelClient, http_client
 
-__all__ = ["GRPCModelClient", "HTTPModelClient", "grpc_client", "http_client"]
+__all__ = ["GRPCModelClient", "HTTPModelClient", "HealthAnswer", "grpc_client", "http_client"]
 
 
 def __getattr__(name: str) -> object:

@@ -11,9 +11,10 @@ from .._classify import grpc_code_outcome, retry_hint
 from .._errors import CallerError, EndpointBusy, EndpointFailure
 from .._state import Outcome
 from ._encoding import encode_request
+from ._health import HealthAnswer
 from ._pool import per_process
 
-__all__ = ["GRPCModelClient", "grpc_client"]
+__all__ = ["GRPCModelClient", "HealthAnswer", "grpc_client"]
 
 
 class GRPCModelClient:
@@ -85,21 +86,47 @@ class GRPCModelClient:
         Asks ``grpc.health.v1.Health/Check``; a server without the health
         service (UNIMPLEMENTED) is healthy when its channel connects. For a
         breaker's ``health_check``: it may end an open period early, and only
-        real predictions then close the circuit.
+        real predictions then close the circuit. :meth:`health` answers the
+        same and says why not.
         """
+        return self.health(timeout).ready
+
+    def health(self, timeout: float = 2.0) -> HealthAnswer:
+        """As :meth:`healthy`, as a :class:`HealthAnswer` that says why not (deadline
+        exceeded, unreachable, or the status the server gave); never raises."""
         try:
             answer = self._health(self._health_request, timeout=timeout)
         except grpc.RpcError as exc:
-            if exc.code() is not grpc.StatusCode.UNIMPLEMENTED:
-                return False  # NOT_FOUND (an unknown service), UNAVAILABLE, ...
-            try:
-                grpc.channel_ready_future(self._channel).result(timeout=timeout)
-            except Exception:  # grpc.FutureTimeoutError, or a closed channel
-                return False
-            return True
-        except Exception:  # a closed channel
-            return False
-        return bool(answer == _SERVING)
+            code = exc.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:
+                return self._connects(timeout)
+            said = f"{self.target}: health check: {code.name}: {exc.details()}"
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return HealthAnswer(False, TimeoutError(said))
+            if code is grpc.StatusCode.UNAVAILABLE:
+                return HealthAnswer(False, ConnectionError(said))
+            # NOT_FOUND (an unknown service), ...
+            return HealthAnswer(False, EndpointFailure(said, status=code.name))
+        except Exception as exc:  # a closed channel
+            return HealthAnswer(False, exc)
+        if answer == _SERVING:
+            return HealthAnswer(True)
+        status = _serving_status(answer)
+        return HealthAnswer(
+            False, EndpointFailure(f"{self.target}: health check: {status}", status=status)
+        )
+
+    def _connects(self, timeout: float) -> HealthAnswer:
+        """A server without the health service: healthy when its channel connects."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return HealthAnswer(
+                False, TimeoutError(f"{self.target}: the channel did not connect in {timeout:g} s")
+            )
+        except Exception as exc:  # a closed channel
+            return HealthAnswer(False, exc)
+        return HealthAnswer(True)
 
     def close(self) -> None:
         self._channel.close()
@@ -116,6 +143,17 @@ class GRPCModelClient:
 # HealthCheckResponse {ServingStatus status = 1;} with SERVING = 1.
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _SERVING = b"\x08\x01"
+#: grpc.health.v1.HealthCheckResponse.ServingStatus, by number.
+_SERVING_STATUS = {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}
+
+
+def _serving_status(answer: object) -> str:
+    """The status name in a raw HealthCheckResponse (field 1, a varint; absent when 0)."""
+    if answer == b"":
+        return "UNKNOWN"
+    if isinstance(answer, bytes) and len(answer) == 2 and answer[0] == 0x08:
+        return _SERVING_STATUS.get(answer[1], f"status {answer[1]}")
+    return f"an unreadable answer {answer!r:.40}"
 
 
 def _health_check_request(service: str) -> bytes:

@@ -12,10 +12,11 @@ from .._classify import headers_retry_hint, parse_retry_after
 from .._errors import CallerError, EndpointBusy, EndpointFailure
 from .._state import Outcome
 from ._encoding import encode_request
+from ._health import HealthAnswer
 from ._pool import per_process
 from .profiles import ServerProfile, profile_named
 
-__all__ = ["HTTPModelClient", "http_client", "parse_retry_after"]
+__all__ = ["HTTPModelClient", "HealthAnswer", "http_client", "parse_retry_after"]
 
 _DEFAULT_TIMEOUT = 10.0
 
@@ -132,17 +133,36 @@ class HTTPModelClient:
         """True when the profile's readiness path says ready within ``timeout``; never raises.
 
         For a breaker's ``health_check``: it may end an open period early, and
-        only real predictions then close the circuit.
+        only real predictions then close the circuit. :meth:`health` answers
+        the same and says why not.
         """
+        return self.health(path, timeout).ready
+
+    def health(self, path: str | None = None, timeout: float = 2.0) -> HealthAnswer:
+        """Ask the readiness path: a :class:`HealthAnswer`, true when ready, otherwise
+        with the reason (no answer in time, not reachable, or the status it
+        answered); never raises. ``health_check=client.health`` lets the breaker's
+        events and metrics tell a timeout from a refused connection from "not ready".
+        """
+        where = f"{self.base_url}{path or self.health_path}"
         try:
             response = self._client.get(path or self.health_path, timeout=timeout)
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            return self.profile.ready(response.status_code, body)
-        except Exception:  # any failure to answer is "not healthy"
-            return False
+        except httpx.TimeoutException:
+            return HealthAnswer(False, TimeoutError(f"{where}: no answer within {timeout:g} s"))
+        except httpx.TransportError as exc:  # refused, unknown host, reset
+            return HealthAnswer(False, ConnectionError(f"{where}: {exc or type(exc).__name__}"))
+        except Exception as exc:  # a closed client: any failure to answer is "not healthy"
+            return HealthAnswer(False, exc)
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if self.profile.ready(response.status_code, body):
+            return HealthAnswer(True)
+        status = response.status_code
+        return HealthAnswer(
+            False, EndpointFailure(f"{where} answered {status}: not ready", status=status)
+        )
 
     def close(self) -> None:
         self._client.close()

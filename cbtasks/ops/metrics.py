@@ -187,7 +187,7 @@ class Metrics:
         self.probes = Counter("cbtasks_probes", "Half-open probe calls made here", ["breaker"])
         self.health_checks = Counter(
             "cbtasks_health_checks",
-            "Health checks made while open, by result (healthy, unhealthy, timeout)",
+            "Health checks made while open, by result (healthy, unhealthy, timeout, unreachable)",
             ["breaker", "result"],
         )
         self.store_errors = Counter(
@@ -215,10 +215,7 @@ class Metrics:
                     event.breaker, event.from_state.value, event.to_state.value
                 ).inc()
             case HealthChecked(breaker=breaker, healthy=healthy, error=error):
-                result = "healthy" if healthy else "unhealthy"
-                if isinstance(error, TimeoutError):
-                    result = "timeout"
-                self.health_checks.labels(breaker, result).inc()
+                self.health_checks.labels(breaker, health_result(healthy, error)).inc()
             case RequestDeferred(breaker=breaker, mode=mode):
                 self.deferrals.labels(breaker, mode).inc()
             case FallbackServed(breaker=breaker, kind=kind):
@@ -233,6 +230,19 @@ class Metrics:
 
 _metrics: Metrics | None = None
 _lock = threading.Lock()
+
+
+def health_result(healthy: bool, error: BaseException | None) -> str:
+    """The ``result`` label of a health check: healthy, timeout (no answer in time),
+    unreachable (refused, unknown host, reset) or unhealthy (it answered: not ready,
+    or the check raised something else)."""
+    if healthy:
+        return "healthy"
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, ConnectionError):
+        return "unreachable"
+    return "unhealthy"
 
 
 def metrics() -> Metrics:
