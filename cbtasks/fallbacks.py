@@ -47,7 +47,18 @@ class NoFallback(Exception):
 
 
 class Fallback(Protocol):
-    """What a task calls for an answer while its circuit is open."""
+    """What a task calls for an answer while its circuit is open.
+
+    A task's fallback takes ``(task, args, kwargs)``, so it can reach the task's
+    Redis, name or app (a breaker's own ``fallback=`` takes the call's
+    ``*args, **kwargs``, as the guarded function does). Two hooks are optional,
+    looked up by name, never by type, so a fallback of your own can have them:
+
+    - ``remember(task, args, kwargs, result)``: called after each successful
+      call (a cache keeps the result);
+    - ``answer(task, args, kwargs) -> (kind, value)``: what answered, where that
+      is not always this fallback (a cache miss answered by its ``otherwise``).
+    """
 
     kind: str
 
@@ -174,10 +185,22 @@ def answer(
     fallback: Fallback, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[str, Any]:
     """``(kind, value)``: the value and the kind of the fallback that actually answered
-    (a CachedResult with nothing cached answers with its ``otherwise``)."""
-    if isinstance(fallback, CachedResult):
-        return fallback.answer(task, args, kwargs)
+    (a CachedResult with nothing cached answers with its ``otherwise``): the
+    fallback's own ``answer`` hook where it has one."""
+    own = getattr(fallback, "answer", None)
+    if callable(own):
+        kind, value = own(task, args, kwargs)
+        return str(kind), value
     return fallback.kind, fallback(task, args, kwargs)
+
+
+def remember(
+    fallback: Fallback | None, task: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+) -> None:
+    """Hand a good result to the fallback's ``remember`` hook, where it has one."""
+    hook = getattr(fallback, "remember", None)
+    if callable(hook):
+        hook(task, args, kwargs, result)
 
 
 def as_fallback(value: Any) -> Fallback | None:

@@ -193,3 +193,82 @@ def test_fallback_errors_say_what_to_pass(redis_url: str) -> None:
         fb.EnqueueForLater("")
     with pytest.raises(fb.NoFallback, match="no cached result for these arguments"):
         fb.CachedResult(ttl=60)(FakeTask(redis_url), (404,), {})
+
+
+def test_a_fallback_of_your_own_has_the_hooks_a_cache_has(cbtasks: Any) -> None:
+    """remember() hears every good result and answer() says which kind answered: looked
+    up by name on any fallback, not only on CachedResult."""
+    from celery import Celery
+
+    from cbtasks import CircuitBreakerTask
+
+    class LastSeen:
+        """Remembers the last result per first argument, in the process."""
+
+        kind = "last_seen"
+
+        def __init__(self) -> None:
+            self.seen: dict[Any, Any] = {}
+
+        def remember(self, task: Any, args: tuple[Any, ...], kwargs: Any, result: Any) -> None:
+            self.seen[args[0]] = result
+
+        def answer(self, task: Any, args: tuple[Any, ...], kwargs: Any) -> tuple[str, Any]:
+            if args[0] in self.seen:
+                return self.kind, self.seen[args[0]]
+            return "default", None
+
+        def __call__(self, task: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
+            return self.answer(task, args, kwargs)[1]
+
+    app = Celery("hooks", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+    last = LastSeen()
+
+    @app.task(
+        base=CircuitBreakerTask,
+        name="hooks.predict",
+        shared=False,
+        breaker="hooks",
+        on_open="fallback",
+        fallback=last,
+    )
+    def predict(x: int) -> int:
+        return x * 10
+
+    cbtasks.use(app).memory()
+    assert predict.delay(1).get() == 10
+    assert last.seen == {1: 10}
+    cbtasks.open("hooks")
+    assert predict.delay(1).get() == fb.mark("last_seen", 10, predict.delay(1).get()["reason"])
+    assert predict.delay(2).get()["cbtasks_fallback"] == "default"
+    assert [f.kind for f in cbtasks.fallbacks][-1] == "default"
+
+
+def test_a_cached_result_fills_in_eager_mode_too(cbtasks: Any) -> None:
+    """An eager call that succeeds is remembered as a worker's run is (it was not: an
+    eager test of a CachedResult fallback found the cache always empty)."""
+    from celery import Celery
+
+    from cbtasks import CircuitBreakerTask
+
+    app = Celery("eager-cache", broker="memory://", set_as_current=False)
+    app.conf.task_always_eager = True
+
+    @app.task(
+        base=CircuitBreakerTask,
+        name="eager_cache.predict",
+        shared=False,
+        breaker="eager-cache",
+        on_open="fallback",
+        fallback=fb.CachedResult(ttl=60),
+    )
+    def predict(x: int) -> int:
+        return x + 1
+
+    cbtasks.use(app).memory()
+    assert predict.delay(41).get() == 42
+    cbtasks.open("eager-cache")
+    answer = predict.delay(41).get()
+    assert fb.is_fallback(answer) and answer["cbtasks_fallback"] == "cached"
+    assert answer["result"] == 42

@@ -380,13 +380,15 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         guard.record(probe, Outcome.SUCCESS, _ms_since(start), tokens_used=tokens_used)
         self._ran_at_last(guard)
         self._complete(request.id, result)
-        fallback = self._fallback
-        if isinstance(fallback, fb.CachedResult):
-            try:
-                fallback.remember(self, args, kwargs, result)
-            except REDIS_TROUBLE as exc:
-                log.warning("cannot cache the result of %s (%s)", self.name, cause(exc))
+        self._remember(args, kwargs, result)
         return result
+
+    def _remember(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
+        """A good result to the fallback's ``remember`` hook (a cache keeps it)."""
+        try:
+            fb.remember(self._fallback, self, args, kwargs, result)
+        except REDIS_TROUBLE as exc:
+            log.warning("cannot cache the result of %s (%s)", self.name, cause(exc))
 
     def _ran_at_last(self, guard: CircuitBreaker) -> None:
         """A deferred request's run that is not deferred again: how long it waited, once,
@@ -406,11 +408,13 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     def _call_in_place(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Called directly or eagerly: no queue to defer to, so fall back or raise."""
         try:
-            return self.cbtasks_breaker.call(super().__call__, *args, **kwargs)
+            result = self.cbtasks_breaker.call(super().__call__, *args, **kwargs)
         except CallRefused as exc:
             if self._fallback is None:
                 raise
             return self._answer_with_fallback(exc, args, kwargs)
+        self._remember(args, kwargs, result)  # an eager test's cache fills as a worker's does
+        return result
 
     # -- rejection -------------------------------------------------------------------
 
