@@ -47,7 +47,14 @@ def test_a_park_that_fails_is_reported_as_the_countdown_it_became(
     """Redis cannot take the parked request: it is deferred by countdown, and the result
     backend, the event and the request's own header all say countdown, not park."""
 
-    @app.task(base=CircuitBreakerTask, bind=True, breaker="paths-park", defer="park", name="p")
+    @app.task(
+        base=CircuitBreakerTask,
+        bind=True,
+        shared=False,
+        breaker="paths-park",
+        defer="park",
+        name="p",
+    )
     def _predict(self: Any) -> str:
         raise EndpointFailure("503", status=503)
 
@@ -79,7 +86,14 @@ def test_a_deferred_request_is_said_to_have_waited_once_and_how(app: Celery) -> 
     when it runs to the end, one, tagged park as its deferral said."""
     answers = iter([EndpointFailure("503", status=503), "ok"])
 
-    @app.task(base=CircuitBreakerTask, bind=True, breaker="paths-wait", defer="park", name="w")
+    @app.task(
+        base=CircuitBreakerTask,
+        bind=True,
+        shared=False,
+        breaker="paths-wait",
+        defer="park",
+        name="w",
+    )
     def _predict(self: Any) -> str:
         answer = next(answers)
         if isinstance(answer, Exception):
@@ -108,7 +122,7 @@ def test_a_redelivered_message_of_a_completed_task_is_answered_by_the_guard(
 
     calls: list[int] = []
 
-    @app.task(base=CircuitBreakerTask, bind=True, breaker="paths-guard", name="g")
+    @app.task(base=CircuitBreakerTask, bind=True, shared=False, breaker="paths-guard", name="g")
     def _predict(self: Any) -> str:
         calls.append(1)
         return "second call"

@@ -20,13 +20,14 @@ from ..stores._base import validate_name
 from ..stores._connection import check_url
 from ..stores._keys import DEFAULT_PREFIX
 from ..stores._outage import OnError
+from ._modes import IN_HAND_MODES, MODES
 
 log = logging.getLogger("cbtasks.task")
 
 ON_OPEN = ("defer", "fallback", "fail")
-DEFER = ("countdown", "park", "pause")
+DEFER = tuple(MODES)
 #: What defer="pause" does with a request already in hand when the circuit opens.
-IN_HAND = ("countdown", "park")
+IN_HAND = tuple(IN_HAND_MODES)
 #: Which messages the completion guard looks at.
 COMPLETION_CHECK = ("redelivered", "always")
 DEFAULTS: dict[str, Any] = {
@@ -60,14 +61,6 @@ DEFAULTS: dict[str, Any] = {
     # or the limit's own ``wait`` if longer.
     "limit_wait": None,
 }
-#: A request the limit refuses waits up to this long in its process by default
-#: (a rate's permit is reserved and slept for; a slot is asked for again when
-#: one is likely free): re-publishing it to wait 20 ms costs the broker a round
-#: trip and the permit its moment. Past it the request is deferred by countdown.
-LIMIT_WAIT = 1.0
-#: With defer="pause", this long: the worker takes no more of the queue
-#: meanwhile, so the fleet consumes it at the limit's pace.
-PAUSE_LIMIT_WAIT = 60.0
 # Each number option: (least, most, whole numbers only, the least itself allowed).
 _NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
     "max_deferrals": (0, 1e9, True, True),

@@ -364,7 +364,7 @@ def pause_queues(app: Any) -> dict[str, Any]:
     """Each queue a defer="pause" task is routed to, with that task (one per queue)."""
     queues: dict[str, Any] = {}
     for task in list(app.tasks.values()):
-        if _breaker_of(task) is not None and task._option("defer") == "pause":
+        if _breaker_of(task) is not None and task.cbtasks_deferral.pauses_queue:
             queues.setdefault(queue_of(app, task), task)
     return queues
 

@@ -16,6 +16,7 @@ import celery
 
 from .._errors import LimitExceeded
 from .._events import Event, FallbackServed, RequestDeferred, RequestFailed
+from ._modes import MODES
 
 #: The result backend's state of a deferred task (and Flower's, from its event).
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
@@ -34,11 +35,11 @@ log = logging.getLogger("cbtasks.task")
 def flower_events(event: Event) -> None:
     """A subscriber: the task events Flower shows for what a task did with a refused request."""
     match event:
-        case RequestDeferred(mode="park"):
-            fields: dict[str, Any] = {"action": "parked", "deferrals": event.deferrals}
-            send_circuit_event(event.task, _refusal_event(event.error), event.error, **fields)
         case RequestDeferred():
-            fields = {"action": "deferred", "countdown": event.countdown}
+            mode = MODES.get(event.mode)
+            fields: dict[str, Any] = {"action": mode.action if mode else "deferred"}
+            if event.countdown is not None:
+                fields["countdown"] = event.countdown
             fields["deferrals"] = event.deferrals
             send_circuit_event(event.task, _refusal_event(event.error), event.error, **fields)
         case FallbackServed():

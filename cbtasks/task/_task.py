@@ -67,10 +67,9 @@ from ._headers import (
     waited_since,
 )
 from ._memory import collect_now_and_then
+from ._modes import DeferralMode, Refusal, mode_named
 from ._options import (
-    LIMIT_WAIT,
     MEMORY_URL,
-    PAUSE_LIMIT_WAIT,
     classify_of,
     health_check_of,
     hide_redis_url_from_reports,
@@ -285,10 +284,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
         return Releaser.ensure(key, make, store.add_news_hook)
 
+    @property
+    def cbtasks_deferral(self) -> DeferralMode:
+        """The task's deferral mode (``defer``): countdown, park or pause."""
+        return mode_named(str(self._option("defer")))
+
     def _deferral_mode(self) -> str:
         """How a request in hand is deferred: countdown or park (pause: its in-hand choice)."""
-        mode = str(self._option("defer"))
-        return str(self._option("pause_in_hand")) if mode == "pause" else mode
+        return self.cbtasks_deferral.in_hand(self).name
 
     def _option(self, name: str) -> Any:
         return option(self, name)
@@ -303,7 +306,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         wait = self._option("limit_wait")
         if wait is not None:
             return float(wait)
-        default = PAUSE_LIMIT_WAIT if self._option("defer") == "pause" else LIMIT_WAIT
+        default = self.cbtasks_deferral.limit_wait
         return max(breaker.limit.wait if breaker.limit is not None else 0.0, default)
 
     # -- the run -----------------------------------------------------------------
@@ -445,44 +448,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
         collect_now_and_then(int(self._option("gc_every")))
-        used = None
-        if self._deferral_mode() == "park":
-            headers[DEFERRED_BY] = "park"
-            if self._parked(args, kwargs, headers):
-                used = "park"
-                self._emit(RequestDeferred(exc.name, used, exc, deferrals + 1, None, self))
-                log.info(
-                    "task %s[%s] deferred: %s (breaker %r), parked until the circuit closes "
-                    "(deferral %d)",
-                    self.name,
-                    request.id,
-                    exc.reason,
-                    exc.name,
-                    deferrals + 1,
-                )
-        if used is None:  # countdown, or a park that Redis could not take
-            used = headers[DEFERRED_BY] = "countdown"
-            jitter = float(self._option("defer_jitter"))
-            if isinstance(exc, LimitExceeded):
-                # The limit says when a slot or permit is due: spread the fleet's
-                # return over as long again, not over a circuit's second.
-                jitter = min(jitter, max(exc.retry_after, 0.05))
-            wait = countdown(self.app, exc.retry_after, jitter)
-            with as_the_same_request():
-                self.signature_from_request(
-                    request, args, kwargs, countdown=wait, retries=request.retries, headers=headers
-                ).apply_async()
-            self._emit(RequestDeferred(exc.name, "countdown", exc, deferrals + 1, wait, self))
-            log.info(
-                "task %s[%s] deferred: %s (breaker %r), back in %.1f s by countdown "
-                "(deferral %d, its retries untouched)",
-                self.name,
-                request.id,
-                exc.reason,
-                exc.name,
-                wait,
-                deferrals + 1,
-            )
+        refusal = Refusal(exc, args, kwargs, headers, deferrals)
+        used = self.cbtasks_deferral.defer(self, refusal)
         if self._option("report_state") and not self.ignore_result:
             report_deferred(self, exc, used, deferrals + 1)
         raise Ignore()
@@ -500,6 +467,59 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise failed from exc
         self._emit(FallbackServed(exc.name, kind, exc, self))
         return fb.mark(kind, value, exc.reason)
+
+    # -- the deferral modes' mechanics (``_modes`` decides which) -----------------------
+
+    def _defer_by_countdown(self, refusal: Refusal) -> None:
+        """Re-publish the request, same id, retries untouched, due when the circuit or
+        the limit may let it through (plus jitter)."""
+        exc, request = refusal.error, self.request
+        refusal.headers[DEFERRED_BY] = "countdown"
+        jitter = float(self._option("defer_jitter"))
+        if isinstance(exc, LimitExceeded):
+            # The limit says when a slot or permit is due: spread the fleet's
+            # return over as long again, not over a circuit's second.
+            jitter = min(jitter, max(exc.retry_after, 0.05))
+        wait = countdown(self.app, exc.retry_after, jitter)
+        with as_the_same_request():
+            self.signature_from_request(
+                request,
+                refusal.args,
+                refusal.kwargs,
+                countdown=wait,
+                retries=request.retries,
+                headers=refusal.headers,
+            ).apply_async()
+        deferral = refusal.deferrals + 1
+        self._emit(RequestDeferred(exc.name, "countdown", exc, deferral, wait, self))
+        log.info(
+            "task %s[%s] deferred: %s (breaker %r), back in %.1f s by countdown "
+            "(deferral %d, its retries untouched)",
+            self.name,
+            request.id,
+            exc.reason,
+            exc.name,
+            wait,
+            deferral,
+        )
+
+    def _defer_by_parking(self, refusal: Refusal) -> bool:
+        """Park the request until the circuit closes; False if it could not be parked."""
+        exc = refusal.error
+        refusal.headers[DEFERRED_BY] = "park"
+        if not self._parked(refusal.args, refusal.kwargs, refusal.headers):
+            return False
+        deferral = refusal.deferrals + 1
+        self._emit(RequestDeferred(exc.name, "park", exc, deferral, None, self))
+        log.info(
+            "task %s[%s] deferred: %s (breaker %r), parked until the circuit closes (deferral %d)",
+            self.name,
+            self.request.id,
+            exc.reason,
+            exc.name,
+            deferral,
+        )
+        return True
 
     # -- parking -------------------------------------------------------------------
 
@@ -625,7 +645,7 @@ def _start_releasers(app: Any) -> None:
     for task in list(app.tasks.values()):
         if (
             isinstance(task, CircuitBreakerTask)
-            and task._deferral_mode() == "park"
+            and task.cbtasks_deferral.in_hand(task).parks
             and not task._in_memory
         ):
             task.cbtasks_releaser()
