@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from cbtasks import CircuitOpenError, LimitExceeded
 from cbtasks.task import _memory
-from cbtasks.task._countdown import countdown
+from cbtasks.task._countdown import countdown, deferral_countdown
 from cbtasks.task._headers import header
 from cbtasks.task._memory import collect_now_and_then
 from cbtasks.task._parked import expires_at, parked_message
@@ -38,6 +39,17 @@ def test_countdown_has_a_floor_and_a_cap() -> None:
     assert countdown(app(), -5.0, 0.0) == 0.05
     assert countdown(app(10), 60.0, 0.0) == 5.0
     assert countdown(app(), 7200.0, 0.0) == 1800.0  # the default timeout: one hour
+
+
+def test_a_limits_refusal_is_spread_over_its_own_wait_not_the_circuits_jitter() -> None:
+    """A slot due in 0.2 s: the fleet comes back within 0.2 s more, not within the 1 s
+    jitter of a circuit; an open circuit's refusal keeps the whole jitter."""
+    by_limit = [
+        deferral_countdown(app(), LimitExceeded("m", 0.2, "concurrency"), 1.0) for _ in range(200)
+    ]
+    assert all(0.2 <= s <= 0.4 for s in by_limit)
+    by_circuit = [deferral_countdown(app(), CircuitOpenError("m", 0.2), 1.0) for _ in range(200)]
+    assert all(0.2 <= s <= 1.2 for s in by_circuit) and max(by_circuit) > 0.5
 
 
 def test_headers_come_from_the_request_or_its_headers() -> None:

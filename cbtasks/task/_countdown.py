@@ -9,7 +9,23 @@ from collections.abc import Iterator
 import celery
 from celery import _state as celery_state
 
+from .._errors import CallRefused, LimitExceeded
 from ._visibility import safe_hold
+
+
+def deferral_countdown(app: celery.Celery, refused: CallRefused, jitter: float) -> float:
+    """The countdown of a request the circuit or the limit refused: when it may get
+    through (``retry_after``: the open period's end; while half-open, about one
+    probe's duration; for a limit, when a slot or permit is due), spread by jitter.
+
+    The refusal says which (``CircuitOpenError.state``, ``LimitExceeded.kind``): a
+    countdown of its own for one of them is decided here.
+    """
+    if isinstance(refused, LimitExceeded):
+        # The limit says when a slot or permit is due: spread the fleet's return
+        # over as long again, not over a circuit's second.
+        jitter = min(jitter, max(refused.retry_after, 0.05))
+    return countdown(app, refused.retry_after, jitter)
 
 
 def countdown(app: celery.Celery, retry_after: float, jitter: float) -> float:

@@ -37,7 +37,7 @@ from celery.exceptions import Ignore, Reject, Retry
 from .. import fallbacks as fb
 from .._breaker import CircuitBreaker, Ticket, _reported_tokens
 from .._classify import retry_hint
-from .._errors import CallRefused, CircuitOpenError, LimitExceeded, PolicyError
+from .._errors import CallRefused, CircuitOpenError, PolicyError
 from .._events import (
     FallbackServed,
     RequestDeferred,
@@ -54,7 +54,7 @@ from ..stores._connection import REDIS_TROUBLE, cause, describe_client
 from ..stores._memory import process_store
 from ..stores._parking import ParkingLot
 from ._completion import CompletionGuard
-from ._countdown import as_the_same_request, countdown
+from ._countdown import as_the_same_request, deferral_countdown
 from ._headers import (
     CHECK_COMPLETION,
     DEADLINE,
@@ -475,12 +475,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         the limit may let it through (plus jitter)."""
         exc, request = refusal.error, self.request
         refusal.headers[DEFERRED_BY] = "countdown"
-        jitter = float(self._option("defer_jitter"))
-        if isinstance(exc, LimitExceeded):
-            # The limit says when a slot or permit is due: spread the fleet's
-            # return over as long again, not over a circuit's second.
-            jitter = min(jitter, max(exc.retry_after, 0.05))
-        wait = countdown(self.app, exc.retry_after, jitter)
+        wait = deferral_countdown(self.app, exc, float(self._option("defer_jitter")))
         with as_the_same_request():
             self.signature_from_request(
                 request,
