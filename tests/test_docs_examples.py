@@ -110,3 +110,29 @@ def test_the_first_app_runs_as_the_page_says(
     finally:
         worker.stop()
         sys.modules.pop("app", None)
+
+
+def test_every_task_option_is_in_the_options_table() -> None:
+    """docs/tasks.md's table names every option a CircuitBreakerTask reads, and only
+    those, and each is a declared attribute of the class (its `#:` line documents it in
+    the reference): an option added in one place and not the others fails here (the
+    table lacked pause_in_hand, completion_check, classify, health_timeout, on_error
+    and prefix)."""
+    from cbtasks import CircuitBreakerTask
+    from cbtasks.task._options import DEFAULTS
+
+    page = (ROOT / "docs" / "tasks.md").read_text()
+    table = page[page.index("| option | default | meaning |") :].split("\n\n", 1)[0]
+    documented = {
+        name
+        for row in table.splitlines()[2:]
+        for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])
+    }
+    expected = set(DEFAULTS) | {"breaker", "breaker_policy", "fallback", "limit"}
+    assert documented == expected, (
+        f"missing from the table: {sorted(expected - documented)}; "
+        f"not options: {sorted(documented - expected)}"
+    )
+    app_wide = {"prefix", "on_error"}  # app.conf.cbtasks_<name>, or a decorator option
+    undeclared = [n for n in expected - app_wide if not hasattr(CircuitBreakerTask, n)]
+    assert not undeclared, f"options without a #: attribute on CircuitBreakerTask: {undeclared}"

@@ -149,6 +149,9 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     report_state: bool | None = None
     #: A full garbage collection every this many deferrals per process (0: never).
     gc_every: int | None = None
+    #: Seconds each Redis call of the task (breaker, completion guard, parking lot) may
+    #: take before it follows ``on_error`` instead of stalling the task (default 0.25).
+    redis_timeout: float | None = None
     #: The endpoint's limit (a Limit or a dict of its fields), shared by the whole fleet;
     #: default ``app.conf.cbtasks_limit[<breaker name>]``. A request it refuses is
     #: deferred as for an open circuit, spending no retry. A slot's lease defaults to
