@@ -18,7 +18,7 @@ import redis
 
 from ._keys import breaker_keys, parked_channel
 from ._redis import drive
-from ._scripts import ACK, PARK, RELEASE, LuaScript
+from ._scripts import SCRIPTS, LuaScript
 
 __all__ = ["ParkingLot", "Released"]
 
@@ -68,7 +68,7 @@ class ParkingLot:
             self.breaker,
             _ms(expires_at),
         ]
-        return int(self._run(PARK, keys, args))
+        return int(self._run(SCRIPTS["park"], keys, args))
 
     def release(
         self,
@@ -101,7 +101,7 @@ class ParkingLot:
             int(probe_interval * 1000),
             most,
         ]
-        raw = self._run(RELEASE, keys, args)
+        raw = self._run(SCRIPTS["release"], keys, args)
         wait_ms, expired_count = int(raw[0]), int(raw[1])
         pairs = [(raw[i].decode(), raw[i + 1]) for i in range(2, len(raw), 2)]
         expired = [(rid, self._read(rid, data)) for rid, data in pairs[:expired_count]]
@@ -155,7 +155,7 @@ class ParkingLot:
     def ack(self, request_ids: list[str]) -> None:
         """These were re-published: forget them."""
         if request_ids:
-            self._run(ACK, [self._releasing, self._data, self._parked], request_ids)
+            self._run(SCRIPTS["ack"], [self._releasing, self._data, self._parked], request_ids)
 
     def _run(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         return drive(self.client, script.run(len(keys), *keys, *args))

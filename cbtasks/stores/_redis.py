@@ -56,7 +56,7 @@ from ._memory import MemoryStore
 from ._news import ProcessNews
 from ._outage import OnError, Outage
 from ._scripts import (
-    MACHINE_SCRIPTS,
+    SCRIPTS,
     LimitTail,
     SuccessReply,
     admit_reply,
@@ -316,7 +316,7 @@ class RedisStoreBase:
         if not strict and self._skip_redis(name):
             return None
         try:
-            reply = yield from MACHINE_SCRIPTS[op].run(*argv)
+            reply = yield from SCRIPTS[op].run(*argv)
         except REDIS_TROUBLE as exc:
             self._failed(exc, op, name, strict)
             return None

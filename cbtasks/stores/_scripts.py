@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Generator
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, NamedTuple
 
 from redis.exceptions import NoScriptError
@@ -19,18 +20,15 @@ from ._base import Reply
 
 _LUA = resources.files("cbtasks.stores") / "lua"
 
+#: The first line of a file in ``lua/`` that is a script of its own (not a part loaded
+#: by others): ``--! script`` alone, or ``--! script after: constants clock ...``
+#: naming the parts loaded before it, in order.
+SCRIPT_MARK = "--! script"
+
 
 def lua(name: str) -> str:
     """The text of ``lua/<name>.lua``."""
     return (_LUA / f"{name}.lua").read_text()
-
-
-#: Named numbers (states, modes, the straggler's wait): first in every script.
-CONSTANTS = lua("constants")
-#: The constants and the clock: what every script that reads the time starts with.
-CLOCK = CONSTANTS + lua("clock")
-_MACHINE = CLOCK + lua("common")
-_LIMITED_MACHINE = _MACHINE + "\n" + lua("limit")
 
 
 class LuaScript:
@@ -51,19 +49,38 @@ class LuaScript:
             return (yield ("EVALSHA", self.sha, numkeys, *argv))
 
 
-#: The breaker machine's operations, each the machine plus its own part.
-MACHINE_SCRIPTS = {
-    op: LuaScript(_LIMITED_MACHINE + "\n" + lua(op)) for op in ("admit", "record", "status")
-}
-MACHINE_SCRIPTS["control"] = LuaScript(_MACHINE + "\n" + lua("control"))
-# The healthy path's script does without the machine: only the clock.
-MACHINE_SCRIPTS["success"] = LuaScript(CLOCK + lua("success"))
-#: The parking lot's scripts.
-PARK = LuaScript(CLOCK + lua("park"))
-RELEASE = LuaScript(CLOCK + lua("release"))
-ACK = LuaScript(CONSTANTS + lua("ack"))
-#: A lease taken or renewed by its holder in one step (the half-open consumer's).
-LEASE = LuaScript(lua("lease"))
+def scripts_in(folder: Traversable) -> dict[str, LuaScript]:
+    """Every script in ``folder`` by its file's name, each its parts then its own text.
+
+    A new operation is its file, marked on its first line: nothing here names it.
+    """
+    found: dict[str, LuaScript] = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".lua"):
+            continue
+        text = entry.read_text()
+        first = text.partition("\n")[0].strip()
+        if not first.startswith(SCRIPT_MARK):
+            continue  # a part (constants, clock, common, limit), loaded by scripts
+        marked, _, after = first[len(SCRIPT_MARK) :].partition("after:")
+        if marked.strip():
+            raise ValueError(
+                f"lua/{entry.name}: write {SCRIPT_MARK!r} or "
+                f"'{SCRIPT_MARK} after: <part> ...', not {first!r}"
+            )
+        missing = [part for part in after.split() if not (folder / f"{part}.lua").is_file()]
+        if missing:
+            raise ValueError(f"lua/{entry.name}: no part named {', '.join(missing)} in lua/")
+        parts = [(folder / f"{part}.lua").read_text() for part in after.split()]
+        found[entry.name.removesuffix(".lua")] = LuaScript("\n".join([*parts, text]))
+    return found
+
+
+#: Every script, by name: the machine's operations (admit, record, status, control,
+#: success), the parking lot's (park, release, ack) and the pause gate's lease.
+SCRIPTS = scripts_in(_LUA)
+#: The breaker machine's operations (and the rest, by the same names).
+MACHINE_SCRIPTS = SCRIPTS
 
 
 # The replies' layouts, as the scripts write them (common.lua's finish(), and

@@ -51,7 +51,7 @@ from .._state import Mode, State
 from ..stores._connection import REDIS_TROUBLE
 from ..stores._keys import breaker_keys
 from ..stores._redis import drive
-from ..stores._scripts import LEASE
+from ..stores._scripts import SCRIPTS
 
 log = logging.getLogger("cbtasks.task")
 
@@ -141,7 +141,9 @@ class QueueGate:
         (taken, or renewed, in one script: never another worker's lease extended)."""
         ttl = int(PROBE_LEASE_SECONDS * 1000)
         try:
-            held = drive(self.store.client, LEASE.run(1, self._lease_key, self.hostname, ttl))
+            held = drive(
+                self.store.client, SCRIPTS["lease"].run(1, self._lease_key, self.hostname, ttl)
+            )
         except REDIS_TROUBLE:
             return True  # Redis away: the breaker decides per task
         return bool(held)

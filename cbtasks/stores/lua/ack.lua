@@ -1,3 +1,4 @@
+--! script after: constants
 -- Released requests were re-published: forget them, unless one was parked
 -- again meanwhile (its new message must stay). KEYS[1] releasing zset,
 -- KEYS[2] data hash, KEYS[3] parked zset. ARGV the ids.

@@ -1,3 +1,4 @@
+--! script after: constants clock common limit
 -- ARGV[5] the id this call gets if it becomes a probe; ARGV[6] the limit
 -- (LimitWire.encoded, '' for none), ARGV[7] the id of the slot it takes,
 -- ARGV[8] the tokens it reserves, ARGV[9] ms it may wait for a rate or token permit.

@@ -1,3 +1,4 @@
+--! script after: constants clock common
 -- ARGV[5] the command: force_open, force_close, force_half_open, reset, disable,
 -- enable (an operator's), or healthy (a health check passed: open goes half-open now);
 -- ARGV[6] who gave it and ARGV[7] why ('' if unsaid), for the history.

@@ -1,3 +1,4 @@
+--! script
 -- Take or keep a lease in one step: KEYS[1] the lease, ARGV[1] the holder,
 -- ARGV[2] its length in ms. Returns 1 if ARGV[1] holds it now (taken, or its
 -- own renewed), 0 if another holds it. Reading the holder and extending the

@@ -1,3 +1,4 @@
+--! script after: constants clock
 -- Park one deferred request. KEYS[1] parked zset (id -> parked at, ms),
 -- KEYS[2] parked data hash (id -> message JSON). ARGV[1] id, ARGV[2] JSON,
 -- ARGV[3] now in ms or '' for Redis TIME, ARGV[4] the channel that wakes

@@ -1,3 +1,4 @@
+--! script after: constants clock common limit
 -- ARGV[5] probe id or '', ARGV[6] outcome (SUCCESS, FAILURE, IGNORED, OVERLOAD),
 -- ARGV[7] slow (0/1), ARGV[8] retry-after ms, ARGV[9] a random number in [0, 1);
 -- ARGV[10] the limit (LimitWire.encoded, '' for none), ARGV[11] the call's slot

@@ -1,3 +1,4 @@
+--! script after: constants clock
 -- Hand out parked requests to re-publish, oldest first, each to exactly one
 -- caller, at the pace the breaker allows:
 --  * open, before its probe window: none;

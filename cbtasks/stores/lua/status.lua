@@ -1,3 +1,4 @@
+--! script after: constants clock common limit
 -- Read-only. Returns {exists, <finish>, trips, consecutive, calls, failures, slow,
 -- probes in use, open_until ms, last failure, trips in all, limit, in flight, adaptive limit, admitted last
 -- second, tokens available}: the limit as the workers last sent it ('' if none;

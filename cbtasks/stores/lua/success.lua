@@ -1,3 +1,4 @@
+--! script after: constants clock
 -- The healthy path, on its own: a plain call (no probe) succeeded, quickly,
 -- under a policy with no rate window. This is record.lua for that one case,
 -- without loading the whole machine: in a closed circuit it clears the
