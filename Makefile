@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SERVERS_VENV := .venv-servers
 SERVERS_STAMP := $(SERVERS_VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs demo bench clean mutate servers-venv tools
+.PHONY: test lint typecheck pytest docs docs-options demo bench clean mutate servers-venv tools
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ pytest: $(STAMP) $(SERVERS_STAMP) tools
 # warnings as errors: a broken link or a docstring mkdocstrings cannot read fails.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+# docs/tasks.md's table of task options, made again from cbtasks/task/_options.py.
+docs-options: $(STAMP)
+	$(BIN)/python -c 'import pathlib; from cbtasks.task._options import with_table; \
+	  page = pathlib.Path("docs/tasks.md"); page.write_text(with_table(page.read_text()))'
 
 test: lint typecheck docs pytest
 

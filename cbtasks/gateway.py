@@ -91,7 +91,7 @@ def create_gateway(
             f"(the app's result_backend is {backend_url.split('@')[-1]!r})"
         )
     policy = policy_of(task)
-    breaker_name = getattr(task, "breaker", None) or task.name
+    breaker_name = str(option(task, "breaker"))
     prefix = str(option(task, "prefix"))
     sender = _sender(task.app)
 

@@ -96,7 +96,7 @@ class Pause(DeferralMode):
     limit_wait = PAUSE_LIMIT_WAIT
 
     def in_hand(self, task: Any) -> DeferralMode:
-        return IN_HAND_MODES[str(task._option("pause_in_hand"))]
+        return IN_HAND_MODES[task.pause_in_hand]
 
     def defer(self, task: Any, refusal: Refusal) -> str:
         return self.in_hand(task).defer(task, refusal)

@@ -1,4 +1,11 @@
-"""CircuitBreakerTask's options: their defaults, where they are read from, and their checks."""
+"""CircuitBreakerTask's options, each declared once: default, check, setting and doc.
+
+:class:`TaskOptions` holds one :class:`TaskOption` per option; the task class
+inherits them, Celery's bind resolves them onto the task class (its own value,
+else ``app.conf``, else the default), worker start checks the settings, and
+docs/tasks.md's table is made from them. A new option is one entry here. Also
+here: where breaker state lives (``cbtasks_redis_url``).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,8 @@ import difflib
 import logging
 import math
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 from urllib.parse import urlencode
 
 import celery
@@ -25,149 +33,136 @@ from ._modes import IN_HAND_MODES, MODES
 log = logging.getLogger("cbtasks.task")
 
 ON_OPEN = ("defer", "fallback", "fail")
-DEFER = tuple(MODES)
-#: What defer="pause" does with a request already in hand when the circuit opens.
-IN_HAND = tuple(IN_HAND_MODES)
 #: Which messages the completion guard looks at.
 COMPLETION_CHECK = ("redelivered", "always")
-DEFAULTS: dict[str, Any] = {
-    "on_open": "defer",
-    "defer": "countdown",
-    "pause_in_hand": "countdown",
-    "max_deferrals": 1000,
-    "defer_deadline": 24 * 3600.0,
-    "defer_jitter": 1.0,
-    # The slow start begins here: a fleet at its concurrency drains faster than
-    # this within seconds, and a recovering endpoint sees at most that concurrency.
-    "release_rate": 100.0,
-    "max_release_rate": math.inf,
-    "completion_ttl": 24 * 3600.0,
-    # "redelivered": the messages that may have run (redelivered, deferred, or
-    # held past half the visibility timeout); the healthy path reads nothing.
-    "completion_check": "redelivered",
-    "prefix": DEFAULT_PREFIX,
-    "on_error": "local",
-    # Bounds every Redis call the task makes (breaker, guard, parking lot):
-    # past it the call follows on_error instead of stalling the task.
-    "redis_timeout": 0.25,
-    "gc_every": 25,
-    "health_check": None,
-    "classify": None,
-    "health_interval": 1.0,
-    "health_timeout": 5.0,
-    "report_state": True,
-    # Seconds a request the limit refuses waits in its worker process for a slot
-    # before it is deferred; None: LIMIT_WAIT (PAUSE_LIMIT_WAIT with defer="pause"),
-    # or the limit's own ``wait`` if longer.
-    "limit_wait": None,
-}
-# Each number option: (least, most, whole numbers only, the least itself allowed).
-_NUMBERS: dict[str, tuple[float, float, bool, bool]] = {
-    "max_deferrals": (0, 1e9, True, True),
-    "gc_every": (0, 1e9, True, True),
-    "defer_deadline": (0, 365 * 24 * 3600.0, False, False),
-    "defer_jitter": (0, 3600.0, False, True),
-    "release_rate": (0, 1e6, False, False),
-    "max_release_rate": (0, math.inf, False, False),
-    "completion_ttl": (0, 365 * 24 * 3600.0, False, False),
-    "health_interval": (0, 3600.0, False, False),
-    "health_timeout": (0, 3600.0, False, False),
-    "redis_timeout": (0, 60.0, False, False),
-    "limit_wait": (0, 24 * 3600.0, False, True),
-}
+
+T = TypeVar("T")
+#: An option's check: takes the value and where it came from (``task predict:
+#: on_open`` or ``cbtasks_on_open``), returns the value the task uses, or raises
+#: PolicyError saying what to change.
+Check = Callable[[Any, str], Any]
 
 
-def option(task: celery.Task, name: str) -> Any:
-    """A task attribute or decorator option, else ``app.conf.cbtasks_<name>``, else the default."""
-    value = getattr(task, name, None)
-    if value is None:
-        value = task.app.conf.get(f"cbtasks_{name}", DEFAULTS[name])
-    return value
+class TaskOption(Generic[T]):
+    """One task option, declared once: its default, its check, the ``app.conf`` setting
+    it falls back to, and its doc (the docs' options table is made from these).
 
-
-def validate_options(cls: type, name: str) -> None:
-    """Raise PolicyError, naming the task and the option, for any option that cannot work.
-
-    Checks what the task class sets; :func:`validate_task` checks what it
-    ends up with, ``app.conf.cbtasks_*`` settings included.
+    Declared on :class:`TaskOptions`, it is a descriptor: a task class that sets the
+    option (a decorator option, as Celery makes them, or a class attribute) shadows
+    it, and :meth:`TaskOptions.resolve_options` puts every option's resolved value on
+    the task class when Celery binds it to its app, as Celery resolves its own
+    ``from_config`` options: one plain attribute read per use afterwards.
     """
-    _check(name, {key: getattr(cls, key, None) for key in (*DEFAULTS, "fallback", "breaker")})
-    coerce_policy(getattr(cls, "breaker_policy", None), f"task {name}: breaker_policy")
-    Limit.coerce(getattr(cls, "limit", None), f"task {name}: limit")
 
+    name: str
 
-def validate_task(task: celery.Task) -> None:
-    """Check every option as the task will use it (at worker start): PolicyError if one is bad."""
-    values = {key: option(task, key) for key in DEFAULTS if key not in _CALLABLES}
-    values["health_check"] = health_check_of(task)
-    values["classify"] = classify_of(task)
-    values["fallback"] = getattr(task, "fallback", None)
-    values["breaker"] = getattr(task, "breaker", None) or task.name
-    _check(task.name, values)
-    policy_of(task)
-    limit_of(task)
-    url = redis_url(task.app)
-    if url != MEMORY_URL:
-        try:
-            check_url(url)
-        except PolicyError as exc:
-            raise PolicyError(f"cbtasks_redis_url: {exc}") from None
+    def __init__(
+        self,
+        default: T,
+        doc: str,
+        *,
+        check: Check | None = None,
+        setting: str | None = "",
+        shown: str = "",
+        per_breaker: bool = False,
+        function: bool = False,
+    ) -> None:
+        self.default = default
+        self.doc = self.__doc__ = doc
+        self.check = check
+        self._setting = setting
+        #: The default as the docs' table shows it (else the default's repr).
+        self.shown = shown
+        #: The setting is a dict by breaker name (``cbtasks_limit``).
+        self.per_breaker = per_breaker
+        #: A function kept unbound (``health_check``, ``classify``).
+        self.function = function
 
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
 
-def _check(name: str, values: dict[str, Any]) -> None:
-    on_open, defer = values.get("on_open"), values.get("defer")
-    on_error, prefix = values.get("on_error"), values.get("prefix")
-    if on_error is not None and on_error not in {e.value for e in OnError}:
-        choices = ", ".join(e.value for e in OnError)
-        raise PolicyError(f"task {name}: on_error must be one of {choices}, got {on_error!r}")
-    if prefix is not None and (
-        not isinstance(prefix, str) or not prefix or "{" in prefix or "}" in prefix
-    ):
-        raise PolicyError(
-            f"task {name}: prefix must be a non-empty string without braces, got {prefix!r}"
-        )
-    if on_open is not None and on_open not in ON_OPEN:
-        raise PolicyError(
-            f"task {name}: on_open must be one of {', '.join(ON_OPEN)}, got {on_open!r}"
-        )
-    if defer is not None and defer not in DEFER:
-        raise PolicyError(f"task {name}: defer must be one of {', '.join(DEFER)}, got {defer!r}")
-    completion = values.get("completion_check")
-    if completion is not None and completion not in COMPLETION_CHECK:
-        raise PolicyError(
-            f"task {name}: completion_check must be one of {', '.join(COMPLETION_CHECK)}, "
-            f"got {completion!r}"
-        )
-    in_hand = values.get("pause_in_hand")
-    if in_hand is not None and in_hand not in IN_HAND:
-        raise PolicyError(
-            f"task {name}: pause_in_hand must be one of {', '.join(IN_HAND)}, got {in_hand!r}"
-        )
-    if on_open == "fallback" and values.get("fallback") is None:
-        raise PolicyError(f"task {name}: on_open='fallback' needs fallback=...")
-    check = values.get("health_check")
-    if check is not None and not callable(check):
-        raise PolicyError(f"task {name}: health_check must be callable, got {check!r}")
-    classify = values.get("classify")
-    if classify is not None and not callable(classify):
-        raise PolicyError(
-            f"task {name}: classify must be a callable taking the exception and returning "
-            f"an Outcome or None, got {classify!r}"
-        )
-    try:
-        fb.as_fallback(values.get("fallback"))
-    except TypeError as exc:
-        raise PolicyError(f"task {name}: {exc}") from None
-    if values.get("breaker") is not None:
-        try:
-            validate_name(values["breaker"])
-        except PolicyError as exc:
-            raise PolicyError(f"task {name}: breaker: {exc}") from None
-    for number, (least, most, whole, least_ok) in _NUMBERS.items():
-        value = values.get(number)
+    @property
+    def setting(self) -> str | None:
+        """The ``app.conf`` name read when the task does not set the option (None: none)."""
+        return f"cbtasks_{self.name}" if self._setting == "" else self._setting
+
+    @overload
+    def __get__(self, task: None, owner: type) -> TaskOption[T]: ...
+    @overload
+    def __get__(self, task: object, owner: type) -> T: ...
+    def __get__(self, task: object, owner: type) -> TaskOption[T] | T:
+        if task is None:
+            return self
+        # A task class not bound to an app yet (Celery binds before it runs one):
+        # resolve now, from the app the task would use.
+        value: T = self.resolve(owner, task.app)  # type: ignore[attr-defined]
+        return value
+
+    def declared(self, cls: type) -> Any:
+        """What ``cls`` (or a base below the declaration) sets, as it was set; None if nothing."""
+        for klass in cls.__mro__:
+            own = vars(klass)
+            if DECLARED in own:  # a bound class: what it set, before resolution
+                if self.name not in own[DECLARED]:
+                    continue
+                value = own[DECLARED][self.name]
+            elif self.name in own:
+                value = own[self.name]
+            else:
+                continue
+            if isinstance(value, TaskOption):
+                return None
+            return value.__func__ if isinstance(value, staticmethod) else value
+        return None
+
+    def resolve(self, cls: type, app: Any) -> T:
+        """The value a task of ``cls`` uses: its own, else the app's setting, else the
+        default; checked (PolicyError naming the task and option, or the setting)."""
+        task_name = getattr(cls, "name", None) or cls.__name__
+        value, where = self.declared(cls), f"task {task_name}: {self.name}"
+        if value is None and self.setting is not None:
+            value, where = app.conf.get(self.setting), self.setting
+            if self.per_breaker and value is not None:
+                value, where = _per_breaker(value, self.setting, cls, app)
         if value is None:
-            continue
-        kind = "a whole number" if whole else "a number"
+            value = self.default
+            if self.name != "breaker":  # the one default that is not a constant
+                return value
+            value = getattr(cls, "name", None) or cls.__name__
+        return self.check(value, where) if self.check is not None else value  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"<task option {self.name}, default {self.default!r}>"
+
+
+def _per_breaker(value: object, setting: str, cls: type, app: Any) -> tuple[Any, str]:
+    if not isinstance(value, dict):
+        raise PolicyError(
+            f"{setting} must be a dict of breaker name -> Limit (or a dict of its fields), "
+            f"got {value!r}"
+        )
+    name = TaskOptions.breaker.resolve(cls, app)
+    return value.get(name), f"{setting}[{name!r}]"
+
+
+# -- the checks ------------------------------------------------------------------------
+
+
+def one_of(*choices: str) -> Check:
+    """The value is one of ``choices``."""
+
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise PolicyError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def number(least: float, most: float, *, whole: bool = False, least_ok: bool = False) -> Check:
+    """A number above ``least`` (or at least it, with ``least_ok``) and at most ``most``."""
+
+    def check(value: Any, where: str) -> float:
         good = (
             isinstance(value, int if whole else int | float)
             and not isinstance(value, bool)
@@ -176,38 +171,329 @@ def _check(name: str, values: dict[str, Any]) -> None:
             and value <= most
         )
         if not good:
+            kind = "a whole number" if whole else "a number"
             bound = "at least" if least_ok else "above"
             raise PolicyError(
-                f"task {name}: {number} must be {kind} {bound} {least:g} and at most {most:g}, "
-                f"got {value!r}"
+                f"{where} must be {kind} {bound} {least:g} and at most {most:g}, got {value!r}"
             )
+        return value  # type: ignore[no-any-return]
+
+    return check
 
 
-# Options that are functions: read from the class, so a plain function stays unbound.
-_CALLABLES = ("health_check", "classify")
+def a_switch(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(f"{where} must be True or False, got {value!r}")
+    return value
 
 
-def _callable_option(task: celery.Task, name: str) -> Any:
-    value = getattr(type(task), name, None)
-    return value if value is not None else task.app.conf.get(f"cbtasks_{name}")
+def a_prefix(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value or "{" in value or "}" in value:
+        raise PolicyError(f"{where} must be a non-empty string without braces, got {value!r}")
+    return value
 
 
-def health_check_of(task: celery.Task) -> Any:
-    """The task's ``health_check``, else ``app.conf.cbtasks_health_check``."""
-    return _callable_option(task, "health_check")
+def a_breaker_name(value: Any, where: str) -> str:
+    try:
+        return validate_name(value)
+    except PolicyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
 
 
-def classify_of(task: celery.Task) -> Any:
-    """The task's ``classify``, else ``app.conf.cbtasks_classify``: asked before the defaults."""
-    return _callable_option(task, "classify")
+def a_function(what: str) -> Check:
+    """A callable; else PolicyError saying it must be ``what``."""
+
+    def check(value: Any, where: str) -> Any:
+        if not callable(value):
+            raise PolicyError(f"{where} must be {what}, got {value!r}")
+        return value
+
+    return check
 
 
-def policy_of(task: celery.Task) -> BreakerPolicy:
-    """The task's ``breaker_policy``, else ``app.conf.cbtasks_policy``, else the defaults;
-    either may be a dict of the policy's fields."""
-    own = getattr(task, "breaker_policy", None)
-    where = f"task {task.name}: breaker_policy" if own is not None else "cbtasks_policy"
-    return coerce_policy(own or task.app.conf.get("cbtasks_policy"), where)
+def a_fallback(value: Any, where: str) -> fb.Fallback | None:
+    try:
+        return fb.as_fallback(value)
+    except TypeError as exc:
+        raise PolicyError(f"{where.rsplit(': ', 1)[0]}: {exc}") from None
+
+
+def a_policy(value: Any, where: str) -> BreakerPolicy:
+    return coerce_policy(value, where)
+
+
+def a_limit(value: Any, where: str) -> Limit | None:
+    return Limit.coerce(value, where)
+
+
+class TaskOptions:
+    """Every option of a :class:`~cbtasks.CircuitBreakerTask`, each declared once here.
+
+    A task sets one as a decorator option or a class attribute; else
+    ``app.conf.cbtasks_<option>`` (``cbtasks_policy`` for ``breaker_policy``,
+    ``cbtasks_limit[<breaker>]`` for ``limit``); else the default. Bad values fail
+    at registration (what the task sets) or at worker start (settings).
+    """
+
+    breaker: TaskOption[str] = TaskOption(
+        "",
+        "the circuit's name: tasks sharing it share one circuit",
+        check=a_breaker_name,
+        setting=None,
+        shown="the task's name",
+    )
+    breaker_policy: TaskOption[BreakerPolicy] = TaskOption(
+        BreakerPolicy(),
+        "when it opens, how it probes (a `BreakerPolicy` or a dict of its fields)",
+        check=a_policy,
+        setting="cbtasks_policy",
+        shown="`app.conf.cbtasks_policy` or `BreakerPolicy()`",
+    )
+    on_open: TaskOption[str] = TaskOption(
+        "defer",
+        '`"defer"`, `"fallback"` or `"fail"` (raise `CircuitOpenError`)',
+        check=one_of(*ON_OPEN),
+    )
+    defer: TaskOption[str] = TaskOption(
+        "countdown",
+        '`"countdown"`: re-publish with a countdown; `"park"`: keep in Redis until the '
+        'circuit closes; `"pause"`: the fleet stops consuming the task\'s queue while the '
+        "circuit is open (see below)",
+        check=one_of(*MODES),
+    )
+    pause_in_hand: TaskOption[str] = TaskOption(
+        "countdown",
+        'with `defer="pause"`, how a request already taken when the circuit opens waits: '
+        '`"countdown"` or `"park"`',
+        check=one_of(*IN_HAND_MODES),
+    )
+    fallback: TaskOption[fb.Fallback | None] = TaskOption(
+        None,
+        "one of `cbtasks.fallbacks` or a callable taking the task's arguments",
+        check=a_fallback,
+        setting=None,
+        shown="none",
+    )
+    max_deferrals: TaskOption[int] = TaskOption(
+        1000,
+        "deferrals allowed; then the fallback, or a visible FAILURE with `CircuitOpenError`",
+        check=number(0, 1e9, whole=True, least_ok=True),
+    )
+    defer_deadline: TaskOption[float] = TaskOption(
+        24 * 3600.0,
+        "seconds after its first deferral that a request stops being deferred; then as "
+        "past `max_deferrals`",
+        check=number(0, 365 * 24 * 3600.0),
+        shown="24 h",
+    )
+    defer_jitter: TaskOption[float] = TaskOption(
+        1.0,
+        "seconds of random spread added to each countdown",
+        check=number(0, 3600.0, least_ok=True),
+        shown="1 s",
+    )
+    # The slow start begins here: a fleet at its concurrency drains faster than
+    # this within seconds, and a recovering endpoint sees at most that concurrency.
+    release_rate: TaskOption[float] = TaskOption(
+        100.0,
+        "parked requests re-published per second when the circuit closes, doubling every "
+        "second it stays closed",
+        check=number(0, 1e6),
+        shown="100/s",
+    )
+    max_release_rate: TaskOption[float] = TaskOption(
+        math.inf,
+        "where that slow start stops growing (no cap: the workers' concurrency is the limit)",
+        check=number(0, math.inf),
+        shown="no cap",
+    )
+    completion_ttl: TaskOption[float] = TaskOption(
+        24 * 3600.0,
+        "how long a completed task id is remembered (where the task has no result backend "
+        "to remember it)",
+        check=number(0, 365 * 24 * 3600.0),
+        shown="24 h",
+    )
+    # "redelivered": the messages that may have run (redelivered, deferred, or
+    # held past half the visibility timeout); the healthy path reads nothing.
+    completion_check: TaskOption[str] = TaskOption(
+        "redelivered",
+        'which messages the completion guard reads a mark for: `"redelivered"` (those '
+        'that may have run: see "Completion guard") or `"always"` (one read each)',
+        check=one_of(*COMPLETION_CHECK),
+    )
+    # Bounds every Redis call the task makes: past it the call follows on_error
+    # instead of stalling the task.
+    redis_timeout: TaskOption[float] = TaskOption(
+        0.25,
+        "bounds each Redis call of the breaker, the completion guard and the parking lot; "
+        "past it the call follows `on_error` (a guard mark not written then can let a "
+        "redelivered request call again)",
+        check=number(0, 60.0),
+        shown="0.25 s",
+    )
+    report_state: TaskOption[bool] = TaskOption(
+        True,
+        "while deferred, the result backend's state is `CIRCUIT_OPEN` with `{breaker, "
+        "reason, retry_after, deferrals, mode}` (one command per deferral), so "
+        "`AsyncResult.state`/`.info` tell a waiting client why",
+        check=a_switch,
+        shown="on",
+    )
+    health_check: TaskOption[Callable[[], Any] | None] = TaskOption(
+        None,
+        "a callable asked while the circuit is open (one process of the fleet, every "
+        '`health_interval`); a pass makes it half-open at once (see "Health checks" in '
+        "[the breaker](breaker.md))",
+        check=a_function("callable"),
+        shown="none",
+        function=True,
+    )
+    health_interval: TaskOption[float] = TaskOption(
+        1.0,
+        "seconds between health checks while the circuit is open",
+        check=number(0, 3600.0),
+        shown="1 s",
+    )
+    health_timeout: TaskOption[float] = TaskOption(
+        5.0,
+        "seconds a health check may take before it counts as failed",
+        check=number(0, 3600.0),
+        shown="5 s",
+    )
+    classify: TaskOption[Callable[[BaseException], Any] | None] = TaskOption(
+        None,
+        "your rule for what a failed call means: a callable taking the exception and "
+        "returning an `Outcome`, or None to let the defaults decide",
+        check=a_function("a callable taking the exception and returning an Outcome or None"),
+        shown="none",
+        function=True,
+    )
+    on_error: TaskOption[str] = TaskOption(
+        "local",
+        'while Redis cannot be reached: `"local"` (each process keeps its own breaker), '
+        '`"admit"` (fail open) or `"reject"` (fail closed)',
+        check=one_of(*(e.value for e in OnError)),
+    )
+    prefix: TaskOption[str] = TaskOption(
+        DEFAULT_PREFIX,
+        "the prefix of every Redis key and channel (the CLI reads `app.conf.cbtasks_prefix` too)",
+        check=a_prefix,
+    )
+    gc_every: TaskOption[int] = TaskOption(
+        25,
+        "a full garbage collection every this many deferrals per process (0: never; see below)",
+        check=number(0, 1e9, whole=True, least_ok=True),
+    )
+    limit: TaskOption[Limit | None] = TaskOption(
+        None,
+        "the endpoint's [limit](limits.md) for the whole fleet (a `Limit` or a dict of its "
+        "fields); a request it refuses is deferred as for an open circuit, spending no "
+        "retry; a slot's lease defaults to the task's time limit",
+        check=a_limit,
+        per_breaker=True,
+        shown="`app.conf.cbtasks_limit[breaker]`",
+    )
+    # None: LIMIT_WAIT (PAUSE_LIMIT_WAIT with defer="pause"), or the limit's own
+    # ``wait`` if longer.
+    limit_wait: TaskOption[float | None] = TaskOption(
+        None,
+        "seconds a request the limit refuses waits in its process for a slot or permit "
+        "before it is deferred (a rate's permit is reserved and slept for; with "
+        '`defer="pause"` the worker takes no more of the paused queue meanwhile); 0: at once',
+        check=number(0, 24 * 3600.0, least_ok=True),
+        shown='1 s (60 s with `defer="pause"`)',
+    )
+
+    @classmethod
+    def cbtasks_options(cls) -> list[TaskOption[Any]]:
+        """Every option, in the order declared."""
+        return [v for v in vars(TaskOptions).values() if isinstance(v, TaskOption)]
+
+    @classmethod
+    def resolve_options(cls, app: Any) -> None:
+        """Put each option's value, resolved for ``app``, on this task class (Celery calls
+        this through ``on_bound``). A setting that cannot work is kept, to be raised at
+        worker start (where Celery's own settings are checked) and when the task is
+        first used; what the class itself sets was checked at registration."""
+        if cls is TaskOptions:
+            return  # where they are declared: resolving there would hide them
+        if DECLARED not in vars(cls):  # bound again: resolve from what it set, again
+            setattr(cls, DECLARED, {n: v for n, v in vars(cls).items() if n in _NAMES})
+        errors: list[str] = []
+        resolved: dict[str, Any] = {}
+        for entry in cls.cbtasks_options():
+            try:
+                resolved[entry.name] = entry.resolve(cls, app)
+            except PolicyError as exc:
+                errors.append(str(exc))
+        if not errors:
+            try:
+                check_together(getattr(cls, "name", None) or cls.__name__, resolved)
+            except PolicyError as exc:
+                errors.append(str(exc))
+        setattr(cls, ERRORS, errors)
+        for name, value in resolved.items():
+            function = vars(TaskOptions)[name].function and value is not None
+            setattr(cls, name, staticmethod(value) if function else value)
+
+    def cbtasks_check(self) -> None:
+        """PolicyError for the first option that cannot work, settings included."""
+        errors = vars(type(self)).get(ERRORS)
+        if errors:
+            raise PolicyError(errors[0])
+        if errors is None:  # never bound to an app: resolve every option now
+            name = getattr(self, "name", None) or type(self).__name__
+            check_together(name, {e.name: getattr(self, e.name) for e in self.cbtasks_options()})
+
+
+#: Where a bound task class keeps what it set itself, and the settings that cannot work.
+DECLARED, ERRORS = "_cbtasks_declared", "_cbtasks_errors"
+_NAMES = frozenset(name for name, v in vars(TaskOptions).items() if isinstance(v, TaskOption))
+#: Every option's default, by name.
+DEFAULTS: dict[str, Any] = {e.name: e.default for e in TaskOptions.cbtasks_options()}
+
+
+def check_together(task_name: str, values: dict[str, Any]) -> None:
+    """What no option can check alone."""
+    if values.get("on_open") == "fallback" and values.get("fallback") is None:
+        raise PolicyError(f"task {task_name}: on_open='fallback' needs fallback=...")
+
+
+def option(task: Any, name: str) -> Any:
+    """Option ``name`` of any task, a CircuitBreakerTask or not (the gateway's, say)."""
+    if isinstance(task, TaskOptions):
+        return getattr(task, name)
+    return vars(TaskOptions)[name].resolve(type(task), task.app)
+
+
+def policy_of(task: Any) -> BreakerPolicy:
+    """The task's breaker policy: its ``breaker_policy``, else ``cbtasks_policy``."""
+    return option(task, "breaker_policy")  # type: ignore[no-any-return]
+
+
+def validate_options(cls: type) -> None:
+    """Raise PolicyError, naming the task and the option, for any option the task class
+    sets that cannot work (at registration; settings are checked at worker start)."""
+    task_name = getattr(cls, "name", None) or cls.__name__
+    values = {}
+    for entry in TaskOptions.cbtasks_options():
+        value = entry.declared(cls)
+        if value is not None and entry.check is not None:
+            value = entry.check(value, f"task {task_name}: {entry.name}")
+        values[entry.name] = value
+    check_together(task_name, values)
+
+
+def validate_task(task: Any) -> None:
+    """Check every option as the task will use it (at worker start): PolicyError if one is bad."""
+    task.cbtasks_check()
+    url = redis_url(task.app)
+    if url != MEMORY_URL:
+        try:
+            check_url(url)
+        except PolicyError as exc:
+            raise PolicyError(f"cbtasks_redis_url: {exc}") from None
 
 
 def coerce_policy(value: object, where: str) -> BreakerPolicy:
@@ -238,7 +524,7 @@ def coerce_policy(value: object, where: str) -> BreakerPolicy:
 def near_misses(task: celery.Task) -> list[str]:
     """The task's attributes one edit away from a cbtasks option (``brekaer=`` for
     ``breaker=``): Celery keeps any decorator option as an attribute, so a typo is silent."""
-    ours = [*DEFAULTS, "breaker", "breaker_policy", "fallback", "limit", "limit_wait"]
+    ours = sorted(_NAMES)
     celerys = set(dir(celery.Task))  # dir(), not hasattr(): some are deprecated properties
     said = []
     for attribute in vars(type(task)):
@@ -254,7 +540,7 @@ def near_misses(task: celery.Task) -> list[str]:
 
 def unknown_settings(app: celery.Celery) -> list[str]:
     """``cbtasks_*`` settings no option reads (a typo: ``cbtasks_polcy``), with a hint."""
-    known = {f"cbtasks_{name}" for name in (*DEFAULTS, "policy", "limit", "redis_url")}
+    known = {e.setting for e in TaskOptions.cbtasks_options() if e.setting} | {"cbtasks_redis_url"}
     said = []
     for key in list(app.conf.keys()):
         if isinstance(key, str) and key.lower().startswith("cbtasks_") and key.lower() not in known:
@@ -262,24 +548,6 @@ def unknown_settings(app: celery.Celery) -> list[str]:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             said.append(f"setting {key!r} is read by nothing{hint}")
     return said
-
-
-def limit_of(task: celery.Task) -> Limit | None:
-    """The task's ``limit``, else ``app.conf.cbtasks_limit[<breaker name>]`` (a Limit or
-    a dict of its fields), else None."""
-    own = getattr(task, "limit", None)
-    if own is not None:
-        return Limit.coerce(own, f"task {task.name}: limit")
-    limits = task.app.conf.get("cbtasks_limit")
-    if limits is None:
-        return None
-    if not isinstance(limits, dict):
-        raise PolicyError(
-            "cbtasks_limit must be a dict of breaker name -> Limit (or a dict of its fields), "
-            f"got {limits!r}"
-        )
-    name = getattr(task, "breaker", None) or task.name
-    return Limit.coerce(limits.get(name), f"cbtasks_limit[{name!r}]")
 
 
 def lease_of(task: celery.Task) -> float | None:
@@ -343,3 +611,32 @@ def hide_redis_url_from_reports() -> None:
     pattern = celery_utils.HIDDEN_SETTINGS.pattern
     if "CBTASKS_REDIS_URL" not in pattern:
         celery_utils.HIDDEN_SETTINGS = re.compile(f"{pattern}|CBTASKS_REDIS_URL", re.IGNORECASE)
+
+
+def options_table() -> str:
+    """docs/tasks.md's table of task options, made from their declarations (each falls
+    back to ``app.conf.cbtasks_<option>`` unless its default says otherwise)."""
+    rows = ["| option | default | meaning |", "| --- | --- | --- |"]
+    for entry in TaskOptions.cbtasks_options():
+        default = entry.default
+        shown = entry.shown or (f'`"{default}"`' if isinstance(default, str) else f"{default}")
+        rows.append(f"| `{entry.name}` | {shown} | {entry.doc} |")
+    return "\n".join(rows) + "\n"
+
+
+#: Where docs/tasks.md keeps the table (pymdownx.snippets' section markers).
+TABLE_START, TABLE_END = "<!-- --8<-- [start:options] -->\n", "<!-- --8<-- [end:options] -->"
+
+
+def table_in(page: str) -> str:
+    """The options table as ``page`` (docs/tasks.md's text) has it."""
+    start = page.index(TABLE_START) + len(TABLE_START)
+    head = page.index("\n", start) + 1  # the line saying where it is made
+    return page[head : page.index(TABLE_END, head)]
+
+
+def with_table(page: str) -> str:
+    """``page`` with its options table made again from the declarations."""
+    old = table_in(page)
+    at = page.index(TABLE_START)
+    return page[:at] + page[at:].replace(old, options_table(), 1)

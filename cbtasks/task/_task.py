@@ -13,10 +13,11 @@ the task's own retry budget. Past ``max_deferrals`` or ``defer_deadline`` it
 gets its ``fallback``, or fails with :class:`~cbtasks.CircuitOpenError`.
 
 Options are task attributes or decorator options, falling back to
-``app.conf.cbtasks_<option>`` and then to the defaults in ``_options``, as
-Celery's own task options do. ``app.conf.cbtasks_redis_url`` names the Redis that holds
-breaker state, parked requests and completion marks (default: the broker URL
-when the broker is Redis).
+``app.conf.cbtasks_<option>`` and then to their defaults, each declared once in
+``_options.TaskOptions`` and resolved onto the task class when Celery binds it,
+as Celery's own ``from_config`` options are. ``app.conf.cbtasks_redis_url``
+names the Redis that holds breaker state, parked requests and completion marks
+(default: the broker URL when the broker is Redis).
 """
 
 from __future__ import annotations
@@ -46,8 +47,6 @@ from .._events import (
     instruments,
     store_error,
 )
-from .._limit import Limit
-from .._policy import BreakerPolicy
 from .._state import Outcome
 from ..stores import MemoryStore, RedisStore
 from ..stores._connection import REDIS_TROUBLE, cause, describe_client
@@ -70,14 +69,10 @@ from ._memory import collect_now_and_then
 from ._modes import DeferralMode, Refusal, mode_named
 from ._options import (
     MEMORY_URL,
-    classify_of,
-    health_check_of,
+    TaskOptions,
     hide_redis_url_from_reports,
     lease_of,
-    limit_of,
     near_misses,
-    option,
-    policy_of,
     redis_url,
     unknown_settings,
     validate_options,
@@ -96,72 +91,14 @@ __all__ = ["CircuitBreakerTask"]
 log = logging.getLogger("cbtasks.task")
 
 
-class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
-    """A task whose calls to a model endpoint go through a shared circuit breaker."""
+class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
+    """A task whose calls to a model endpoint go through a shared circuit breaker.
 
-    #: The breaker's name; tasks sharing it share one circuit. Default: the task's name.
-    breaker: str | None = None
-    #: A BreakerPolicy (or a dict of its fields); default ``app.conf.cbtasks_policy``.
-    breaker_policy: BreakerPolicy | dict[str, Any] | None = None
-    #: What a rejected request does: "defer" (default), "fallback" or "fail".
-    on_open: str | None = None
-    #: How it is deferred: "countdown" (default), "park", or "pause" (the fleet stops
-    #: consuming the task's queue while the circuit is open; see ``_pause``).
-    defer: str | None = None
-    #: With defer="pause": what a request already in hand when the circuit opens
-    #: does, "countdown" (default) or "park".
-    pause_in_hand: str | None = None
-    #: A fallback from cbtasks.fallbacks, or a callable taking the task's arguments.
-    fallback: Any = None
-    #: Deferrals allowed before the request gets its fallback or fails.
-    max_deferrals: int | None = None
-    #: Seconds after its first deferral that a request stops being deferred.
-    defer_deadline: float | None = None
-    #: Seconds of random spread added to each countdown.
-    defer_jitter: float | None = None
-    #: Parked requests re-published per second when the circuit closes; the
-    #: rate doubles every second while it stays closed (slow start).
-    release_rate: float | None = None
-    #: Where the slow start stops growing (default: no cap, the workers'
-    #: concurrency is the limit).
-    max_release_rate: float | None = None
-    #: Seconds a completed task id is remembered (no second call if redelivered),
-    #: where the task has no result backend to remember it.
-    completion_ttl: float | None = None
-    #: Which messages the completion guard looks at: "redelivered" (default:
-    #: those the broker redelivers, deferred ones, and ones held past half the
-    #: visibility timeout; no read on the healthy path) or "always" (every
-    #: message: one read each).
-    completion_check: str | None = None
-    #: A callable returning true when the endpoint looks healthy: while the
-    #: circuit is open one process of the fleet calls it every
-    #: ``health_interval`` seconds, and a pass makes it half-open at once.
-    health_check: Any = None
-    #: A callable taking the exception a call raised and returning an Outcome
-    #: (or None to let the defaults decide): your own rule, asked first.
-    classify: Any = None
-    #: Seconds between health checks while the circuit is open.
-    health_interval: float | None = None
-    #: Seconds a health check may take before it counts as failed (default 5).
-    health_timeout: float | None = None
-    #: Store CIRCUIT_OPEN with {breaker, reason, retry_after, deferrals, mode} in
-    #: the result backend while deferred (one command per deferral). Default True.
-    report_state: bool | None = None
-    #: A full garbage collection every this many deferrals per process (0: never).
-    gc_every: int | None = None
-    #: Seconds each Redis call of the task (breaker, completion guard, parking lot) may
-    #: take before it follows ``on_error`` instead of stalling the task (default 0.25).
-    redis_timeout: float | None = None
-    #: The endpoint's limit (a Limit or a dict of its fields), shared by the whole fleet;
-    #: default ``app.conf.cbtasks_limit[<breaker name>]``. A request it refuses is
-    #: deferred as for an open circuit, spending no retry. A slot's lease defaults to
-    #: the task's time limit.
-    limit: Limit | dict[str, Any] | None = None
-    #: Seconds a request the limit refuses waits in its process for a slot or permit
-    #: before it is deferred: default 1 (a rate's permit is reserved and slept for,
-    #: not re-published for), 60 with defer="pause" (the worker takes no more of the
-    #: paused queue meanwhile: consumption follows the limit); 0: defer at once.
-    limit_wait: float | None = None
+    Its options (``breaker``, ``on_open``, ``defer``, ``fallback``, ``limit``...) are
+    declared once, in :class:`~cbtasks.task._options.TaskOptions`, each with its
+    default, its check and its ``app.conf`` setting; docs/tasks.md's table is made
+    from them.
+    """
 
     @classmethod
     def on_bound(cls, app: celery.Celery) -> None:
@@ -169,13 +106,14 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         per app). Importing cbtasks wires nothing: this is where the framework hands us
         its object."""
         super().on_bound(app)
+        cls.resolve_options(app)
         wire(app)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Celery builds a subclass per decorated function, with the decorator's
         # options as class attributes: bad options fail here, at registration.
         super().__init_subclass__(**kwargs)
-        validate_options(cls, getattr(cls, "name", None) or cls.__name__)
+        validate_options(cls)
 
     # -- what each process makes once: breaker, store, parking lot, guard, releaser --
     #
@@ -187,7 +125,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     @property
     def cbtasks_breaker_name(self) -> str:
         """The name of the task's circuit (``breaker``, else the task's name)."""
-        return self.breaker or self.name
+        return self.breaker
 
     @property
     def cbtasks_breaker(self) -> CircuitBreaker:
@@ -205,8 +143,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             # keeps the completion marks and a cache's answers.
             return process_store()  # type: ignore[return-value]
         prefix = self.cbtasks_prefix
-        on_error = self._option("on_error")
-        timeout = float(self._option("redis_timeout"))
+        on_error, timeout = self.on_error, float(self.redis_timeout)
         key = f"store:{url}:{prefix}:{on_error}:{timeout}"
         return self._cached(key, lambda: _store(url, prefix, on_error, timeout))  # type: ignore[no-any-return]
 
@@ -216,7 +153,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     @property
     def cbtasks_prefix(self) -> str:
-        return str(self._option("prefix"))
+        return self.prefix
 
     @property
     def cbtasks_parking(self) -> ParkingLot:
@@ -238,18 +175,19 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         )
 
     def _make_breaker(self) -> CircuitBreaker:
-        limit = limit_of(self)
+        self.cbtasks_check()  # a setting that cannot work: said here, not misused
+        limit = self.limit
         lease = lease_of(self)
         if limit is not None and limit.lease is None and lease is not None:
             limit = dataclasses.replace(limit, lease=lease)
         breaker = CircuitBreaker(
             self.cbtasks_breaker_name,
-            policy=self._policy(),
+            policy=self.breaker_policy,
             store=self.cbtasks_store,
-            health_check=health_check_of(self),
-            health_interval=float(self._option("health_interval")),
-            health_timeout=float(self._option("health_timeout")),
-            classify=classify_of(self),
+            health_check=self.health_check,
+            health_interval=float(self.health_interval),
+            health_timeout=float(self.health_timeout),
+            classify=self.classify,
             limit=limit,
         )
         # What the breaker and the task do reaches the metrics, Flower and the
@@ -259,9 +197,6 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         for subscriber in (flower_events, waits_record):
             breaker.events.subscribe(subscriber)
         return breaker
-
-    def _policy(self) -> BreakerPolicy:
-        return policy_of(self)
 
     def _cached(self, what: str, make: Any) -> Any:
         key = (os.getpid(), f"{self.name}:{what}")
@@ -281,8 +216,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
                 functools.partial(publish_parked, self.app, self.cbtasks_breaker.name),
                 expire=functools.partial(revoke_expired, self.app),
                 producer=self.app.producer_or_acquire,
-                rate=float(self._option("release_rate")),
-                max_rate=float(self._option("max_release_rate")),
+                rate=float(self.release_rate),
+                max_rate=float(self.max_release_rate),
             )
 
         return Releaser.ensure(key, make, store.add_news_hook)
@@ -290,14 +225,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     @property
     def cbtasks_deferral(self) -> DeferralMode:
         """The task's deferral mode (``defer``): countdown, park or pause."""
-        return mode_named(str(self._option("defer")))
+        return mode_named(self.defer)
 
     def _deferral_mode(self) -> str:
         """How a request in hand is deferred: countdown or park (pause: its in-hand choice)."""
         return self.cbtasks_deferral.in_hand(self).name
-
-    def _option(self, name: str) -> Any:
-        return option(self, name)
 
     @property
     def _in_memory(self) -> bool:
@@ -306,7 +238,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
 
     def _limit_wait(self, breaker: CircuitBreaker) -> float:
         """How long a refused request waits for its slot in this process before deferral."""
-        wait = self._option("limit_wait")
+        wait = self.limit_wait
         if wait is not None:
             return float(wait)
         default = self.cbtasks_deferral.limit_wait
@@ -368,7 +300,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             # would be (deferred, or answered by the fallback); with
             # on_open="fail" it is raised.
             endpoint = outcome is Outcome.FAILURE or outcome is Outcome.OVERLOAD
-            if not endpoint or self._option("on_open") == "fail":
+            if not endpoint or self.on_open == "fail":
                 self._ran_at_last(guard)
                 raise
             # Only plain values leave this block (see above).
@@ -425,7 +357,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
     # -- rejection -------------------------------------------------------------------
 
     def _rejected(self, exc: CallRefused, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        on_open = self._option("on_open")
+        on_open = self.on_open
         if on_open == "fallback" and self._fallback is not None:
             return self._answer_with_fallback(exc, args, kwargs)
         if on_open == "fail":
@@ -433,8 +365,8 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
             raise exc
         request = self.request
         deferrals = int(header(request, DEFERRALS) or 0)
-        deadline = float(header(request, DEADLINE) or time.time() + self._option("defer_deadline"))
-        if deferrals >= self._option("max_deferrals") or time.time() >= deadline:
+        deadline = float(header(request, DEADLINE) or time.time() + self.defer_deadline)
+        if deferrals >= self.max_deferrals or time.time() >= deadline:
             why = "deadline passed" if time.time() >= deadline else f"{deferrals} deferrals"
             exhausted = exc.saying(f"{exc.reason}; gave up: {why}")
             if self._fallback is not None:
@@ -450,10 +382,10 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         deferred_at = header(request, DEFERRED_AT) or time.time()
         headers = {DEFERRALS: deferrals + 1, DEADLINE: deadline, DEFERRED_AT: deferred_at}
         headers[REASON] = exc.reason[:200]
-        collect_now_and_then(int(self._option("gc_every")))
+        collect_now_and_then(int(self.gc_every))
         refusal = Refusal(exc, args, kwargs, headers, deferrals)
         used = self.cbtasks_deferral.defer(self, refusal)
-        if self._option("report_state") and not self.ignore_result:
+        if self.report_state and not self.ignore_result:
             report_deferred(self, exc, used, deferrals + 1)
         raise Ignore()
 
@@ -478,7 +410,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         the limit may let it through (plus jitter)."""
         exc, request = refusal.error, self.request
         refusal.headers[DEFERRED_BY] = "countdown"
-        wait = deferral_countdown(self.app, exc, float(self._option("defer_jitter")))
+        wait = deferral_countdown(self.app, exc, float(self.defer_jitter))
         with as_the_same_request():
             self.signature_from_request(
                 request,
@@ -557,7 +489,7 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         not: the healthy path reads nothing. ``completion_check="always"``
         looks at every message.
         """
-        if self._option("completion_check") == "always":
+        if self.completion_check == "always":
             return True
         delivery = getattr(request, "delivery_info", None) or {}
         received_at = getattr(request, RECEIVED_AT, None)
@@ -582,11 +514,11 @@ class CircuitBreakerTask(celery.Task):  # type: ignore[misc]
         return done
 
     def _complete(self, task_id: str, result: Any) -> None:
-        self.cbtasks_completions.mark(task_id, result, self._option("completion_ttl"))
+        self.cbtasks_completions.mark(task_id, result, self.completion_ttl)
 
     @property
     def _fallback(self) -> fb.Fallback | None:
-        return fb.as_fallback(self.fallback)
+        return self.fallback
 
     def _emit(self, event: RequestDeferred | FallbackServed | RequestFailed) -> None:
         """What the task did with a refused request: to the breaker's events."""

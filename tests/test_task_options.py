@@ -1,0 +1,134 @@
+"""Task options: declared once (default, check, setting, doc), resolved once at bind."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from cbtasks import BreakerPolicy, CircuitBreakerTask, Limit, PolicyError
+from cbtasks.task._options import TaskOption, TaskOptions, options_table, table_in
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _app(**conf: Any) -> Celery:
+    app = Celery("options", set_as_current=False, broker="memory://")
+    app.conf.update(task_always_eager=True, task_eager_propagates=True, **conf)
+    return app
+
+
+def test_the_docs_table_is_made_from_the_declarations() -> None:
+    """docs/tasks.md's table is what the declarations say, row for row."""
+    page = (ROOT / "docs" / "tasks.md").read_text()
+    assert table_in(page) == options_table(), "run `make docs-options` and commit docs/tasks.md"
+    entries = TaskOptions.cbtasks_options()
+    assert [line.split("`")[1] for line in options_table().splitlines()[2:]] == [
+        e.name for e in entries
+    ]
+    for entry in entries:
+        assert entry.doc and isinstance(CircuitBreakerTask.__dict__.get(entry.name), type(None))
+        assert getattr(CircuitBreakerTask, entry.name) is entry  # the declaration, on the class
+
+
+def test_options_are_resolved_once_when_the_task_is_bound() -> None:
+    """Its own value, else the app's setting, else the default: put on the task class when
+    Celery binds it (as Celery resolves its from_config options), read as plain attributes."""
+    app = _app(
+        cbtasks_on_open="fail",
+        cbtasks_policy={"failure_threshold": 2},
+        cbtasks_limit={"iris": {"concurrency": 3}},
+    )
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="iris", defer="park")
+    def predict() -> None:
+        """A task with some options set, some from settings."""
+
+    app.finalize(auto=True)
+    resolved = vars(predict.__class__)
+    assert resolved["on_open"] == "fail" and predict.on_open == "fail"
+    assert resolved["defer"] == "park"
+    assert resolved["breaker_policy"] == BreakerPolicy(failure_threshold=2)
+    assert resolved["limit"] == Limit(concurrency=3)
+    assert resolved["max_deferrals"] == 1000  # the default
+    app.conf.cbtasks_on_open = "defer"  # after bind: not read again, as Celery's own
+    assert predict.on_open == "fail"
+
+
+def test_a_task_bound_again_resolves_from_what_it_set() -> None:
+    """Bound to another app: its own options stay, the settings are that app's."""
+    first = _app(cbtasks_gc_every=5)
+
+    @first.task(base=CircuitBreakerTask, shared=False, defer_jitter=0.5)
+    def predict() -> None:
+        """Bound twice."""
+
+    first.finalize(auto=True)
+    assert (predict.gc_every, predict.defer_jitter) == (5, 0.5)
+    predict.__class__.bind(_app(cbtasks_gc_every=7, cbtasks_defer_jitter=3.0))
+    assert (predict.gc_every, predict.defer_jitter) == (7, 0.5)
+
+
+def test_a_function_option_stays_a_plain_function() -> None:
+    """health_check, classify and a function fallback are not bound to the task: a plain
+    function fallback used to be called with the task as its first argument."""
+
+    def healthy() -> bool:
+        return True
+
+    app = _app()
+
+    @app.task(
+        base=CircuitBreakerTask,
+        shared=False,
+        name=f"plain-{uuid.uuid4()}",
+        health_check=healthy,
+        on_open="fallback",
+        fallback=lambda features: {"label": "default", "features": features},
+    )
+    def predict(features: list[float]) -> dict[str, Any]:
+        """Its circuit is forced open below."""
+        raise AssertionError("an open circuit calls nothing")
+
+    app.finalize(auto=True)
+    assert predict.health_check is healthy
+    predict.cbtasks_breaker.force_open()
+    answer = predict.delay([1.0]).get()
+    assert answer["result"] == {"label": "default", "features": [1.0]}
+    assert answer["cbtasks_fallback"] == "callable"
+
+
+def test_a_setting_that_cannot_work_fails_its_first_use_too() -> None:
+    """Worker start stops on it; an eager call (no worker start) is refused naming the
+    setting, where it used to treat on_open='explode' as defer."""
+    app = _app(cbtasks_on_open="explode")
+
+    @app.task(base=CircuitBreakerTask, shared=False, name=f"bad-{uuid.uuid4()}")
+    def predict() -> str:
+        """Its app's setting is bad."""
+        return "called"
+
+    app.finalize(auto=True)
+    with pytest.raises(PolicyError, match="cbtasks_on_open must be one of defer, fallback"):
+        predict.delay().get()
+
+
+@pytest.mark.parametrize(
+    "entry", [e for e in TaskOptions.cbtasks_options() if e.setting], ids=lambda e: e.name
+)
+def test_every_setting_is_checked_as_the_option_is(entry: TaskOption[Any]) -> None:
+    """An app setting no option could take is refused naming the setting, for each option
+    that has one (breaker and fallback are the task's own only)."""
+    setting = {"per": {"iris": object()}} if entry.per_breaker else {"per": object()}
+    app = _app(**{entry.setting: setting["per"]})
+
+    @app.task(base=CircuitBreakerTask, shared=False, breaker="iris")
+    def predict() -> None:
+        """A task whose setting is bad."""
+
+    app.finalize(auto=True)
+    with pytest.raises(PolicyError, match=entry.setting):
+        predict.cbtasks_check()
