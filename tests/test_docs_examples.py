@@ -114,8 +114,8 @@ def test_the_first_app_runs_as_the_page_says(
 
 def test_every_task_option_is_in_the_options_table() -> None:
     """docs/tasks.md's table names every option a CircuitBreakerTask reads, and only
-    those, and each is a declared attribute of the class (its `#:` line documents it in
-    the reference): an option added in one place and not the others fails here (the
+    those, and each is a declared attribute of the class (its TaskOption entry, whose doc
+    the table shows): an option added in one place and not the others fails here (the
     table lacked pause_in_hand, completion_check, classify, health_timeout, on_error
     and prefix)."""
     from cbtasks import CircuitBreakerTask
@@ -135,4 +135,4 @@ def test_every_task_option_is_in_the_options_table() -> None:
     )
     app_wide = {"prefix", "on_error"}  # app.conf.cbtasks_<name>, or a decorator option
     undeclared = [n for n in expected - app_wide if not hasattr(CircuitBreakerTask, n)]
-    assert not undeclared, f"options without a #: attribute on CircuitBreakerTask: {undeclared}"
+    assert not undeclared, f"options not declared on CircuitBreakerTask: {undeclared}"
