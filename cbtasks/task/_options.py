@@ -625,7 +625,7 @@ def options_table() -> str:
 
 
 #: Where docs/tasks.md keeps the table (pymdownx.snippets' section markers).
-TABLE_START, TABLE_END = "<!-- --8<-- [start:options] -->\n", "<!-- --8<-- [end:options] -->"
+TABLE_START, TABLE_END = "<!-- --8<-- [start:options] -->\n", "\n<!-- --8<-- [end:options] -->"
 
 
 def table_in(page: str) -> str:
