@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from celery import Celery
 
 from cbtasks import BreakerPolicy, CircuitBreakerTask, Limit, PolicyError
 from cbtasks.task._options import TaskOption, TaskOptions, options_table, table_in
+from cbtasks.task._task import _check_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +58,26 @@ def test_options_are_resolved_once_when_the_task_is_bound() -> None:
     assert resolved["max_deferrals"] == 1000  # the default
     app.conf.cbtasks_on_open = "defer"  # after bind: not read again, as Celery's own
     assert predict.on_open == "fail"
+
+
+def test_a_worker_resolves_them_again_at_its_start() -> None:
+    """A setting loaded after the tasks were bound (the worker's own configuration)
+    counts in a worker: its start resolves and checks the options again."""
+    app = _app()
+    app.conf.cbtasks_redis_url = "redis://127.0.0.1:1/0"
+
+    @app.task(base=CircuitBreakerTask, shared=False)
+    def predict() -> None:
+        """Configured late."""
+
+    app.finalize(auto=True)
+    assert predict.on_open == "defer"
+    app.conf.cbtasks_on_open = "fail"
+    _check_options(sender=SimpleNamespace(app=app))
+    assert predict.on_open == "fail"
+    app.conf.cbtasks_on_open = "explode"
+    with pytest.raises(SystemExit, match="cbtasks_on_open"):
+        _check_options(sender=SimpleNamespace(app=app))
 
 
 def test_a_task_bound_again_resolves_from_what_it_set() -> None:

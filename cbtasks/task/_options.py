@@ -486,7 +486,12 @@ def validate_options(cls: type) -> None:
 
 
 def validate_task(task: Any) -> None:
-    """Check every option as the task will use it (at worker start): PolicyError if one is bad."""
+    """Check every option as the task will use it (at worker start): PolicyError if one is bad.
+
+    Resolved again first: the worker's configuration is final here (a setting
+    loaded after the tasks were bound, ``celery worker --config``, counts).
+    """
+    type(task).resolve_options(task.app)
     task.cbtasks_check()
     url = redis_url(task.app)
     if url != MEMORY_URL:
