@@ -32,8 +32,29 @@ def test_the_docs_table_is_made_from_the_declarations() -> None:
         e.name for e in entries
     ]
     for entry in entries:
-        assert entry.doc and isinstance(CircuitBreakerTask.__dict__.get(entry.name), type(None))
-        assert getattr(CircuitBreakerTask, entry.name) is entry  # the declaration, on the class
+        assert entry.doc and getattr(TaskOptions, entry.name) is entry
+        assert issubclass(CircuitBreakerTask, TaskOptions)  # the task class inherits them
+
+
+def test_binding_the_base_class_itself_leaves_its_subclasses_alone() -> None:
+    """``task.app = app`` binds CircuitBreakerTask itself (Celery's app setter): its
+    resolved values are not what a task class made later sets."""
+    before = set(vars(CircuitBreakerTask))
+    try:
+        base = CircuitBreakerTask()
+        base.app = _app(cbtasks_on_open="fail")
+        assert vars(CircuitBreakerTask)["on_open"] == "fail"
+        app = _app(cbtasks_gc_every=3)
+
+        @app.task(base=CircuitBreakerTask, shared=False, name=f"later-{uuid.uuid4()}")
+        def predict() -> None:
+            """Made after the base was bound."""
+
+        app.finalize(auto=True)
+        assert (predict.on_open, predict.gc_every) == ("defer", 3)
+    finally:
+        for added in set(vars(CircuitBreakerTask)) - before:
+            delattr(CircuitBreakerTask, added)
 
 
 def test_options_are_resolved_once_when_the_task_is_bound() -> None:
