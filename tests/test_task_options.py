@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery import Celery
 
 from cbtasks import BreakerPolicy, CircuitBreakerTask, Limit, PolicyError
-from cbtasks.task._options import TaskOption, TaskOptions, options_table, table_in
-from cbtasks.task._task import _check_options
+from cbtasks.task._options import (
+    TaskOption,
+    TaskOptions,
+    options_table,
+    table_in,
+    validate_task,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,11 +98,11 @@ def test_a_worker_resolves_them_again_at_its_start() -> None:
     app.finalize(auto=True)
     assert predict.on_open == "defer"
     app.conf.cbtasks_on_open = "fail"
-    _check_options(sender=SimpleNamespace(app=app))
+    validate_task(predict)  # what worker start does for each task (_check_options)
     assert predict.on_open == "fail"
     app.conf.cbtasks_on_open = "explode"
-    with pytest.raises(SystemExit, match="cbtasks_on_open"):
-        _check_options(sender=SimpleNamespace(app=app))
+    with pytest.raises(PolicyError, match="cbtasks_on_open"):
+        validate_task(predict)
 
 
 def test_a_task_bound_again_resolves_from_what_it_set() -> None:
