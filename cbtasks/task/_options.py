@@ -491,7 +491,7 @@ def validate_task(task: Any) -> None:
     Resolved again first: the worker's configuration is final here (a setting
     loaded after the tasks were bound, ``celery worker --config``, counts).
     """
-    type(task).resolve_options(task.app)
+    task.__class__.resolve_options(task.app)  # __class__: a task proxy says its own
     task.cbtasks_check()
     url = redis_url(task.app)
     if url != MEMORY_URL:
