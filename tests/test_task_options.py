@@ -179,3 +179,46 @@ def test_every_setting_is_checked_as_the_option_is(entry: TaskOption[Any]) -> No
     app.finalize(auto=True)
     with pytest.raises(PolicyError, match=entry.setting):
         predict.cbtasks_check()
+
+
+def test_what_no_option_checks_alone_is_checked_with_the_settings() -> None:
+    """on_open='fallback' from the app's setting, on a task without a fallback: refused."""
+    app = _app(cbtasks_on_open="fallback")
+
+    @app.task(base=CircuitBreakerTask, shared=False, name=f"nofb-{uuid.uuid4()}")
+    def predict() -> None:
+        """No fallback."""
+
+    app.finalize(auto=True)
+    with pytest.raises(PolicyError, match=r"on_open='fallback' needs fallback"):
+        predict.cbtasks_check()
+
+
+def test_the_default_breaker_is_the_tasks_name() -> None:
+    app = _app()
+
+    @app.task(base=CircuitBreakerTask, shared=False, name="models.iris.predict")
+    def predict() -> None:
+        """Named apart from its function."""
+
+    app.finalize(auto=True)
+    assert predict.breaker == "models.iris.predict" == predict.cbtasks_breaker_name
+
+
+def test_an_option_resolved_by_hand_names_the_task_and_the_setting() -> None:
+    """TaskOption.resolve, as a task class not bound yet reads it: what the class sets
+    first (named by the task), else the setting (named by itself), else the default."""
+
+    class Probe(TaskOptions):
+        name = "probe"
+        on_open = "explode"
+
+    with pytest.raises(PolicyError, match=r"^task probe: on_open must be one of"):
+        TaskOptions.on_open.resolve(Probe, _app())
+    assert TaskOptions.defer.resolve(Probe, _app(cbtasks_defer="park")) == "park"
+    assert TaskOptions.gc_every.resolve(Probe, _app()) == 25
+    assert TaskOptions.breaker.resolve(Probe, _app()) == "probe"
+    with pytest.raises(PolicyError, match=r"^cbtasks_limit must be a dict of breaker name"):
+        TaskOptions.limit.resolve(Probe, _app(cbtasks_limit=Limit(concurrency=2)))
+    limits = _app(cbtasks_limit={"probe": {"rate": "5/s"}, "other": {"concurrency": 1}})
+    assert TaskOptions.limit.resolve(Probe, limits) == Limit(rate="5/s")

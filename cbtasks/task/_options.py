@@ -61,7 +61,7 @@ class TaskOption(Generic[T]):
         default: T,
         doc: str,
         *,
-        check: Check | None = None,
+        check: Check,
         setting: str | None = "",
         shown: str = "",
         per_breaker: bool = False,
@@ -129,7 +129,7 @@ class TaskOption(Generic[T]):
             if self.name != "breaker":  # the one default that is not a constant
                 return value
             value = getattr(cls, "name", None) or cls.__name__
-        return self.check(value, where) if self.check is not None else value  # type: ignore[no-any-return]
+        return self.check(value, where)  # type: ignore[no-any-return]
 
     def __repr__(self) -> str:
         return f"<task option {self.name}, default {self.default!r}>"
@@ -148,37 +148,45 @@ def _per_breaker(value: object, setting: str, cls: type, app: Any) -> tuple[Any,
 # -- the checks ------------------------------------------------------------------------
 
 
-def one_of(*choices: str) -> Check:
+# The checks are classes (so each call runs their code, not a closure made at import),
+# named as the phrases they read as where the options are declared.
+class one_of:
     """The value is one of ``choices``."""
 
-    def check(value: Any, where: str) -> str:
-        if value not in choices:
-            raise PolicyError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+
+    def __call__(self, value: Any, where: str) -> str:
+        if value not in self.choices:
+            choices = ", ".join(self.choices)
+            raise PolicyError(f"{where} must be one of {choices}, got {value!r}")
         return str(value)
 
-    return check
 
-
-def number(least: float, most: float, *, whole: bool = False, least_ok: bool = False) -> Check:
+class number:
     """A number above ``least`` (or at least it, with ``least_ok``) and at most ``most``."""
 
-    def check(value: Any, where: str) -> float:
+    def __init__(
+        self, least: float, most: float, *, whole: bool = False, least_ok: bool = False
+    ) -> None:
+        self.least, self.most, self.whole, self.least_ok = least, most, whole, least_ok
+
+    def __call__(self, value: Any, where: str) -> float:
+        least, most = self.least, self.most
         good = (
-            isinstance(value, int if whole else int | float)
+            isinstance(value, int if self.whole else int | float)
             and not isinstance(value, bool)
             and not math.isnan(value)
-            and (least <= value if least_ok else least < value)
+            and (least <= value if self.least_ok else least < value)
             and value <= most
         )
         if not good:
-            kind = "a whole number" if whole else "a number"
-            bound = "at least" if least_ok else "above"
+            kind = "a whole number" if self.whole else "a number"
+            bound = "at least" if self.least_ok else "above"
             raise PolicyError(
                 f"{where} must be {kind} {bound} {least:g} and at most {most:g}, got {value!r}"
             )
         return value  # type: ignore[no-any-return]
-
-    return check
 
 
 def a_switch(value: Any, where: str) -> bool:
@@ -200,15 +208,16 @@ def a_breaker_name(value: Any, where: str) -> str:
         raise PolicyError(f"{where}: {exc}") from None
 
 
-def a_function(what: str) -> Check:
+class a_function:
     """A callable; else PolicyError saying it must be ``what``."""
 
-    def check(value: Any, where: str) -> Any:
-        if not callable(value):
-            raise PolicyError(f"{where} must be {what}, got {value!r}")
-        return value
+    def __init__(self, what: str) -> None:
+        self.what = what
 
-    return check
+    def __call__(self, value: Any, where: str) -> Any:
+        if not callable(value):
+            raise PolicyError(f"{where} must be {self.what}, got {value!r}")
+        return value
 
 
 def a_fallback(value: Any, where: str) -> fb.Fallback | None:
@@ -440,11 +449,11 @@ class TaskOptions:
     def cbtasks_check(self) -> None:
         """PolicyError for the first option that cannot work, settings included."""
         errors = vars(type(self)).get(ERRORS)
+        if errors is None:  # a class never bound itself (a subclass of a bound one)
+            type(self).resolve_options(self.app)  # type: ignore[attr-defined]
+            errors = vars(type(self))[ERRORS]
         if errors:
             raise PolicyError(errors[0])
-        if errors is None:  # never bound to an app: resolve every option now
-            name = getattr(self, "name", None) or type(self).__name__
-            check_together(name, {e.name: getattr(self, e.name) for e in self.cbtasks_options()})
 
 
 #: Where a bound task class keeps what it set itself, and the settings that cannot work.
@@ -479,7 +488,7 @@ def validate_options(cls: type) -> None:
     values = {}
     for entry in TaskOptions.cbtasks_options():
         value = entry.declared(cls)
-        if value is not None and entry.check is not None:
+        if value is not None:
             value = entry.check(value, f"task {task_name}: {entry.name}")
         values[entry.name] = value
     check_together(task_name, values)
