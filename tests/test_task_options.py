@@ -222,3 +222,109 @@ def test_an_option_resolved_by_hand_names_the_task_and_the_setting() -> None:
         TaskOptions.limit.resolve(Probe, _app(cbtasks_limit=Limit(concurrency=2)))
     limits = _app(cbtasks_limit={"probe": {"rate": "5/s"}, "other": {"concurrency": 1}})
     assert TaskOptions.limit.resolve(Probe, limits) == Limit(rate="5/s")
+
+
+WHOLE = "a whole number at least 0 and at most 1e+09"
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"max_deferrals": 2.5}, f"max_deferrals must be {WHOLE}, got 2.5"),
+        ({"release_rate": 0}, "release_rate must be a number above 0 and at most 1e+06, got 0"),
+        ({"redis_timeout": 60.5}, "redis_timeout must be a number above 0 and at most 60,"),
+        ({"on_open": "fallback"}, "task predict: on_open='fallback' needs fallback=..."),
+        ({"defer": "later"}, "task predict: defer must be one of countdown, park, pause"),
+    ],
+)
+def test_a_refused_option_says_the_task_the_option_and_the_bounds(
+    options: dict[str, Any], said: str
+) -> None:
+    app = _app()
+
+    def predict() -> None:
+        """Never registered."""
+
+    with pytest.raises(PolicyError) as refused:
+        app.task(base=CircuitBreakerTask, shared=False, name="predict", **options)(predict)
+        app.finalize(auto=True)
+    assert said in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"defer_jitter": 0}, {"max_deferrals": 0}, {"redis_timeout": 60}, {"limit_wait": 0}],
+)
+def test_the_bounds_themselves_are_taken_where_they_are_allowed(options: dict[str, Any]) -> None:
+    app = _app()
+
+    @app.task(base=CircuitBreakerTask, shared=False, name=f"edge-{uuid.uuid4()}", **options)
+    def predict() -> None:
+        """At a bound."""
+
+    app.finalize(auto=True)
+    name, value = next(iter(options.items()))
+    assert getattr(predict, name) == value
+
+
+def test_a_base_class_of_your_own_sets_options_for_its_tasks() -> None:
+    """Options on a base class between yours and CircuitBreakerTask count, even when a
+    class between them was bound already (its own resolved values are not read)."""
+
+    def healthy() -> bool:
+        return True
+
+    class ModelTask(CircuitBreakerTask):
+        gc_every = 5
+        health_check = staticmethod(healthy)
+
+    class IrisTask(ModelTask):
+        defer = "park"
+
+    IrisTask.bind(_app())  # a class in the middle, bound (as Celery's app setter does)
+    app = _app()
+
+    @app.task(base=IrisTask, shared=False, name=f"base-{uuid.uuid4()}")
+    def predict() -> None:
+        """Its options come from its bases."""
+
+    app.finalize(auto=True)
+    assert (predict.gc_every, predict.defer, predict.health_check) == (5, "park", healthy)
+
+
+def test_a_class_not_bound_itself_reads_and_checks_its_options_on_use() -> None:
+    """A subclass of a bound class is not bound by Celery on use: it reads its options
+    from its app when asked, and its check resolves them first."""
+
+    class Base(CircuitBreakerTask):
+        name = "base"
+
+    Base.bind(_app())
+
+    class Late(Base):
+        name = "late"
+
+    Late._app = _app(cbtasks_on_open="fail", cbtasks_defer="explode")
+    assert "on_open" not in vars(Late)
+    with pytest.raises(PolicyError, match="cbtasks_defer must be one of"):
+        Late().cbtasks_check()
+    assert vars(Late)["on_open"] == Late().on_open == "fail"  # resolved onto it by the check
+
+    class Probe(TaskOptions):  # nothing resolved anywhere above it: the declaration reads
+        name = "probe"
+        app = _app(cbtasks_on_open="fail")
+
+    assert Probe().on_open == "fail" and Probe().gc_every == 25
+
+
+def test_the_table_is_replaced_where_it_stands_and_nowhere_else() -> None:
+    from cbtasks.task._options import TABLE_END, TABLE_START, with_table
+
+    page = (
+        f"intro\n{TABLE_START}<!-- made here -->\n| old |\n{TABLE_END}\n"
+        f"after, quoting the marker: {TABLE_END}\n"
+    )
+    made = with_table(page)
+    assert table_in(made) == options_table()
+    assert made.startswith(f"intro\n{TABLE_START}<!-- made here -->\n| option |")
+    assert made.endswith(f"{TABLE_END}\nafter, quoting the marker: {TABLE_END}\n")
