@@ -37,6 +37,7 @@ def test_a_new_operation_is_one_file_and_runs(tmp_path: Path, redis_url: str) ->
         "-- The time in ms, twice over: a new operation's whole text.\n"
         "return {now_ms(ARGV[1]), now_ms(ARGV[1]) * 2, OPEN}\n"
     )
+    (tmp_path / "README.txt").write_text("not a script: passed over\n")
     scripts = scripts_in(tmp_path)
     assert set(scripts) == {"twice_now"}
     client = redis.Redis.from_url(redis_url)
@@ -50,6 +51,6 @@ def test_a_mark_written_wrong_says_how_to_write_it(tmp_path: Path) -> None:
     (tmp_path / "op.lua").write_text("--! script before: clock\nreturn 1\n")
     with pytest.raises(ValueError, match="after: <part>"):
         scripts_in(tmp_path)
-    (tmp_path / "op.lua").write_text("--! script after: nowhere\nreturn 1\n")
-    with pytest.raises(ValueError, match="no part named nowhere"):
+    (tmp_path / "op.lua").write_text("--! script after: nowhere elsewhere\nreturn 1\n")
+    with pytest.raises(ValueError, match="no part named nowhere, elsewhere in lua/"):
         scripts_in(tmp_path)

@@ -185,12 +185,14 @@ def test_what_no_option_checks_alone_is_checked_with_the_settings() -> None:
     """on_open='fallback' from the app's setting, on a task without a fallback: refused."""
     app = _app(cbtasks_on_open="fallback")
 
-    @app.task(base=CircuitBreakerTask, shared=False, name=f"nofb-{uuid.uuid4()}")
+    name = f"nofb-{uuid.uuid4()}"
+
+    @app.task(base=CircuitBreakerTask, shared=False, name=name)
     def predict() -> None:
         """No fallback."""
 
     app.finalize(auto=True)
-    with pytest.raises(PolicyError, match=r"on_open='fallback' needs fallback"):
+    with pytest.raises(PolicyError, match=rf"^task {name}: on_open='fallback' needs fallback"):
         predict.cbtasks_check()
 
 
@@ -233,8 +235,8 @@ WHOLE = "a whole number at least 0 and at most 1e+09"
         ({"max_deferrals": 2.5}, f"max_deferrals must be {WHOLE}, got 2.5"),
         ({"release_rate": 0}, "release_rate must be a number above 0 and at most 1e+06, got 0"),
         ({"redis_timeout": 60.5}, "redis_timeout must be a number above 0 and at most 60,"),
-        ({"on_open": "fallback"}, "task predict: on_open='fallback' needs fallback=..."),
-        ({"defer": "later"}, "task predict: defer must be one of countdown, park, pause"),
+        ({"on_open": "fallback"}, "task models.predict: on_open='fallback' needs fallback=..."),
+        ({"defer": "later"}, "task models.predict: defer must be one of countdown, park, pause"),
     ],
 )
 def test_a_refused_option_says_the_task_the_option_and_the_bounds(
@@ -246,7 +248,7 @@ def test_a_refused_option_says_the_task_the_option_and_the_bounds(
         """Never registered."""
 
     with pytest.raises(PolicyError) as refused:
-        app.task(base=CircuitBreakerTask, shared=False, name="predict", **options)(predict)
+        app.task(base=CircuitBreakerTask, shared=False, name="models.predict", **options)(predict)
         app.finalize(auto=True)
     assert said in str(refused.value)
 
@@ -278,7 +280,10 @@ def test_a_base_class_of_your_own_sets_options_for_its_tasks() -> None:
         gc_every = 5
         health_check = staticmethod(healthy)
 
-    class IrisTask(ModelTask):
+    class Middle(ModelTask):
+        """Sets nothing itself."""
+
+    class IrisTask(Middle):
         defer = "park"
 
     IrisTask.bind(_app())  # a class in the middle, bound (as Celery's app setter does)
