@@ -26,11 +26,6 @@ _LUA = resources.files("cbtasks.stores") / "lua"
 SCRIPT_MARK = "--! script"
 
 
-def lua(name: str) -> str:
-    """The text of ``lua/<name>.lua``."""
-    return (_LUA / f"{name}.lua").read_text()
-
-
 class LuaScript:
     """One script: its text and SHA1; :meth:`run` is the flow of commands that runs it."""
 
