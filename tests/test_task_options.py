@@ -333,3 +333,22 @@ def test_the_table_is_replaced_where_it_stands_and_nowhere_else() -> None:
     assert table_in(made) == options_table()
     assert made.startswith(f"intro\n{TABLE_START}<!-- made here -->\n| option |")
     assert made.endswith(f"{TABLE_END}\nafter, quoting the marker: {TABLE_END}\n")
+
+
+def test_a_second_app_with_a_task_of_the_same_name_gets_its_own_breaker() -> None:
+    """As a test suite makes a fresh app per test: the second task of the same name gets a
+    breaker with its own options, where it used to get the first one's (kept per name)."""
+    name = f"same-{uuid.uuid4()}"
+    made = []
+    for threshold in (2, 7):
+        app = _app()
+
+        @app.task(base=CircuitBreakerTask, shared=False, name=name,
+                  breaker_policy={"failure_threshold": threshold})  # fmt: skip
+        def predict() -> None:
+            """The same name in each app."""
+
+        app.finalize(auto=True)
+        made.append(predict.cbtasks_breaker)
+    assert [b.policy.failure_threshold for b in made] == [2, 7]
+    assert made[0] is not made[1] and made[0].name == made[1].name == name

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from time import perf_counter
-from typing import Any, ClassVar
+from typing import Any
 
 import celery
 from celery import signals
@@ -118,9 +118,9 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
     # -- what each process makes once: breaker, store, parking lot, guard, releaser --
     #
     # Celery's prefork pool forks after the app is loaded, so nothing made in the
-    # parent is used in a child: each part is made once per process id.
-
-    _per_process: ClassVar[dict[tuple[int, str], Any]] = {}
+    # parent is used in a child: each part is made once per process id. Kept on the
+    # task's own class (each app's task is a class of its own): a test suite's second
+    # app with a task of the same name gets a breaker with its own options.
 
     @property
     def cbtasks_breaker_name(self) -> str:
@@ -199,10 +199,14 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
         return breaker
 
     def _cached(self, what: str, make: Any) -> Any:
-        key = (os.getpid(), f"{self.name}:{what}")
-        value = self._per_process.get(key)
+        made: dict[tuple[int, str], Any] | None = vars(type(self)).get(_MADE)
+        if made is None:
+            made = {}
+            setattr(type(self), _MADE, made)
+        key = (os.getpid(), what)
+        value = made.get(key)
         if value is None:
-            value = self._per_process[key] = make()
+            value = made[key] = make()
         return value
 
     def cbtasks_releaser(self) -> Releaser:
@@ -561,6 +565,9 @@ def _check_options(sender: Any = None, **_: Any) -> None:
         # Celery logs and swallows a receiver's Exception: stop the worker.
         raise SystemExit(f"cbtasks: {exc}") from None
 
+
+#: Where a task class keeps what its process made (breaker, store, lot, guard).
+_MADE = "_cbtasks_made"
 
 #: What a worker's start did for its app, logged once the worker is ready (by app id).
 _notes_at_ready: dict[int, list[str]] = {}
