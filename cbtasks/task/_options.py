@@ -267,7 +267,7 @@ class TaskOptions:
         "countdown",
         '`"countdown"`: re-publish with a countdown; `"park"`: keep in Redis until the '
         'circuit closes; `"pause"`: the fleet stops consuming the task\'s queue while the '
-        "circuit is open (see below)",
+        'circuit is open ("Pause mode" in [Celery tasks](tasks.md))',
         check=one_of(*MODES),
     )
     pause_in_hand: TaskOption[str] = TaskOption(
@@ -391,7 +391,8 @@ class TaskOptions:
     )
     gc_every: TaskOption[int] = TaskOption(
         25,
-        "a full garbage collection every this many deferrals per process (0: never; see below)",
+        "a full garbage collection every this many deferrals per process (0: never): "
+        "a deferred task's traceback cycles otherwise grow a busy worker",
         check=number(0, 1e9, whole=True, least_ok=True),
     )
     limit: TaskOption[Limit | None] = TaskOption(
