@@ -227,12 +227,29 @@ def a_fallback(value: Any, where: str) -> fb.Fallback | None:
         raise PolicyError(f"{where.rsplit(': ', 1)[0]}: {exc}") from None
 
 
-def a_policy(value: Any, where: str) -> BreakerPolicy:
-    return coerce_policy(value, where)
-
-
-def a_limit(value: Any, where: str) -> Limit | None:
-    return Limit.coerce(value, where)
+def coerce_policy(value: object, where: str) -> BreakerPolicy:
+    """A BreakerPolicy from a policy, a dict of its fields or None; PolicyError naming
+    ``where`` (the setting) and, for a misspelt field, the field it is likely to be."""
+    if value is None:
+        return BreakerPolicy()
+    if isinstance(value, BreakerPolicy):
+        return value
+    if not isinstance(value, dict):
+        raise PolicyError(f"{where} must be a BreakerPolicy or a dict of its fields, got {value!r}")
+    fields = list(BreakerPolicy.__dataclass_fields__)
+    unknown = [key for key in value if key not in fields]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise PolicyError(
+            f"{where}: unknown field(s) {', '.join(hints)}; the fields are {', '.join(fields)}"
+        )
+    try:
+        return BreakerPolicy(**value)
+    except PolicyError as exc:
+        raise PolicyError(f"{where}: {exc}") from None
 
 
 class TaskOptions:
@@ -254,7 +271,7 @@ class TaskOptions:
     breaker_policy: TaskOption[BreakerPolicy] = TaskOption(
         BreakerPolicy(),
         "when it opens, how it probes (a `BreakerPolicy` or a dict of its fields)",
-        check=a_policy,
+        check=coerce_policy,
         setting="cbtasks_policy",
         shown="`app.conf.cbtasks_policy` or `BreakerPolicy()`",
     )
@@ -400,7 +417,7 @@ class TaskOptions:
         "the endpoint's [limit](limits.md) for the whole fleet (a `Limit` or a dict of its "
         "fields); a request it refuses is deferred as for an open circuit, spending no "
         "retry; a slot's lease defaults to the task's time limit",
-        check=a_limit,
+        check=Limit.coerce,
         per_breaker=True,
         shown="`app.conf.cbtasks_limit[breaker]`",
     )
@@ -509,31 +526,6 @@ def validate_task(task: Any) -> None:
             check_url(url)
         except PolicyError as exc:
             raise PolicyError(f"cbtasks_redis_url: {exc}") from None
-
-
-def coerce_policy(value: object, where: str) -> BreakerPolicy:
-    """A BreakerPolicy from a policy, a dict of its fields or None; PolicyError naming
-    ``where`` (the setting) and, for a misspelt field, the field it is likely to be."""
-    if value is None:
-        return BreakerPolicy()
-    if isinstance(value, BreakerPolicy):
-        return value
-    if not isinstance(value, dict):
-        raise PolicyError(f"{where} must be a BreakerPolicy or a dict of its fields, got {value!r}")
-    fields = list(BreakerPolicy.__dataclass_fields__)
-    unknown = [key for key in value if key not in fields]
-    if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise PolicyError(
-            f"{where}: unknown field(s) {', '.join(hints)}; the fields are {', '.join(fields)}"
-        )
-    try:
-        return BreakerPolicy(**value)
-    except PolicyError as exc:
-        raise PolicyError(f"{where}: {exc}") from None
 
 
 def near_misses(task: celery.Task) -> list[str]:

@@ -328,7 +328,7 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
     def _remember(self, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any) -> None:
         """A good result to the fallback's ``remember`` hook (a cache keeps it)."""
         try:
-            fb.remember(self._fallback, self, args, kwargs, result)
+            fb.remember(self.fallback, self, args, kwargs, result)
         except REDIS_TROUBLE as exc:
             log.warning("cannot cache the result of %s (%s)", self.name, cause(exc))
 
@@ -352,7 +352,7 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
         try:
             result = self.cbtasks_breaker.call(super().__call__, *args, **kwargs)
         except CallRefused as exc:
-            if self._fallback is None:
+            if self.fallback is None:
                 raise
             return self._answer_with_fallback(exc, args, kwargs)
         self._remember(args, kwargs, result)  # an eager test's cache fills as a worker's does
@@ -362,7 +362,7 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
 
     def _rejected(self, exc: CallRefused, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         on_open = self.on_open
-        if on_open == "fallback" and self._fallback is not None:
+        if on_open == "fallback" and self.fallback is not None:
             return self._answer_with_fallback(exc, args, kwargs)
         if on_open == "fail":
             self._emit(RequestFailed(exc.name, exc, self))
@@ -373,7 +373,7 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
         if deferrals >= self.max_deferrals or time.time() >= deadline:
             why = "deadline passed" if time.time() >= deadline else f"{deferrals} deferrals"
             exhausted = exc.saying(f"{exc.reason}; gave up: {why}")
-            if self._fallback is not None:
+            if self.fallback is not None:
                 return self._answer_with_fallback(exhausted, args, kwargs)
             self._emit(RequestFailed(exc.name, exhausted, self))
             raise exhausted
@@ -396,7 +396,7 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
     def _answer_with_fallback(
         self, exc: CallRefused, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        fallback = self._fallback
+        fallback = self.fallback
         assert fallback is not None
         try:
             kind, value = fb.answer(fallback, self, args, kwargs)
@@ -519,10 +519,6 @@ class CircuitBreakerTask(TaskOptions, celery.Task):  # type: ignore[misc]
 
     def _complete(self, task_id: str, result: Any) -> None:
         self.cbtasks_completions.mark(task_id, result, self.completion_ttl)
-
-    @property
-    def _fallback(self) -> fb.Fallback | None:
-        return self.fallback
 
     def _emit(self, event: RequestDeferred | FallbackServed | RequestFailed) -> None:
         """What the task did with a refused request: to the breaker's events."""
